@@ -1,0 +1,89 @@
+"""ModelConfig (read from GGUF metadata) and EngineConfig (how the engine runs)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from jisu.loader.gguf import GGUFError, GGUFFile
+
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+
+
+@dataclass
+class ModelConfig:
+    arch: str
+    n_layers: int
+    d_model: int
+    d_ff: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    rms_eps: float
+    rope_base: float
+    rope_base_local: float = 10000.0     # gemma3 sliding-window layers
+    sliding_window: int | None = None    # gemma3
+    swa_pattern: int = 0                 # every swa_pattern-th layer is global (gemma3: 6)
+    attn_scale: float | None = None
+    name: str = ""
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.sliding_window) and self.swa_pattern > 0 and (layer + 1) % self.swa_pattern != 0
+
+    @classmethod
+    def from_gguf(cls, g: GGUFFile) -> "ModelConfig":
+        arch = g.require("general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise GGUFError(f"{g.path}: unknown architecture '{arch}' in general.architecture "
+                            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+
+        def key(k: str, default=None):
+            v = g.get(f"{arch}.{k}", default)
+            if v is None:
+                raise GGUFError(f"{g.path}: missing metadata field '{arch}.{k}'")
+            return v
+
+        d_model = int(key("embedding_length"))
+        n_heads = int(key("attention.head_count"))
+        n_kv = key("attention.head_count_kv", n_heads)
+        if not isinstance(n_kv, int):   # per-layer arrays exist in some files; ours are uniform
+            n_kv = int(n_kv[0])
+        head_dim = int(g.get(f"{arch}.attention.key_length", d_model // n_heads))
+        tokens = g.require("tokenizer.ggml.tokens")
+        cfg = cls(
+            arch=arch,
+            n_layers=int(key("block_count")),
+            d_model=d_model,
+            d_ff=int(key("feed_forward_length")),
+            n_heads=n_heads,
+            n_kv_heads=int(n_kv),
+            head_dim=head_dim,
+            vocab_size=int(g.get(f"{arch}.vocab_size", len(tokens))),
+            context_length=int(key("context_length")),
+            rms_eps=float(key("attention.layer_norm_rms_epsilon")),
+            rope_base=float(key("rope.freq_base", 10000.0)),
+            name=str(g.get("general.name", os.path.basename(g.path))),
+        )
+        if arch == "gemma3":
+            cfg.sliding_window = int(key("attention.sliding_window"))
+            cfg.swa_pattern = 6
+            cfg.rope_base_local = float(g.get(f"{arch}.rope.freq_base_swa", 10000.0))
+            # llama.cpp: 1/sqrt(head_dim), except Gemma 3 27B (62 layers): 1/sqrt(d_model/n_heads)
+            scale_dim = d_model // n_heads if cfg.n_layers == 62 else head_dim
+            cfg.attn_scale = 1.0 / scale_dim ** 0.5
+            if g.get(f"{arch}.final_logit_softcapping"):
+                raise GGUFError(f"{g.path}: {arch}.final_logit_softcapping is not supported yet")
+        return cfg
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 32              # sequences in one batch
+    max_num_batched_tokens: int = 4096  # tokens in one prefill step
+    block_size: int = 16                # tokens per KV-cache block
+    kv_cache_gb: float = 1.0            # KV-cache pool size
+    max_model_len: int | None = None    # defaults to the model's context length
+    num_threads: int | None = None      # torch threads; defaults to all cores
+    extra: dict = field(default_factory=dict)

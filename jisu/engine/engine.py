@@ -1,0 +1,109 @@
+"""The step loop: schedule a batch, run it, sample, detokenize, check stop conditions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jisu.config import EngineConfig, ModelConfig
+from jisu.engine.block_manager import BlockManager
+from jisu.engine.runner import ModelRunner
+from jisu.engine.sampler import sample
+from jisu.engine.scheduler import Scheduler
+from jisu.engine.sequence import Sequence, SequenceStatus
+from jisu.sampling_params import SamplingParams
+from jisu.tokenizer import IncrementalDecoder, Tokenizer
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    new_token_id: int
+    new_text: str          # text this step added (may be "" while a character is incomplete)
+
+
+class LLMEngine:
+    def __init__(self, model, model_cfg: ModelConfig, tokenizer: Tokenizer, cfg: EngineConfig):
+        self.model_cfg, self.tokenizer, self.cfg = model_cfg, tokenizer, cfg
+        bytes_per_token = 2 * model_cfg.n_layers * model_cfg.n_kv_heads * model_cfg.head_dim * 4
+        num_blocks = max(2, int(cfg.kv_cache_gb * 2**30) // (bytes_per_token * cfg.block_size))
+        capacity = num_blocks * cfg.block_size
+        self.max_model_len = min(cfg.max_model_len or model_cfg.context_length,
+                                 model_cfg.context_length, capacity)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(cfg, self.block_manager)
+        self.runner = ModelRunner(model, model_cfg, num_blocks, cfg.block_size)
+        self.sequences: dict[str, list[Sequence]] = {}
+
+    # ---- requests -----------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: it must hold at least one token")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.model_cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.model_cfg.vocab_size})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the context holds {self.max_model_len} "
+                             "(prompt + at least one generated token)")
+        params.validate()
+        seqs = [Sequence(prompt_token_ids, params, request_id, i) for i in range(params.n)]
+        for seq in seqs:
+            seq.detokenizer = IncrementalDecoder(self.tokenizer, params.skip_special_tokens)
+            self.scheduler.add(seq)
+        self.sequences[request_id] = seqs
+        return seqs
+
+    def abort(self, request_id: str) -> None:
+        for seq in self.sequences.pop(request_id, []):
+            if seq.status == SequenceStatus.RUNNING:
+                self.scheduler.finish(seq)
+            elif seq.status == SequenceStatus.WAITING:
+                self.scheduler.waiting.remove(seq)
+                seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = seq.finish_reason or "abort"
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def release(self, request_id: str) -> list[Sequence]:
+        return self.sequences.pop(request_id, [])
+
+    # ---- the loop -----------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        seqs, _is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        logits = self.runner.run(seqs)
+        outputs = []
+        for seq, (token, info) in zip(seqs, sample(logits, seqs)):
+            outputs.append(self._append(seq, token, info))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, info: dict | None) -> StepOutput:
+        p = seq.params
+        seq.token_ids.append(token)
+        if info is not None:
+            seq.logprobs.append(info)
+        before = len(seq.text)
+        seq.text += seq.detokenizer.feed(token)
+        reason = None
+        if not p.ignore_eos and token in self.tokenizer.eog_ids:
+            reason = "stop"
+        elif token in p.stop_token_ids:
+            reason = "stop"
+        elif p.stop:
+            # a stop string can end in the new text, having started up to len(stop)-1 chars before
+            for s in p.stop:
+                i = seq.text.find(s, max(0, before - len(s) + 1))
+                if i >= 0:
+                    seq.text = seq.text[:i]
+                    reason = "stop"
+                    break
+        if reason is None and ((p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens)
+                               or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            if reason == "length":
+                seq.text += seq.detokenizer.flush()
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
+        return StepOutput(seq, token, seq.text[before:])

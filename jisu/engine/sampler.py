@@ -1,0 +1,59 @@
+"""Turns next-token logits into tokens, per sequence, following its SamplingParams."""
+
+from __future__ import annotations
+
+import torch
+
+from jisu.engine.sequence import Sequence
+
+
+def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    p = seq.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+        counts = torch.bincount(torch.tensor(seq.output_token_ids), minlength=logits.shape[-1]).float()
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Masks (to -inf) tokens outside top-k, outside the top-p nucleus, or below min_p * p_max."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already reach top_p
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, dict | None]]:
+    """Returns (token id, logprob info or None) for each row of logits [B, vocab]."""
+    out = []
+    for row, seq in zip(logits, seqs):
+        p = seq.params
+        raw = row
+        row = apply_penalties(row.clone(), seq)
+        if p.greedy:
+            token = int(row.argmax())
+        else:
+            row = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p)
+            probs = row.softmax(-1)
+            token = int(torch.multinomial(probs, 1, generator=seq.generator))
+        info = None
+        if p.logprobs is not None:
+            lp = raw.log_softmax(-1)
+            top = torch.topk(lp, p.logprobs) if p.logprobs else None
+            info = {"token": token, "logprob": float(lp[token]),
+                    "top": [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))}
+        out.append((token, info))
+    return out

@@ -1,0 +1,55 @@
+"""A Sequence: one stream of tokens being generated, with an explicit status."""
+
+from __future__ import annotations
+
+import itertools
+from enum import Enum, auto
+
+import torch
+
+from jisu.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()    # needs (re)prefill
+    RUNNING = auto()    # has its KV in the cache, decoding
+    FINISHED = auto()
+
+
+class Sequence:
+    _ids = itertools.count()
+
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str = "",
+                 index: int = 0):
+        self.seq_id = next(Sequence._ids)
+        self.request_id = request_id
+        self.index = index                          # which of the request's n samples
+        self.status = SequenceStatus.WAITING
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0                # tokens whose K/V are in the cache
+        self.block_table: list[int] = []
+        self.params = params
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.logprobs: list[dict] = []
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed * 1_000_003 + index)
+        self.detokenizer = None                     # set by the engine
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED

@@ -1,0 +1,210 @@
+"""The offline API: LLM.generate / chat / stream / logits / perplexity."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from jisu.config import EngineConfig, ModelConfig
+from jisu.engine.engine import LLMEngine
+from jisu.engine.sequence import Sequence
+from jisu.loader.gguf import read_gguf
+from jisu.model import load_model
+from jisu.registry import resolve
+from jisu.sampling_params import SamplingParams
+from jisu.tokenizer import Tokenizer
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[dict] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    # the first (usually only) sample, as DESIGN.md's `outs[0].text` expects
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+
+def _output(request_id: str, prompt: str | None, seqs: list[Sequence]) -> RequestOutput:
+    return RequestOutput(request_id, prompt, seqs[0].token_ids[:seqs[0].num_prompt_tokens], [
+        CompletionOutput(s.index, s.text, s.output_token_ids, s.finish_reason,
+                         s.logprobs if s.params.logprobs is not None else None) for s in seqs])
+
+
+class LLM:
+    def __init__(self, model: str | None = None, *, kv_cache_gb: float = 1.0, max_num_seqs: int = 32,
+                 max_model_len: int | None = None, num_threads: int | None = None, progress: bool = True,
+                 dtype: str = "bfloat16"):
+        if num_threads or not os.environ.get("OMP_NUM_THREADS"):
+            torch.set_num_threads(num_threads or os.cpu_count() or 1)
+        t0 = time.perf_counter()
+        self.path = str(resolve(model, progress=progress))
+        g = read_gguf(self.path)
+        self.config = ModelConfig.from_gguf(g)
+        self.tokenizer = Tokenizer.from_gguf(g)
+        self.engine_config = EngineConfig(max_num_seqs=max_num_seqs, kv_cache_gb=kv_cache_gb,
+                                          max_model_len=max_model_len, num_threads=num_threads)
+        max_len = min(max_model_len or self.config.context_length, self.config.context_length)
+        if dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+        self.model = load_model(g, self.config, max_len, getattr(torch, dtype))
+        self.engine = LLMEngine(self.model, self.config, self.tokenizer, self.engine_config)
+        self.load_seconds = time.perf_counter() - t0
+        self._request_ids = itertools.count()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    # ---- generation ---------------------------------------------------------------------
+    def _encode_prompt(self, prompt: str) -> list[int]:
+        # BOS as the metadata says; text that already starts with the BOS token is left alone
+        return self.tokenizer.encode(prompt, add_special=True, parse_special=True)
+
+    def generate(self, prompts: str | list[str] | None = None, params: SamplingParams | None = None,
+                 *, prompt_token_ids: list[list[int]] | None = None, use_tqdm: bool | None = None
+                 ) -> list[RequestOutput]:
+        """Completes every prompt; returns one RequestOutput per prompt, in order."""
+        params = params or SamplingParams()
+        if prompts is None and prompt_token_ids is None:
+            raise ValueError("give prompts or prompt_token_ids")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        texts = list(prompts) if prompts is not None else [None] * len(prompt_token_ids)
+        for i, p in enumerate(texts):
+            if p is not None and not isinstance(p, str):
+                raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
+        ids_list = prompt_token_ids or [self._encode_prompt(p) for p in texts]
+        params_list = params if isinstance(params, list) else [params] * len(ids_list)
+        # validate everything before queueing anything, so bad input loses no work
+        for ids in ids_list:
+            self._check_prompt(ids)
+        rids = []
+        for ids, p in zip(ids_list, params_list):
+            rid = str(next(self._request_ids))
+            self.engine.add_request(rid, ids, p)
+            rids.append(rid)
+        show = use_tqdm if use_tqdm is not None else len(rids) > 1
+        bar = tqdm(total=len(rids), desc="generate", disable=not show)
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.seq.is_finished and all(s.is_finished for s in self.engine.sequences[out.seq.request_id]):
+                        bar.update(1)
+        except BaseException:
+            for rid in rids:
+                self.engine.abort(rid)
+            raise
+        finally:
+            bar.close()
+        return [_output(rid, text, self.engine.release(rid)) for rid, text in zip(rids, texts)]
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("prompt is empty: it must hold at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the context holds {self.max_model_len}")
+
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
+             **kw) -> list[RequestOutput]:
+        """Generates the assistant's reply with the model's chat template (vLLM's LLM.chat)."""
+        convs = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in convs]
+        return self.generate(prompts, params, **kw)
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Yields the completion's text piece by piece as tokens are generated (n must be 1)."""
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("stream() supports n=1")
+        ids = prompt if isinstance(prompt, list) else self._encode_prompt(prompt)
+        self._check_prompt(ids)
+        rid = str(next(self._request_ids))
+        self.engine.add_request(rid, ids, params)
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.seq.request_id == rid and out.new_text:
+                        yield out.new_text
+        finally:
+            self.engine.abort(rid)
+
+    # ---- scoring ------------------------------------------------------------------------
+    def _score(self, token_ids: list[int], fn) -> list:
+        """Runs token_ids through the model in chunks; fn(logits_chunk, start) per chunk."""
+        self._check_prompt(token_ids[:-1] or token_ids)
+        seq = Sequence([], SamplingParams(max_tokens=1))
+        bm = self.engine.block_manager
+        chunk = self.engine_config.max_num_batched_tokens
+        results = []
+        try:
+            bm.allocate(seq, len(token_ids))
+            for start in range(0, len(token_ids), chunk):
+                seq.token_ids.extend(token_ids[start:start + chunk])
+                results.append(fn(self.engine.runner.run([seq], all_logits=True), start))
+        finally:
+            bm.free(seq)
+        return results
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """float32 [len(token_ids), vocab]: next-token logits at every position."""
+        token_ids = [int(t) for t in token_ids]
+        if not token_ids:
+            raise ValueError("token_ids is empty")
+        return np.concatenate(self._score(token_ids, lambda lg, _: lg.numpy()))
+
+    def perplexity(self, text: str) -> float:
+        """exp(mean NLL) of the text's tokens (BOS as the metadata says). One window when the
+        text fits the context, else windows of the context length with a stride of half."""
+        ids = self.tokenizer.encode(text, add_special=True)
+        if len(ids) < 2:
+            raise ValueError("text is too short to score (needs at least 2 tokens)")
+        n_ctx = self.max_model_len - 1
+        nll, count, scored_to = 0.0, 0, 1        # token 0 is never predicted
+        begin = 0
+        while scored_to < len(ids):
+            end = min(begin + n_ctx, len(ids))
+            window = ids[begin:end]
+            first = scored_to - begin            # first target index inside the window
+
+            def chunk_nll(lg: torch.Tensor, start: int) -> tuple[float, int]:
+                lo, hi = max(first, start + 1), start + lg.shape[0]
+                if lo >= hi:
+                    return 0.0, 0
+                targets = torch.tensor(window[lo:hi])
+                lp = lg[lo - 1 - start: hi - 1 - start].log_softmax(-1)
+                return float(-lp.gather(1, targets[:, None]).sum()), hi - lo
+
+            for s, c in self._score(window, chunk_nll):
+                nll, count = nll + s, count + c
+            scored_to = end
+            begin += max(1, n_ctx // 2)
+        return math.exp(nll / count)

@@ -1,0 +1,193 @@
+"""GGUF file reader: header, metadata and tensor index, with every length checked.
+
+We parse the container ourselves (it is small and simple) so that a truncated or corrupt file
+fails with a message naming the file and the field or tensor that is wrong, instead of an
+IndexError deep inside a library or an attempt to allocate a terabyte. Tensor data stays
+memory-mapped; dequantization is in `jisu.kernels.dequant`.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+GGUF_MAGIC = b"GGUF"
+MAX_DIMS = 4
+
+# value type id -> (struct format, size) for scalar metadata types
+_SCALARS = {
+    0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
+    6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8),
+}
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
+          6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_STRING, _ARRAY = 8, 9
+
+
+class GGUFError(ValueError):
+    """A GGUF file is unreadable; the message names the file and the offending field/tensor."""
+
+
+@dataclass
+class GGUFTensor:
+    name: str
+    shape: tuple[int, ...]      # numpy order (outermost first), e.g. (out_features, in_features)
+    qtype: GGMLQuantizationType
+    offset: int                 # absolute offset in the file
+    nbytes: int
+    data: np.ndarray            # raw bytes (uint8, memory-mapped)
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape))
+
+
+@dataclass
+class GGUFFile:
+    path: str
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensor]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def require(self, key: str) -> Any:
+        if key not in self.metadata:
+            raise GGUFError(f"{self.path}: missing metadata field '{key}'")
+        return self.metadata[key]
+
+
+class _Cursor:
+    def __init__(self, buf: memoryview, path: str):
+        self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or self.pos + n > self.size:
+            raise GGUFError(f"{self.path}: file truncated or corrupt while reading {what} "
+                            f"(need {n} bytes at offset {self.pos}, file has {self.size})")
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, vtype: int, what: str):
+        fmt, n = _SCALARS[vtype]
+        return struct.unpack(fmt, self.take(n, what))[0]
+
+    def u32(self, what: str) -> int:
+        return self.scalar(4, what)
+
+    def u64(self, what: str) -> int:
+        return self.scalar(10, what)
+
+    def string(self, what: str) -> str:
+        n = self.u64(f"length of {what}")
+        raw = self.take(n, what)
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise GGUFError(f"{self.path}: {what} is not valid UTF-8 ({e})") from None
+
+    def value(self, vtype: int, what: str) -> Any:
+        if vtype in _SCALARS:
+            return self.scalar(vtype, what)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY:
+            etype = self.u32(f"element type of {what}")
+            count = self.u64(f"element count of {what}")
+            if etype in _NUMPY:
+                size = _SCALARS[etype][1]
+                raw = self.take(count * size, what)
+                return np.frombuffer(raw, dtype=_NUMPY[etype]).copy()
+            if etype == _STRING:
+                # each string needs at least 8 bytes for its length: reject absurd counts early
+                if count * 8 > self.size - self.pos:
+                    raise GGUFError(f"{self.path}: {what} claims {count} strings, more than the file holds")
+                return [self.string(f"{what}[{i}]") for i in range(count)]
+            if etype == _ARRAY:
+                if count > self.size - self.pos:
+                    raise GGUFError(f"{self.path}: {what} claims {count} nested arrays, more than the file holds")
+                return [self.value(_ARRAY, f"{what}[{i}]") for i in range(count)]
+            raise GGUFError(f"{self.path}: {what} has unknown array element type {etype}")
+        raise GGUFError(f"{self.path}: {what} has unknown value type {vtype}")
+
+
+def tensor_nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType, path: str, name: str) -> int:
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if shape and shape[-1] % block:
+        raise GGUFError(f"{path}: tensor '{name}' has row length {shape[-1]}, "
+                        f"not a multiple of the {qtype.name} block size {block}")
+    return n // block * type_size
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Parse a GGUF file's header and tensor index; tensor data is memory-mapped, not read."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise GGUFError(f"{path}: no such file")
+    size = os.path.getsize(path)
+    if size < 24:
+        raise GGUFError(f"{path}: file is {size} bytes, too small to be GGUF")
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    cur = _Cursor(memoryview(mm), path)
+
+    magic = bytes(cur.take(4, "magic"))
+    if magic != GGUF_MAGIC:
+        raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+    version = cur.u32("version")
+    if version not in (2, 3):
+        raise GGUFError(f"{path}: unsupported GGUF version {version} (expected 2 or 3)")
+    n_tensors = cur.u64("tensor_count")
+    n_kv = cur.u64("kv_count")
+    if n_tensors > size or n_kv > size:
+        raise GGUFError(f"{path}: header claims {n_tensors} tensors and {n_kv} metadata fields, "
+                        "more than the file can hold")
+
+    metadata: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = cur.string(f"metadata key #{i}")
+        vtype = cur.u32(f"type of metadata field '{key}'")
+        metadata[key] = cur.value(vtype, f"metadata field '{key}'")
+
+    infos = []
+    for i in range(n_tensors):
+        name = cur.string(f"name of tensor #{i}")
+        n_dims = cur.u32(f"n_dims of tensor '{name}'")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise GGUFError(f"{path}: tensor '{name}' has {n_dims} dimensions (expected 1..{MAX_DIMS})")
+        dims = [cur.u64(f"dims of tensor '{name}'") for _ in range(n_dims)]
+        type_id = cur.u32(f"type of tensor '{name}'")
+        try:
+            qtype = GGMLQuantizationType(type_id)
+        except ValueError:
+            raise GGUFError(f"{path}: tensor '{name}' has unknown quantization type id {type_id}") from None
+        if qtype not in GGML_QUANT_SIZES:
+            raise GGUFError(f"{path}: tensor '{name}' has unsupported quantization type {qtype.name}")
+        offset = cur.u64(f"data offset of tensor '{name}'")
+        infos.append((name, tuple(reversed(dims)), qtype, offset))
+
+    alignment = int(metadata.get("general.alignment", 32))
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFError(f"{path}: general.alignment is {alignment}, expected a power of two")
+    data_start = (cur.pos + alignment - 1) // alignment * alignment
+
+    tensors: dict[str, GGUFTensor] = {}
+    for name, shape, qtype, rel in infos:
+        if name in tensors:
+            raise GGUFError(f"{path}: tensor '{name}' appears twice")
+        nbytes = tensor_nbytes(shape, qtype, path, name)
+        start = data_start + rel
+        if rel % alignment:
+            raise GGUFError(f"{path}: tensor '{name}' data offset {rel} is not aligned to {alignment}")
+        if start + nbytes > size:
+            raise GGUFError(f"{path}: file truncated: tensor '{name}' ({qtype.name}, shape {list(shape)}) "
+                            f"needs bytes {start}..{start + nbytes} but the file has {size}")
+        tensors[name] = GGUFTensor(name, shape, qtype, start, nbytes, mm[start:start + nbytes])
+    return GGUFFile(path, version, metadata, tensors)

@@ -1,0 +1,56 @@
+"""Gemma 3: QK-norm, GeGLU, scaled embeddings, sandwich norms, and five sliding-window layers
+(local RoPE base 10k) for every global one (RoPE base from the file)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jisu.config import ModelConfig
+from jisu.model.layers import Attention, AttentionMetadata, Linear, RMSNorm, Rotary
+
+
+class Gemma3Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: Rotary, window: int | None):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, rotary,
+                              scale=cfg.attn_scale, window=window, qk_norm_eps=cfg.rms_eps)
+        self.post_attention_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.ffn_gate = Linear(cfg.d_model, cfg.d_ff)
+        self.ffn_up = Linear(cfg.d_model, cfg.d_ff)
+        self.ffn_down = Linear(cfg.d_ff, cfg.d_model)
+        self.post_ffw_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.post_attention_norm(self.attn(self.attn_norm(x), meta))
+        h = self.ffn_norm(x)
+        h = self.ffn_down(F.gelu(self.ffn_gate(h), approximate="tanh") * self.ffn_up(h))
+        return x + self.post_ffw_norm(h)
+
+
+class Gemma3(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_len: int):
+        super().__init__()
+        self.cfg = cfg
+        rope_global = Rotary(cfg.head_dim, cfg.rope_base, max_len, interleaved=False)
+        rope_local = Rotary(cfg.head_dim, cfg.rope_base_local, max_len, interleaved=False)
+        self.token_embd = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blk = nn.ModuleList(
+            Gemma3Block(cfg, rope_local, cfg.sliding_window) if cfg.is_sliding(i)
+            else Gemma3Block(cfg, rope_global, None)
+            for i in range(cfg.n_layers))
+        self.output_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.output = Linear(cfg.d_model, cfg.vocab_size)
+        self.embed_scale = cfg.d_model ** 0.5
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.token_embd(input_ids).float() * self.embed_scale
+        for block in self.blk:
+            x = block(x, meta)
+        return self.output_norm(x)
+
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(h)

@@ -1,0 +1,127 @@
+"""Layers shared by the architectures: RMSNorm, RoPE, attention over the paged KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Linear):
+    """y = x W^T with W in its storage dtype (bf16 by default: oneDNN's bf16 kernels read half
+    the bytes of fp32 and use AMX for prefill); the residual stream stays float32."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        return F.linear(x.to(w.dtype), w).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    # GGUF stores Gemma's (1 + w) already folded into w, so one form serves both families.
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for rotary position embeddings.
+
+    `interleaved=True` rotates adjacent pairs (x0,x1),(x2,x3)... : llama.cpp's "normal" RoPE,
+    which llama GGUFs are converted for (their q/k rows are permuted at conversion).
+    `interleaved=False` rotates (x_i, x_{i+d/2}): the "neox" layout Gemma uses.
+    """
+
+    def __init__(self, head_dim: int, base: float, max_len: int, interleaved: bool):
+        super().__init__()
+        # explicit device: models are built under torch.device("meta") and these are not loaded
+        steps = torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu")
+        inv_freq = 1.0 / (base ** (steps / head_dim))
+        angles = torch.arange(max_len, dtype=torch.float64, device="cpu")[:, None] * inv_freq[None, :]
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.interleaved = interleaved
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [B, T, H, D], positions: [B, T]
+        cos = self.cos[positions].unsqueeze(2)
+        sin = self.sin[positions].unsqueeze(2)
+        if self.interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+@dataclass
+class AttentionMetadata:
+    """What attention needs to read and write the paged KV cache for one batch.
+
+    The batch is padded to [B, T] new tokens. Keys are gathered per sequence through
+    `gather_slots` ([B, L]: cache slot of key position j, for j < context_lens[b]; a scratch
+    slot beyond). Padding queries have position 0 and write to the scratch slot.
+    """
+
+    positions: torch.Tensor     # [B, T] absolute position of each new token
+    slot_mapping: torch.Tensor  # [B*T] cache slot each new token's k/v is written to
+    gather_slots: torch.Tensor  # [B, L] cache slots of all keys each query may see
+    context_lens: torch.Tensor  # [B] tokens in each sequence after this step
+    _masks: dict = field(default_factory=dict)
+
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        if window not in self._masks:
+            L = self.gather_slots.shape[1]
+            key_pos = torch.arange(L)[None, None, :]
+            q_pos = self.positions[:, :, None]
+            ok = (key_pos <= q_pos) & (key_pos < self.context_lens[:, None, None])
+            if window:
+                ok &= key_pos > q_pos - window
+            self._masks[window] = ok[:, None]   # [B, 1, T, L], broadcast over heads
+        return self._masks[window]
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 rotary: Rotary, scale: float, window: int | None = None,
+                 qk_norm_eps: float | None = None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.attn_q = Linear(d_model, n_heads * head_dim)
+        self.attn_k = Linear(d_model, n_kv_heads * head_dim)
+        self.attn_v = Linear(d_model, n_kv_heads * head_dim)
+        self.attn_output = Linear(n_heads * head_dim, d_model)
+        if qk_norm_eps is not None:
+            self.attn_q_norm = RMSNorm(head_dim, qk_norm_eps)
+            self.attn_k_norm = RMSNorm(head_dim, qk_norm_eps)
+        self.qk_norm = qk_norm_eps is not None
+        self.rotary, self.scale, self.window = rotary, scale, window
+        self.k_cache: torch.Tensor | None = None   # [num_slots, n_kv_heads, head_dim], set by the runner
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.attn_q(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.attn_k(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.attn_v(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.attn_q_norm(q), self.attn_k_norm(k)
+        q = self.rotary(q, meta.positions)
+        k = self.rotary(k, meta.positions)
+
+        self.k_cache.index_copy_(0, meta.slot_mapping, k.reshape(B * T, self.n_kv_heads, self.head_dim))
+        self.v_cache.index_copy_(0, meta.slot_mapping, v.reshape(B * T, self.n_kv_heads, self.head_dim))
+        keys = self.k_cache[meta.gather_slots].transpose(1, 2)      # [B, KVH, L, D]
+        values = self.v_cache[meta.gather_slots].transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=meta.mask(self.window),
+            scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.attn_output(out.transpose(1, 2).reshape(B, T, -1))

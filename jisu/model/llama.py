@@ -1,0 +1,47 @@
+"""Llama family (SmolLM2, Llama 2/3, Mistral-style): pre-norm blocks, GQA, RoPE, SwiGLU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jisu.config import ModelConfig
+from jisu.model.layers import Attention, AttentionMetadata, Linear, RMSNorm, Rotary
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: Rotary):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, rotary,
+                              scale=cfg.head_dim ** -0.5)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.ffn_gate = Linear(cfg.d_model, cfg.d_ff)
+        self.ffn_up = Linear(cfg.d_model, cfg.d_ff)
+        self.ffn_down = Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), meta)
+        h = self.ffn_norm(x)
+        return x + self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_len: int):
+        super().__init__()
+        self.cfg = cfg
+        rotary = Rotary(cfg.head_dim, cfg.rope_base, max_len, interleaved=True)
+        self.token_embd = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blk = nn.ModuleList(LlamaBlock(cfg, rotary) for _ in range(cfg.n_layers))
+        self.output_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.output = Linear(cfg.d_model, cfg.vocab_size)   # tied unless the file has one
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.token_embd(input_ids).float()
+        for block in self.blk:
+            x = block(x, meta)
+        return self.output_norm(x)
+
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(h)
