@@ -62,7 +62,7 @@ def _output(request_id: str, prompt: str | None, seqs: list[Sequence]) -> Reques
 class LLM:
     def __init__(self, model: str | None = None, *, kv_cache_gb: float = 1.0, max_num_seqs: int = 32,
                  max_model_len: int | None = None, num_threads: int | None = None, progress: bool = True,
-                 dtype: str = "bfloat16"):
+                 dtype: str = "float32"):
         if num_threads or not os.environ.get("OMP_NUM_THREADS"):
             torch.set_num_threads(num_threads or os.cpu_count() or 1)
         t0 = time.perf_counter()
@@ -106,7 +106,7 @@ class LLM:
         params_list = params if isinstance(params, list) else [params] * len(ids_list)
         # validate everything before queueing anything, so bad input loses no work
         for ids in ids_list:
-            self._check_prompt(ids)
+            self.engine.check_prompt(ids)
         rids = []
         for ids, p in zip(ids_list, params_list):
             rid = str(next(self._request_ids))
@@ -127,12 +127,6 @@ class LLM:
             bar.close()
         return [_output(rid, text, self.engine.release(rid)) for rid, text in zip(rids, texts)]
 
-    def _check_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise ValueError("prompt is empty: it must hold at least one token")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the context holds {self.max_model_len}")
-
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
              **kw) -> list[RequestOutput]:
         """Generates the assistant's reply with the model's chat template (vLLM's LLM.chat)."""
@@ -146,7 +140,7 @@ class LLM:
         if params.n != 1:
             raise ValueError("stream() supports n=1")
         ids = prompt if isinstance(prompt, list) else self._encode_prompt(prompt)
-        self._check_prompt(ids)
+        self.engine.check_prompt(ids)
         rid = str(next(self._request_ids))
         self.engine.add_request(rid, ids, params)
         try:
@@ -160,7 +154,7 @@ class LLM:
     # ---- scoring ------------------------------------------------------------------------
     def _score(self, token_ids: list[int], fn) -> list:
         """Runs token_ids through the model in chunks; fn(logits_chunk, start) per chunk."""
-        self._check_prompt(token_ids[:-1] or token_ids)
+        self.engine.check_prompt(token_ids, room=0)
         seq = Sequence([], SamplingParams(max_tokens=1))
         bm = self.engine.block_manager
         chunk = self.engine_config.max_num_batched_tokens

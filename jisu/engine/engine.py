@@ -36,14 +36,7 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
-        if not prompt_token_ids:
-            raise ValueError("prompt is empty: it must hold at least one token")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.model_cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.model_cfg.vocab_size})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the context holds {self.max_model_len} "
-                             "(prompt + at least one generated token)")
+        self.check_prompt(prompt_token_ids)
         params.validate()
         seqs = [Sequence(prompt_token_ids, params, request_id, i) for i in range(params.n)]
         for seq in seqs:
@@ -51,6 +44,17 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.sequences[request_id] = seqs
         return seqs
+
+    def check_prompt(self, ids: list[int], room: int = 1) -> None:
+        """Rejects ids that are empty, out of vocabulary, or leave fewer than `room` free
+        positions in the context."""
+        if not ids:
+            raise ValueError("prompt is empty: it must hold at least one token")
+        if len(ids) + room > self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the context holds {self.max_model_len}")
+        bad = [t for t in ids if not 0 <= t < self.model_cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.model_cfg.vocab_size})")
 
     def abort(self, request_id: str) -> None:
         for seq in self.sequences.pop(request_id, []):

@@ -1,0 +1,161 @@
+"""Command line: `jisu run | chat | pull | perplexity | models`."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from jisu.registry import DEFAULT_MODEL, MODELS
+
+MODEL_HELP = f"registry name ({', '.join(MODELS)}) or path to a .gguf file [default: {DEFAULT_MODEL}]"
+
+
+def sampling_options(f):
+    opts = [
+        click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True),
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True),
+        click.option("--top-k", type=int, default=40, show_default=True),
+        click.option("--min-p", type=click.FloatRange(0, 1), default=0.05, show_default=True),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True),
+        click.option("--seed", type=int, default=None),
+        click.option("--stop", multiple=True, help="stop string (repeatable)"),
+        click.option("--ignore-eos", is_flag=True),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _params(kw):
+    from jisu import SamplingParams
+    return SamplingParams(max_tokens=kw["max_tokens"], temperature=kw["temperature"], top_p=kw["top_p"],
+                          top_k=kw["top_k"], min_p=kw["min_p"], repetition_penalty=kw["repetition_penalty"],
+                          seed=kw["seed"], stop=list(kw["stop"]), ignore_eos=kw["ignore_eos"])
+
+
+def _load(model: str | None, threads: int | None):
+    from jisu import LLM
+    try:
+        return LLM(model, num_threads=threads)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="jisu")
+def main():
+    """jisu (极速): fast LLM inference on your machine."""
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("-m", "--model", default=None, help=MODEL_HELP)
+@click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]")
+@click.option("--stats", is_flag=True, help="print tokens/s to stderr")
+@sampling_options
+def run(prompt, model, threads, stats, **kw):
+    """Complete PROMPT and print the completion as it is generated."""
+    llm = _load(model, threads)
+    try:
+        params = _params(kw)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    t0 = time.perf_counter()
+    n = 0
+    try:
+        for piece in llm.stream(prompt, params):
+            n += 1
+            click.echo(piece, nl=False)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo()
+    if stats:
+        dt = time.perf_counter() - t0
+        click.echo(f"[{n} pieces in {dt:.2f}s, model loaded in {llm.load_seconds:.2f}s]", err=True)
+
+
+@main.command()
+@click.option("-m", "--model", default=None, help=MODEL_HELP)
+@click.option("--system", default=None, help="system prompt")
+@click.option("--threads", type=int, default=None)
+@sampling_options
+def chat(model, system, threads, **kw):
+    """Interactive chat with the model's own template; replies stream. /reset clears, /exit quits."""
+    llm = _load(model, threads)
+    params = _params(kw)
+    history = [{"role": "system", "content": system}] if system else []
+    click.echo(f"jisu chat: {llm.config.name} (/reset, /exit, Ctrl-D)", err=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
+            return
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if system else []
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = llm.tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        reply = []
+        try:
+            for piece in llm.stream(prompt, params):
+                reply.append(piece)
+                click.echo(piece, nl=False)
+        except KeyboardInterrupt:
+            pass
+        except ValueError as e:        # e.g. the conversation outgrew the context
+            click.echo(f"\nerror: {e}", err=True)
+            history.pop()
+            continue
+        click.echo()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+@main.command()
+@click.argument("model", type=click.Choice(list(MODELS)))
+def pull(model):
+    """Download MODEL into $JISU_HOME (default ~/.cache/jisu) and verify its sha256."""
+    from jisu.registry import PullError, pull as do_pull
+    try:
+        click.echo(str(do_pull(model)))
+    except PullError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command()
+def models():
+    """List the models jisu can pull by name."""
+    from jisu.registry import is_pulled, model_path
+    for name, spec in MODELS.items():
+        where = model_path(name) if is_pulled(name) else "(not pulled)"
+        click.echo(f"{name:24s} {spec.size / 2**20:7.1f} MiB  {spec.description}  {where}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-m", "--model", default=None, help=MODEL_HELP)
+@click.option("--threads", type=int, default=None)
+@click.option("--ctx", type=int, default=None, help="window length [default: the model's context]")
+def perplexity(file, model, threads, ctx):
+    """Perplexity of the model on the text in FILE."""
+    from jisu import LLM
+    try:
+        llm = LLM(model, num_threads=threads, max_model_len=ctx)
+        text = open(file, encoding="utf-8").read()
+        t0 = time.perf_counter()
+        ppl = llm.perplexity(text)
+    except (FileNotFoundError, ValueError, UnicodeDecodeError) as e:
+        raise click.ClickException(str(e)) from None
+    n = len(llm.tokenizer.encode(text, add_special=True))
+    click.echo(f"perplexity: {ppl:.4f}  ({n} tokens, {time.perf_counter() - t0:.1f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Tiny random models: logits against transformers loading the same GGUF, and engine behaviour."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from gguf_factory import write_tiny_gemma3, write_tiny_llama
+from jisu import LLM, SamplingParams
+
+
+def hf_logits(path, ids):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("writer,qtype", [
+    (write_tiny_llama, Q.Q4_K), (write_tiny_llama, Q.Q4_1), (write_tiny_llama, Q.Q5_0),
+    (write_tiny_gemma3, Q.Q6_K), (write_tiny_gemma3, Q.Q4_0), (write_tiny_gemma3, Q.Q8_0),
+], ids=lambda x: getattr(x, "name", getattr(x, "__name__", "")))
+def test_logits_match_transformers(tmp_path, writer, qtype):
+    path = writer(tmp_path / "m.gguf", qtype=qtype, seed=int(np.random.randint(1 << 30)))
+    llm = LLM(str(path), progress=False)
+    rng = np.random.default_rng()
+    ids = rng.integers(0, llm.config.vocab_size, size=20).tolist()   # longer than gemma's window (4)
+    ours = llm.logits(ids)
+    ref = hf_logits(path, ids)
+    assert ours.shape == ref.shape == (20, llm.config.vocab_size) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_untied_output(tmp_path):
+    path = write_tiny_llama(tmp_path / "m.gguf", tied=False)
+    llm = LLM(str(path), progress=False)
+    ids = [5, 6, 7, 8]
+    np.testing.assert_allclose(llm.logits(ids), hf_logits(path, ids), atol=2e-4, rtol=1e-4)
+
+
+def test_sliding_window_matters(tmp_path):
+    """Keys beyond the window must not change a sliding layer's output: perturbing the first
+    token changes late logits less in a windowed model than with the window off."""
+    path = write_tiny_gemma3(tmp_path / "m.gguf", sliding_window=4)
+    llm = LLM(str(path), progress=False)
+    ids = list(range(100, 116))
+    ref = hf_logits(path, ids)
+    np.testing.assert_allclose(llm.logits(ids), ref, atol=2e-4, rtol=1e-4)
+    for block in llm.model.blk:          # turn the window off: output must move away from HF
+        block.attn.window = None
+    assert np.abs(llm.logits(ids) - ref).max() > 1e-3
+
+
+# ---- engine behaviour -------------------------------------------------------------------
+
+PROMPTS = ["the cat", "hello world and more", "a", "in the end there was the word", "s" * 40]
+
+
+def greedy(n=12):
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def test_batch_equals_alone(tiny_llama):
+    alone = [tiny_llama.generate(p, greedy())[0].token_ids for p in PROMPTS]
+    batched = [o.token_ids for o in tiny_llama.generate(PROMPTS * 4, greedy())]
+    assert batched == alone * 4
+    assert all(len(t) == 12 for t in alone)
+
+
+def test_preemption_gives_identical_output(tiny_llama_path):
+    roomy = LLM(str(tiny_llama_path), progress=False)
+    # room for ~3 sequences: 32 sequences must take turns, preempting and recomputing
+    tight = LLM(str(tiny_llama_path), progress=False, kv_cache_gb=3 * 64 * 2 * 2 * 2 * 64 * 4 / 2**30)
+    assert tight.engine.block_manager.num_blocks < 16
+    prompts = [f"the {i} cat in the hat" for i in range(32)]
+    want = [o.token_ids for o in roomy.generate(prompts, greedy(40), use_tqdm=False)]
+    preempted = []
+    orig = tight.engine.scheduler.preempt
+    tight.engine.scheduler.preempt = lambda seq: (preempted.append(seq.seq_id), orig(seq))
+    got = [o.token_ids for o in tight.generate(prompts, greedy(40), use_tqdm=False)]
+    assert preempted, "the test should force preemption"
+    assert got == want
+    assert tight.engine.block_manager.num_free_blocks == tight.engine.block_manager.num_blocks
+
+
+def test_no_block_leak(tiny_llama):
+    bm = tiny_llama.engine.block_manager
+    tiny_llama.generate(PROMPTS, SamplingParams(max_tokens=5, temperature=0.7, seed=1, n=3))
+    assert bm.num_free_blocks == bm.num_blocks
+    tiny_llama.logits([1, 2, 3, 4, 5])
+    tiny_llama.perplexity("the cat and the hat")
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_max_tokens_and_finish_reason(tiny_llama):
+    out = tiny_llama.generate("the", SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 7 and out.finish_reason == "length"
+
+
+def test_stop_string_truncates(tiny_llama):
+    full = tiny_llama.generate("the cat", greedy(30))[0].text
+    assert len(full) > 6
+    stop = full[3:6]
+    out = tiny_llama.generate("the cat", SamplingParams(max_tokens=30, temperature=0, stop=[stop], ignore_eos=True))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full[:full.index(stop)]
+
+
+def test_stop_token_ids(tiny_llama):
+    ids = tiny_llama.generate("the cat", greedy(10))[0].token_ids
+    out = tiny_llama.generate("the cat", SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[ids[3]]))[0]
+    assert out.token_ids == ids[:ids.index(ids[3]) + 1] and out.finish_reason == "stop"
+
+
+def test_eos_stops_unless_ignored(tiny_llama):
+    eos = tiny_llama.tokenizer.eos_id
+    # make EOS the argmax: greedy generation must stop right away
+    out_w = tiny_llama.model.output.weight
+    saved = out_w[eos].clone()
+    try:
+        out_w[eos] = tiny_llama.model.token_embd.weight.mean(0) * 0 + 1e3 * torch.sign(torch.ones_like(saved))
+        tiny_llama.model.output_norm.weight.data.abs_()
+        out = tiny_llama.generate("the", SamplingParams(max_tokens=5, temperature=0))[0]
+        assert out.token_ids[-1] == eos and out.finish_reason == "stop" and len(out.token_ids) <= 5
+        out2 = tiny_llama.generate("the", SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+        assert len(out2.token_ids) == 5 and out2.finish_reason == "length"
+    finally:
+        out_w[eos] = saved
+
+
+def test_seed_reproducible_and_varies(tiny_llama):
+    p = SamplingParams(max_tokens=20, temperature=1.0, seed=1234, ignore_eos=True)
+    a = tiny_llama.generate("the cat", p)[0].token_ids
+    b = tiny_llama.generate(["x y z", "the cat"], p)[1].token_ids       # other batch company
+    assert a == b
+    c = tiny_llama.generate("the cat", SamplingParams(max_tokens=20, temperature=1.0, seed=99, ignore_eos=True))[0].token_ids
+    assert a != c
+
+
+def test_n_samples(tiny_llama):
+    out = tiny_llama.generate("the", SamplingParams(max_tokens=10, temperature=1.0, seed=3, n=4, ignore_eos=True))[0]
+    assert len(out.outputs) == 4 and len({tuple(o.token_ids) for o in out.outputs}) > 1
+
+
+def test_logprobs(tiny_llama):
+    out = tiny_llama.generate("the cat", SamplingParams(max_tokens=4, temperature=0, logprobs=3, ignore_eos=True))[0]
+    lps = out.outputs[0].logprobs
+    assert len(lps) == 4
+    for tok, lp in zip(out.token_ids, lps):
+        assert lp["token"] == tok and lp["logprob"] <= 0
+        assert lp["top"][0][0] == tok and len(lp["top"]) == 3      # greedy: the chosen is the top
+
+
+def test_prompt_too_long_is_rejected_without_loss(tiny_llama):
+    too_long = [5] * (tiny_llama.max_model_len + 1)
+    with pytest.raises(ValueError, match="context holds"):
+        tiny_llama.generate(prompt_token_ids=[[5, 6], too_long], params=greedy())
+    assert not tiny_llama.engine.has_unfinished()
+    assert tiny_llama.generate("the", greedy(3))[0].token_ids
+
+
+def test_stream_matches_generate(tiny_llama):
+    want = tiny_llama.generate("the cat", greedy(15))[0].text
+    assert "".join(tiny_llama.stream("the cat", greedy(15))) == want
+
+
+def test_context_limit_finishes_with_length(tiny_llama_path):
+    llm = LLM(str(tiny_llama_path), progress=False, max_model_len=20)
+    out = llm.generate("the cat", SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.prompt_token_ids) + len(out.token_ids) == 20
+
+
+def test_perplexity_strided_equals_one_window_when_it_fits(tiny_llama_path):
+    text = "the cat and the hat in the sun " * 4
+    big = LLM(str(tiny_llama_path), progress=False)
+    n = len(big.tokenizer.encode(text, add_special=True))
+    ids = big.tokenizer.encode(text, add_special=True)
+    lp = torch.from_numpy(big.logits(ids)).log_softmax(-1)
+    want = float(torch.exp(-lp[:-1].gather(1, torch.tensor(ids[1:])[:, None]).mean()))
+    assert big.perplexity(text) == pytest.approx(want, rel=1e-5)
+    small = LLM(str(tiny_llama_path), progress=False, max_model_len=n // 2)   # forces strided windows
+    strided = small.perplexity(text)
+    assert np.isfinite(strided) and strided != pytest.approx(want, rel=1e-6)
+
+
+def test_bad_token_ids_rejected(tiny_llama):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tiny_llama.logits([1, 2, tiny_llama.config.vocab_size])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tiny_llama.generate(prompt_token_ids=[[-1]], params=greedy())
+    with pytest.raises(ValueError, match="empty"):
+        tiny_llama.logits([])
