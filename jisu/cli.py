@@ -157,5 +157,24 @@ def perplexity(file, model, threads, ctx):
     click.echo(f"perplexity: {ppl:.4f}  ({n} tokens, {time.perf_counter() - t0:.1f}s)")
 
 
+@main.command()
+@click.option("-m", "--model", default=None, help=MODEL_HELP)
+@click.option("--compare", default="llama.cpp,transformers", show_default=True,
+              help="comma-separated comparators (llama.cpp, transformers); missing ones are skipped")
+@click.option("--prompt-tokens", type=click.IntRange(min=8), default=512, show_default=True)
+@click.option("--decode-tokens", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+def bench(model, compare, prompt_tokens, decode_tokens, repeats, threads):
+    """Decode and prefill tokens/s of jisu next to llama.cpp and transformers (medians, ratios)."""
+    from jisu.bench import speed
+    from jisu.registry import resolve
+    path = str(resolve(model))
+    results = speed.run(path, [c.strip() for c in compare.split(",") if c.strip()], prompt_tokens,
+                        decode_tokens, repeats, threads, echo=lambda m: click.echo(m, err=True))
+    click.echo(speed.table(results, f"{model or DEFAULT_MODEL}: {prompt_tokens}-token prompt, "
+                                    f"{decode_tokens} decoded tokens, median of {repeats}"))
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,142 @@
+"""Decode and prefill speed of jisu, llama.cpp (llama-cpp-python) and transformers, on the same
+token ids in one process, with medians over repeats and ratios."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PROMPT_FILE = Path(__file__).resolve().parents[2] / "tests" / "data" / "gpl3_preamble.txt"
+FALLBACK_TEXT = "The history of computing is a story of people, machines and ideas. " * 40
+
+
+@dataclass
+class SpeedResult:
+    engine: str
+    decode_tok_s: float       # generated tokens per second after the first
+    prefill_tok_s: float      # prompt tokens per second (time to first token)
+    load_s: float
+    detail: str = ""
+
+
+def _median_rate(n: int, times: list[float]) -> float:
+    return n / statistics.median(times)
+
+
+def bench_jisu(path: str, prompt_ids: list[int], n_decode: int, repeats: int, threads: int) -> SpeedResult:
+    from jisu import LLM, SamplingParams
+    t0 = time.perf_counter()
+    llm = LLM(path, num_threads=threads, progress=False)
+    load = time.perf_counter() - t0
+    step = llm.engine.step
+    prefill, decode = [], []
+    greedy1 = SamplingParams(max_tokens=1, temperature=0)
+    greedyN = SamplingParams(max_tokens=n_decode, temperature=0, ignore_eos=True)
+    llm.generate(prompt_token_ids=[prompt_ids[:16]], params=greedy1)       # warm-up
+    for _ in range(repeats):
+        t = time.perf_counter()
+        llm.generate(prompt_token_ids=[prompt_ids], params=greedy1)
+        prefill.append(time.perf_counter() - t)
+        llm.engine.add_request("bench", prompt_ids[:8], greedyN)
+        step()                                                    # prefill + first token
+        t = time.perf_counter()
+        while llm.engine.has_unfinished():
+            step()
+        decode.append(time.perf_counter() - t)
+        llm.engine.release("bench")
+    return SpeedResult("jisu", _median_rate(n_decode - 1, decode), _median_rate(len(prompt_ids), prefill), load,
+                       f"fp32 weights, {threads} threads")
+
+
+def bench_llama_cpp(path: str, prompt_ids: list[int], n_decode: int, repeats: int, threads: int) -> SpeedResult:
+    import llama_cpp
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(path, n_ctx=2048, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    load = time.perf_counter() - t0
+    prefill, decode = [], []
+    llm.reset(); llm.eval(prompt_ids[:16])                          # warm-up
+    for _ in range(repeats):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt_ids)
+        prefill.append(time.perf_counter() - t)
+        llm.reset()
+        llm.eval(prompt_ids[:8])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t = time.perf_counter()
+        for _ in range(n_decode - 1):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        decode.append(time.perf_counter() - t)
+    return SpeedResult("llama.cpp", _median_rate(n_decode - 1, decode), _median_rate(len(prompt_ids), prefill), load,
+                       f"llama-cpp-python {llama_cpp.__version__}, {threads} threads")
+
+
+def bench_transformers(path: str, prompt_ids: list[int], n_decode: int, repeats: int, threads: int) -> SpeedResult:
+    import torch
+    import transformers
+    torch.set_num_threads(threads)
+    p = Path(path)
+    t0 = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    load = time.perf_counter() - t0
+    prefill, decode = [], []
+    # transformers 5.x renamed past_key_values to cache
+    cache_arg = "cache" if "cache" in transformers.modeling_outputs.CausalLMOutputWithPast.__dataclass_fields__ \
+        else "past_key_values"
+    with torch.inference_mode():
+        model(torch.tensor([prompt_ids[:16]]))
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(torch.tensor([prompt_ids]), logits_to_keep=1)
+            prefill.append(time.perf_counter() - t)
+            out = model(torch.tensor([prompt_ids[:8]]), use_cache=True, logits_to_keep=1)
+            tok = out.logits[0, -1].argmax()
+            t = time.perf_counter()
+            for _ in range(n_decode - 1):
+                out = model(tok.view(1, 1), use_cache=True, **{cache_arg: getattr(out, cache_arg)})
+                tok = out.logits[0, -1].argmax()
+            decode.append(time.perf_counter() - t)
+    return SpeedResult("transformers", _median_rate(n_decode - 1, decode), _median_rate(len(prompt_ids), prefill), load,
+                       f"transformers {transformers.__version__}, fp32, {threads} threads")
+
+
+BENCHES = {"jisu": bench_jisu, "llama.cpp": bench_llama_cpp, "transformers": bench_transformers}
+MODULES = {"llama.cpp": "llama_cpp", "transformers": "transformers"}
+
+
+def run(path: str, compare: list[str], prompt_tokens: int = 512, n_decode: int = 64, repeats: int = 5,
+        threads: int = 2, echo=print) -> list[SpeedResult]:
+    import importlib.util
+
+    from jisu.loader import read_gguf
+    from jisu.tokenizer import Tokenizer
+    text = PROMPT_FILE.read_text() if PROMPT_FILE.exists() else FALLBACK_TEXT
+    tok = Tokenizer.from_gguf(read_gguf(path))
+    ids = tok.encode(text * 4, add_special=True)[:prompt_tokens]
+    results = []
+    for name in ["jisu"] + [c for c in compare if c != "jisu"]:
+        if name not in BENCHES:
+            echo(f"skipping unknown comparator '{name}' (known: {', '.join(BENCHES)})")
+            continue
+        if name in MODULES and importlib.util.find_spec(MODULES[name]) is None:
+            echo(f"skipping {name}: python module '{MODULES[name]}' is not installed")
+            continue
+        echo(f"running {name} ...")
+        results.append(BENCHES[name](path, ids, n_decode, repeats, threads))
+    return results
+
+
+def table(results: list[SpeedResult], title: str) -> str:
+    base = results[0]
+    lines = [f"### {title}", "",
+             "| engine | decode tok/s | prefill tok/s | load s | jisu decode ratio | jisu prefill ratio | notes |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.engine} | {r.decode_tok_s:.1f} | {r.prefill_tok_s:.1f} | {r.load_s:.2f} | "
+                     f"{base.decode_tok_s / r.decode_tok_s:.2f}x | {base.prefill_tok_s / r.prefill_tok_s:.2f}x | {r.detail} |")
+    return "\n".join(lines)
