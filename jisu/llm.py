@@ -62,7 +62,7 @@ def _output(request_id: str, prompt: str | None, seqs: list[Sequence]) -> Reques
 class LLM:
     def __init__(self, model: str | None = None, *, kv_cache_gb: float = 1.0, max_num_seqs: int = 32,
                  max_model_len: int | None = None, num_threads: int | None = None, progress: bool = True,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", kernels: bool | None = None):
         if num_threads or not os.environ.get("OMP_NUM_THREADS"):
             torch.set_num_threads(num_threads or os.cpu_count() or 1)
         t0 = time.perf_counter()
@@ -75,7 +75,15 @@ class LLM:
         max_len = min(max_model_len or self.config.context_length, self.config.context_length)
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
-        self.model = load_model(g, self.config, max_len, getattr(torch, dtype))
+        # kernels: None = use the compiled CPU kernels when they load, False = PyTorch only
+        ops = None
+        if kernels is not False:
+            from jisu.kernels import cpu
+            ops = cpu.load()
+            if ops is None and kernels:
+                raise RuntimeError(f"CPU kernels requested but unavailable: {cpu.load_error}")
+        self.kernels = ops is not None
+        self.model = load_model(g, self.config, max_len, getattr(torch, dtype), ops)
         self.engine = LLMEngine(self.model, self.config, self.tokenizer, self.engine_config)
         self.load_seconds = time.perf_counter() - t0
         self._request_ids = itertools.count()

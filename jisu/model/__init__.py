@@ -1,19 +1,27 @@
-"""Build a model from a GGUF file: architecture class + dequantized weights."""
+"""Build a model from a GGUF file: architecture class + weights.
+
+With the C++ kernels, matrices in block formats the kernels know stay quantized (QLinear,
+QEmbedding); everything else is dequantized to dense float32 (or `dtype`).
+"""
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType as Q
 from torch import nn
 
 from jisu.config import ModelConfig
 from jisu.kernels.dequant import dequantize
-from jisu.loader.gguf import GGUFError, GGUFFile
+from jisu.loader.gguf import GGUFError, GGUFFile, GGUFTensor
 from jisu.model.gemma3 import Gemma3
+from jisu.model.layers import QEmbedding, QLinear
 from jisu.model.llama import Llama
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"llama": Llama, "gemma3": Gemma3}
+KERNEL_QTYPES = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K}
 
 _ATTN = re.compile(r"^(blk\.\d+\.)(attn_(?:q|k|v|output|q_norm|k_norm)\.weight)$")
 
@@ -23,8 +31,14 @@ def _module_name(gguf_name: str) -> str:
     return _ATTN.sub(r"\1attn.\2", gguf_name)
 
 
-def load_model(g: GGUFFile, cfg: ModelConfig, max_len: int, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Matrices (projections, embeddings) are stored in `dtype`; norms stay float32."""
+def _qlinear(t: GGUFTensor, ops) -> QLinear:
+    blocks = torch.from_numpy(np.array(t.data)).view(t.shape[0], -1)   # copy out of the mmap
+    return QLinear(blocks, int(t.qtype), t.shape[1], ops)
+
+
+def load_model(g: GGUFFile, cfg: ModelConfig, max_len: int, dtype: torch.dtype = torch.float32,
+               ops=None) -> nn.Module:
+    """`ops`: the compiled kernel module, or None for dense weights only."""
     with torch.device("meta"):
         model = ARCHITECTURES[cfg.arch](cfg, max_len)
     expected = {n: p.shape for n, p in model.named_parameters()}
@@ -32,7 +46,7 @@ def load_model(g: GGUFFile, cfg: ModelConfig, max_len: int, dtype: torch.dtype =
     if tied:
         expected.pop("output.weight")
 
-    state = {}
+    state, quantized = {}, {}
     for name, t in g.tensors.items():
         ours = _module_name(name)
         if ours not in expected:
@@ -40,17 +54,29 @@ def load_model(g: GGUFFile, cfg: ModelConfig, max_len: int, dtype: torch.dtype =
         if tuple(expected[ours]) != t.shape:
             raise GGUFError(f"{g.path}: tensor '{name}' has shape {list(t.shape)}, "
                             f"expected {list(expected[ours])}")
+        if ops is not None and t.qtype in KERNEL_QTYPES and len(t.shape) == 2:
+            quantized[ours.removesuffix(".weight")] = _qlinear(t, ops)
+            continue
         w = dequantize(t)
-        # matrices are kept column-major (a transposed view of W^T): MKL's x @ W^T with W^T
-        # contiguous is up to 1.6x faster for one-token decode here than with W row-major
+        # dense matrices are kept column-major (a transposed view of W^T): MKL's x @ W^T with
+        # W^T contiguous is up to 1.6x faster for one-token decode here than with W row-major
         state[ours] = w.to(dtype).t().contiguous().t() if w.ndim == 2 else w
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(state) - {f"{m}.weight" for m in quantized})
     if missing:
         raise GGUFError(f"{g.path}: missing tensor(s) {', '.join(missing[:5])}"
                         + (" ..." if len(missing) > 5 else ""))
+
+    for path, qlinear in quantized.items():
+        parent, _, attr = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, attr, QEmbedding(qlinear) if attr == "token_embd" else qlinear)
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
-        model.output.weight = model.token_embd.weight
+        model.output = model.token_embd.table if isinstance(model.token_embd, QEmbedding) else None
+        if model.output is None:
+            model.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            model.output.weight = model.token_embd.weight
     for p in model.parameters():
         p.requires_grad_(False)
+    assert not any(p.is_meta for p in model.parameters()), "a parameter was left unloaded"
     return model.eval()

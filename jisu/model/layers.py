@@ -21,6 +21,52 @@ class Linear(nn.Linear):
         return F.linear(x.to(w.dtype), w).to(x.dtype)
 
 
+class QLinear(nn.Module):
+    """y = x W^T with W kept in its GGUF blocks (uint8 [out_features, row_bytes]).
+
+    Few rows (decode) go through the fused C++ kernel, which reads each weight block once and
+    dequantizes it in registers/L1. Many rows (prefill) are compute-bound: W is dequantized in
+    slices of `chunk` output rows and multiplied by MKL, so the fp32 copy never exceeds a slice.
+    """
+
+    small_m = 8
+    chunk = 4096
+
+    def __init__(self, qweight: torch.Tensor, qtype: int, in_features: int, ops):
+        super().__init__()
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.qtype, self.in_features, self.out_features = qtype, in_features, qweight.shape[0]
+        self.ops = ops
+
+    def dequantized(self, rows: slice | None = None) -> torch.Tensor:
+        w = self.qweight if rows is None else self.qweight[rows]
+        return self.ops.dequantize(w, self.qtype, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()
+        if x2.shape[0] <= self.small_m:
+            y = self.ops.qmatmul(x2, self.qweight, self.qtype, self.in_features)
+        else:
+            y = torch.empty(x2.shape[0], self.out_features)
+            for n in range(0, self.out_features, self.chunk):
+                rows = slice(n, min(n + self.chunk, self.out_features))
+                torch.mm(x2, self.dequantized(rows).t(), out=y[:, rows])
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class QEmbedding(nn.Module):
+    """Token embeddings kept quantized: only the looked-up rows are dequantized."""
+
+    def __init__(self, table: QLinear):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.table.qweight.index_select(0, ids.reshape(-1))
+        out = self.table.ops.dequantize(rows, self.table.qtype, self.table.in_features)
+        return out.view(*ids.shape, -1)
+
+
 class RMSNorm(nn.Module):
     # GGUF stores Gemma's (1 + w) already folded into w, so one form serves both families.
     def __init__(self, dim: int, eps: float):
@@ -29,7 +75,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        # = x * rsqrt(mean(x^2) + eps) * weight (bit-identical here), in fewer dispatches
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -50,10 +97,12 @@ class Rotary(nn.Module):
         self.register_buffer("sin", angles.sin().float(), persistent=False)
         self.interleaved = interleaved
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [B, T, H, D], positions: [B, T]
-        cos = self.cos[positions].unsqueeze(2)
-        sin = self.sin[positions].unsqueeze(2)
+    def forward(self, x: torch.Tensor, meta: "AttentionMetadata") -> torch.Tensor:
+        # x: [B, T, H, D]; cos/sin at the batch's positions are looked up once per step
+        key = ("rope", id(self))
+        if key not in meta.cache:
+            meta.cache[key] = (self.cos[meta.positions].unsqueeze(2), self.sin[meta.positions].unsqueeze(2))
+        cos, sin = meta.cache[key]
         if self.interleaved:
             x1, x2 = x[..., 0::2], x[..., 1::2]
             return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
@@ -74,18 +123,24 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [B*T] cache slot each new token's k/v is written to
     gather_slots: torch.Tensor  # [B, L] cache slots of all keys each query may see
     context_lens: torch.Tensor  # [B] tokens in each sequence after this step
-    _masks: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)   # per-step values shared by the layers
 
     def mask(self, window: int | None) -> torch.Tensor | None:
-        if window not in self._masks:
+        """[B, 1, T, L] bool (True = attend), or None when every key is visible."""
+        key = ("mask", window)
+        if key not in self.cache:
+            B, T = self.positions.shape
             L = self.gather_slots.shape[1]
+            if B == 1 and T == 1 and (not window or L <= window):   # one decoding sequence
+                self.cache[key] = None
+                return None
             key_pos = torch.arange(L)[None, None, :]
             q_pos = self.positions[:, :, None]
             ok = (key_pos <= q_pos) & (key_pos < self.context_lens[:, None, None])
             if window:
                 ok &= key_pos > q_pos - window
-            self._masks[window] = ok[:, None]   # [B, 1, T, L], broadcast over heads
-        return self._masks[window]
+            self.cache[key] = ok[:, None]   # broadcast over heads
+        return self.cache[key]
 
 
 class Attention(nn.Module):
@@ -113,8 +168,8 @@ class Attention(nn.Module):
         v = self.attn_v(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
-        q = self.rotary(q, meta.positions)
-        k = self.rotary(k, meta.positions)
+        q = self.rotary(q, meta)
+        k = self.rotary(k, meta)
 
         self.k_cache.index_copy_(0, meta.slot_mapping, k.reshape(B * T, self.n_kv_heads, self.head_dim))
         self.v_cache.index_copy_(0, meta.slot_mapping, v.reshape(B * T, self.n_kv_heads, self.head_dim))

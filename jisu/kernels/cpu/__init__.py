@@ -1,0 +1,63 @@
+"""CPU kernels in C++ (qmatmul.cpp), compiled on first use and cached under $JISU_HOME.
+
+`load()` returns the compiled module, or None where it cannot be used (no AVX2/FMA/F16C, no
+compiler, JISU_KERNELS=torch); callers then fall back to the pure-PyTorch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("qmatmul.cpp")
+REQUIRED_FLAGS = ("avx2", "fma", "f16c")
+_module = None
+_tried = False
+load_error: str | None = None
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def load():
+    global _module, _tried, load_error
+    if _tried:
+        return _module
+    _tried = True
+    if os.environ.get("JISU_KERNELS", "auto") == "torch":
+        load_error = "disabled by JISU_KERNELS=torch"
+        return None
+    missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
+    if missing:
+        load_error = f"CPU lacks {', '.join(missing)}"
+        return None
+    import torch
+    from torch.utils import cpp_extension
+
+    from jisu.registry import jisu_home
+    src = SOURCE.read_text()
+    tag = hashlib.sha256((src + torch.__version__ + sys.version).encode()).hexdigest()[:16]
+    build_dir = jisu_home() / "kernels" / f"qmatmul-{tag}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not any(build_dir.glob("*.so")):
+        print("jisu: compiling CPU kernels (first use only, ~30 s) ...", file=sys.stderr, flush=True)
+    try:
+        _module = cpp_extension.load(
+            name="jisu_qmatmul", sources=[str(SOURCE)], build_directory=str(build_dir),
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            verbose=False)
+    except Exception as e:   # no compiler, no ninja, ...: the torch path still works
+        load_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        print(f"jisu: CPU kernels unavailable ({load_error}); using the PyTorch path", file=sys.stderr)
+        _module = None
+    return _module

@@ -1,0 +1,269 @@
+// Quantized matmul for GGUF block formats, AVX2 + FMA + F16C.
+//
+// y[m, n] = sum_k x[m, k] * W[n, k], with W kept in its GGUF blocks. Each weight block is
+// dequantized to float32 exactly as ggml defines it, into a small buffer that stays in L1, and
+// dotted with up to MR activation rows in float32: the weights are read from memory once per
+// MR rows, at their quantized size, and activations are never rounded to 8 bits.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+inline float f16(const uint8_t* p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+// ---- block dequantizers: (block bytes) -> float y[N] ------------------------------------
+// Formulas follow ggml's dequantize_row_* so values equal the gguf package's reference.
+
+struct Q8_0 {
+    static constexpr int N = 32, BYTES = 34;
+    static inline void dequant(const uint8_t* b, float* y) {
+        const __m256 d = _mm256_set1_ps(f16(b));
+        const int8_t* q = reinterpret_cast<const int8_t*>(b + 2);
+        for (int i = 0; i < 32; i += 8) {
+            __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
+            _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_cvtepi32_ps(v), d));
+        }
+    }
+};
+
+// low nibbles -> y[0..15], high nibbles -> y[16..31], as int32 vectors
+inline void nibbles(const uint8_t* qs, __m256i out[4]) {
+    __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+    out[0] = _mm256_cvtepu8_epi32(lo);
+    out[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8));
+    out[2] = _mm256_cvtepu8_epi32(hi);
+    out[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
+}
+
+struct Q4_0 {
+    static constexpr int N = 32, BYTES = 18;
+    static inline void dequant(const uint8_t* b, float* y) {
+        const __m256 d = _mm256_set1_ps(f16(b));
+        const __m256i eight = _mm256_set1_epi32(8);
+        __m256i q[4];
+        nibbles(b + 2, q);
+        for (int i = 0; i < 4; ++i)
+            _mm256_storeu_ps(y + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[i], eight)), d));
+    }
+};
+
+struct Q4_1 {
+    static constexpr int N = 32, BYTES = 20;
+    static inline void dequant(const uint8_t* b, float* y) {
+        const __m256 d = _mm256_set1_ps(f16(b)), m = _mm256_set1_ps(f16(b + 2));
+        __m256i q[4];
+        nibbles(b + 4, q);
+        for (int i = 0; i < 4; ++i)
+            _mm256_storeu_ps(y + 8 * i, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[i]), d), m));
+    }
+};
+
+struct Q5_0 {
+    static constexpr int N = 32, BYTES = 22;
+    static inline void dequant(const uint8_t* b, float* y) {
+        const __m256 d = _mm256_set1_ps(f16(b));
+        uint32_t qh;
+        std::memcpy(&qh, b + 2, 4);
+        // bit i of qh is the fifth bit of weight i
+        const __m256i bits = _mm256_set1_epi32(int(qh)), one = _mm256_set1_epi32(1), sixteen = _mm256_set1_epi32(16);
+        __m256i q[4];
+        nibbles(b + 6, q);
+        for (int i = 0; i < 4; ++i) {
+            const __m256i shift = _mm256_setr_epi32(8 * i, 8 * i + 1, 8 * i + 2, 8 * i + 3, 8 * i + 4, 8 * i + 5, 8 * i + 6, 8 * i + 7);
+            const __m256i hb = _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(bits, shift), one), 4);
+            const __m256i v = _mm256_sub_epi32(_mm256_or_si256(q[i], hb), sixteen);
+            _mm256_storeu_ps(y + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(v), d));
+        }
+    }
+};
+
+inline void scale_min_k4(int j, const uint8_t* q, uint8_t& d, uint8_t& m) {
+    if (j < 4) {
+        d = q[j] & 63;
+        m = q[j + 4] & 63;
+    } else {
+        d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+inline __m256i u8x8(const uint8_t* p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+struct Q4_K {
+    static constexpr int N = 256, BYTES = 144;
+    static inline void dequant(const uint8_t* b, float* y) {
+        const float d = f16(b), dmin = f16(b + 2);
+        const uint8_t* scales = b + 4;
+        const uint8_t* q = b + 16;
+        const __m256i lo4 = _mm256_set1_epi32(0xF);
+        for (int j = 0, is = 0; j < 256; j += 64, is += 2, q += 32) {
+            uint8_t sc, m;
+            scale_min_k4(is, scales, sc, m);
+            const __m256 d1 = _mm256_set1_ps(d * sc), m1 = _mm256_set1_ps(dmin * m);
+            scale_min_k4(is + 1, scales, sc, m);
+            const __m256 d2 = _mm256_set1_ps(d * sc), m2 = _mm256_set1_ps(dmin * m);
+            for (int l = 0; l < 32; l += 8) {
+                const __m256i v = u8x8(q + l);
+                const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, lo4));
+                const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+                _mm256_storeu_ps(y + j + l, _mm256_sub_ps(_mm256_mul_ps(d1, lo), m1));
+                _mm256_storeu_ps(y + j + 32 + l, _mm256_sub_ps(_mm256_mul_ps(d2, hi), m2));
+            }
+        }
+    }
+};
+
+struct Q6_K {
+    static constexpr int N = 256, BYTES = 210;
+    static inline void dequant(const uint8_t* b, float* y) {
+        const uint8_t* ql = b;
+        const uint8_t* qh = b + 128;
+        const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+        const float d = f16(b + 208);
+        const __m256i lo4 = _mm256_set1_epi32(0xF), three = _mm256_set1_epi32(3), off = _mm256_set1_epi32(32);
+        for (int n = 0; n < 256; n += 128, y += 128, ql += 64, qh += 32, sc += 8) {
+            for (int l = 0; l < 32; l += 8) {
+                const int is = l / 16;
+                const __m256i a = u8x8(ql + l), c = u8x8(ql + l + 32), h = u8x8(qh + l);
+                const __m256i q1 = _mm256_sub_epi32(_mm256_or_si256(_mm256_and_si256(a, lo4), _mm256_slli_epi32(_mm256_and_si256(h, three), 4)), off);
+                const __m256i q2 = _mm256_sub_epi32(_mm256_or_si256(_mm256_and_si256(c, lo4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2), three), 4)), off);
+                const __m256i q3 = _mm256_sub_epi32(_mm256_or_si256(_mm256_srli_epi32(a, 4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 4), three), 4)), off);
+                const __m256i q4 = _mm256_sub_epi32(_mm256_or_si256(_mm256_srli_epi32(c, 4), _mm256_slli_epi32(_mm256_srli_epi32(h, 6), 4)), off);
+                _mm256_storeu_ps(y + l, _mm256_mul_ps(_mm256_set1_ps(d * sc[is + 0]), _mm256_cvtepi32_ps(q1)));
+                _mm256_storeu_ps(y + l + 32, _mm256_mul_ps(_mm256_set1_ps(d * sc[is + 2]), _mm256_cvtepi32_ps(q2)));
+                _mm256_storeu_ps(y + l + 64, _mm256_mul_ps(_mm256_set1_ps(d * sc[is + 4]), _mm256_cvtepi32_ps(q3)));
+                _mm256_storeu_ps(y + l + 96, _mm256_mul_ps(_mm256_set1_ps(d * sc[is + 6]), _mm256_cvtepi32_ps(q4)));
+            }
+        }
+    }
+};
+
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+constexpr int MR = 4;   // activation rows sharing one dequantized block
+
+// R activation rows against one weight row. FMA latency is 4 cycles: with one accumulator the
+// loop would wait on itself, so each row gets A = 4/R independent accumulators.
+template <typename B, int R>
+inline void row_dot(const uint8_t* row, int64_t nb, const float* x, int64_t K, float* y, int64_t y_stride) {
+    constexpr int A = R >= 4 ? 1 : 4 / R;
+    static_assert(B::N % (8 * A) == 0, "block must split evenly over the accumulators");
+    alignas(64) float buf[B::N];
+    __m256 acc[R][A];
+    for (int r = 0; r < R; ++r)
+        for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < nb; ++blk) {
+        B::dequant(row + blk * B::BYTES, buf);
+        const float* xb = x + blk * B::N;
+        for (int i = 0; i < B::N; i += 8 * A)
+            for (int a = 0; a < A; ++a) {
+                const __m256 wv = _mm256_load_ps(buf + i + 8 * a);
+                for (int r = 0; r < R; ++r)
+                    acc[r][a] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xb + r * K + i + 8 * a), acc[r][a]);
+            }
+    }
+    for (int r = 0; r < R; ++r) {
+        __m256 s = acc[r][0];
+        for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[r][a]);
+        y[r * y_stride] = hsum(s);
+    }
+}
+
+template <typename B>
+void matmul(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t K) {
+    const int64_t nb = K / B::N, row_bytes = nb * B::BYTES;
+    at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+            const int64_t mr = std::min<int64_t>(MR, M - m0);
+            const float* xm = x + m0 * K;
+            for (int64_t n = n0; n < n1; ++n) {
+                const uint8_t* row = w + n * row_bytes;
+                float* yn = y + m0 * N + n;
+                switch (mr) {
+                    case 4: row_dot<B, 4>(row, nb, xm, K, yn, N); break;
+                    case 3: row_dot<B, 3>(row, nb, xm, K, yn, N); break;
+                    case 2: row_dot<B, 2>(row, nb, xm, K, yn, N); break;
+                    default: row_dot<B, 1>(row, nb, xm, K, yn, N); break;
+                }
+            }
+        }
+    });
+}
+
+template <typename B>
+void dequant_rows(const uint8_t* w, float* y, int64_t N, int64_t K) {
+    const int64_t nb = K / B::N, row_bytes = nb * B::BYTES;
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n)
+            for (int64_t blk = 0; blk < nb; ++blk)
+                B::dequant(w + n * row_bytes + blk * B::BYTES, y + n * K + blk * B::N);
+    });
+}
+
+// ggml type ids
+enum : int64_t { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
+
+template <typename F>
+void dispatch(int64_t qtype, F&& f) {
+    switch (qtype) {
+        case T_Q4_0: f(Q4_0{}); break;
+        case T_Q4_1: f(Q4_1{}); break;
+        case T_Q5_0: f(Q5_0{}); break;
+        case T_Q8_0: f(Q8_0{}); break;
+        case T_Q4_K: f(Q4_K{}); break;
+        case T_Q6_K: f(Q6_K{}); break;
+        default: TORCH_CHECK(false, "qmatmul: unsupported ggml type id ", qtype);
+    }
+}
+
+void check_weight(const torch::Tensor& w, int64_t K, int64_t block, int64_t bytes) {
+    TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "weight must be contiguous uint8 [N, row_bytes]");
+    TORCH_CHECK(K % block == 0 && w.size(1) == K / block * bytes, "weight row has ", w.size(1), " bytes, expected ", K / block * bytes);
+}
+
+}  // namespace
+
+torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == K, "x must be float32 [M, K]");
+    x = x.contiguous();
+    const int64_t M = x.size(0), N = w.size(0);
+    auto y = torch::empty({M, N}, x.options());
+    dispatch(qtype, [&](auto b) {
+        using B = decltype(b);
+        check_weight(w, K, B::N, B::BYTES);
+        matmul<B>(x.data_ptr<float>(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), M, N, K);
+    });
+    return y;
+}
+
+torch::Tensor dequantize(torch::Tensor w, int64_t qtype, int64_t K) {
+    const int64_t N = w.size(0);
+    auto y = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+    dispatch(qtype, [&](auto b) {
+        using B = decltype(b);
+        check_weight(w, K, B::N, B::BYTES);
+        dequant_rows<B>(w.data_ptr<uint8_t>(), y.data_ptr<float>(), N, K);
+    });
+    return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("qmatmul", &qmatmul, "y = x @ dequant(W)^T for GGUF-quantized W");
+    m.def("dequantize", &dequantize, "GGUF blocks -> float32 [N, K]");
+}

@@ -1,0 +1,69 @@
+"""The C++ CPU kernels against the reference dequantize + matmul, on fresh random data each run."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize as gguf_dequantize
+
+from gguf_factory import random_quant_bytes
+from jisu.kernels import cpu
+from jisu.model.layers import QLinear
+
+ops = cpu.load()
+if ops is None:
+    # the kernels are part of the product on any x86 CPU with AVX2; only a CPU without it may skip
+    assert cpu.load_error and "CPU lacks" in cpu.load_error, f"kernels failed to build: {cpu.load_error}"
+    pytest.skip(f"CPU kernels unavailable: {cpu.load_error}", allow_module_level=True)
+
+KERNEL_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K]
+
+
+def random_weight(qtype, n=24, k=512):
+    raw = random_quant_bytes((n, k), qtype, np.random.default_rng())
+    ref = np.asarray(gguf_dequantize(raw, qtype), dtype=np.float32).reshape(n, k)
+    return torch.from_numpy(np.ascontiguousarray(raw)).view(n, -1), torch.from_numpy(ref)
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_dequantize_equals_gguf(qtype):
+    q, ref = random_weight(qtype)
+    ours = ops.dequantize(q, int(qtype), 512)
+    # same formula, same float32 operations: exact, except a fused multiply-add may round once
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 33])
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_qmatmul_equals_dequant_then_matmul(qtype, m):
+    q, ref_w = random_weight(qtype)
+    x = torch.randn(m, 512)
+    want = x.double() @ ref_w.double().t()
+    got = QLinear(q, int(qtype), 512, ops)(x)
+    assert got.shape == (m, 24) and got.dtype == torch.float32
+    # float32 accumulation over 512 products, in a different order than float64
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_qmatmul_rejects_bad_shapes():
+    q, _ = random_weight(Q.Q4_0)
+    with pytest.raises(RuntimeError, match="expected"):
+        ops.qmatmul(torch.randn(1, 288), q[:, :72].contiguous(), int(Q.Q4_0), 288)
+    with pytest.raises(RuntimeError, match="unsupported ggml type"):
+        ops.qmatmul(torch.randn(1, 512), q, 99, 512)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_kernel_path_equals_torch_path(tmp_path, arch):
+    from gguf_factory import write_tiny_gemma3, write_tiny_llama
+    from jisu import LLM, SamplingParams
+    writer = write_tiny_llama if arch == "llama" else write_tiny_gemma3
+    path = writer(tmp_path / "m.gguf", qtype=Q.Q4_K)
+    fast = LLM(str(path), progress=False, kernels=True)
+    slow = LLM(str(path), progress=False, kernels=False)
+    assert any(isinstance(m, QLinear) for m in fast.model.modules())
+    assert not any(isinstance(m, QLinear) for m in slow.model.modules())
+    ids = list(range(40, 70))
+    np.testing.assert_allclose(fast.logits(ids), slow.logits(ids), rtol=1e-4, atol=1e-4)
+    p = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    assert fast.generate("the cat", p)[0].token_ids == slow.generate("the cat", p)[0].token_ids
