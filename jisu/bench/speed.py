@@ -48,8 +48,9 @@ def bench_jisu(path: str, prompt_ids: list[int], n_decode: int, repeats: int, th
             step()
         decode.append(time.perf_counter() - t)
         llm.engine.release("bench")
+    how = "GGUF blocks + C++ kernels" if llm.kernels else "dense fp32 (PyTorch path)"
     return SpeedResult("jisu", _median_rate(n_decode - 1, decode), _median_rate(len(prompt_ids), prefill), load,
-                       f"fp32 weights, {threads} threads")
+                       f"{how}, fp32 activations, {threads} threads")
 
 
 def bench_llama_cpp(path: str, prompt_ids: list[int], n_decode: int, repeats: int, threads: int) -> SpeedResult:
