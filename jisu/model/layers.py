@@ -43,14 +43,13 @@ class QLinear(nn.Module):
         return self.ops.dequantize(w, self.qtype, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).float()
-        if x2.shape[0] <= self.small_m:
-            y = self.ops.qmatmul(x2, self.qweight, self.qtype, self.in_features)
-        else:
-            y = torch.empty(x2.shape[0], self.out_features)
-            for n in range(0, self.out_features, self.chunk):
-                rows = slice(n, min(n + self.chunk, self.out_features))
-                torch.mm(x2, self.dequantized(rows).t(), out=y[:, rows])
+        if x.numel() <= self.small_m * self.in_features:
+            return self.ops.qmatmul(x, self.qweight, self.qtype, self.in_features)
+        x2 = x.reshape(-1, self.in_features)
+        y = torch.empty(x2.shape[0], self.out_features)
+        for n in range(0, self.out_features, self.chunk):
+            rows = slice(n, min(n + self.chunk, self.out_features))
+            torch.mm(x2, self.dequantized(rows).t(), out=y[:, rows])
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -98,14 +97,15 @@ class Rotary(nn.Module):
         self.interleaved = interleaved
 
     def forward(self, x: torch.Tensor, meta: "AttentionMetadata") -> torch.Tensor:
-        # x: [B, T, H, D]; cos/sin at the batch's positions are looked up once per step
+        # x: [B, T, H, D]; the tables at the batch's positions are looked up once per step
         key = ("rope", id(self))
         if key not in meta.cache:
-            meta.cache[key] = (self.cos[meta.positions].unsqueeze(2), self.sin[meta.positions].unsqueeze(2))
+            cos, sin = self.cos[meta.positions].unsqueeze(2), self.sin[meta.positions].unsqueeze(2)
+            meta.cache[key] = torch.complex(cos, sin) if self.interleaved else (cos, sin)
+        if self.interleaved:   # pairs as complex numbers: (x0 + i x1) * (cos + i sin)
+            rot = torch.view_as_complex(x.unflatten(-1, (-1, 2))) * meta.cache[key]
+            return torch.view_as_real(rot).flatten(-2)
         cos, sin = meta.cache[key]
-        if self.interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-            return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 

@@ -239,11 +239,15 @@ void check_weight(const torch::Tensor& w, int64_t K, int64_t block, int64_t byte
 
 }  // namespace
 
+// x: float32 [..., K] -> [..., N]; the leading dimensions are flattened here rather than in
+// Python, to save dispatches on the decode path.
 torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K) {
-    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == K, "x must be float32 [M, K]");
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.size(-1) == K, "x must be float32 [..., K] with K=", K);
     x = x.contiguous();
-    const int64_t M = x.size(0), N = w.size(0);
-    auto y = torch::empty({M, N}, x.options());
+    const int64_t M = x.numel() / K, N = w.size(0);
+    auto out_shape = x.sizes().vec();
+    out_shape.back() = N;
+    auto y = torch::empty(out_shape, x.options());
     dispatch(qtype, [&](auto b) {
         using B = decltype(b);
         check_weight(w, K, B::N, B::BYTES);
