@@ -57,7 +57,9 @@ def load():
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"],
             verbose=False)
     except Exception as e:   # no compiler, no ninja, ...: the torch path still works
-        load_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        lines = str(e).strip().splitlines() or [""]
+        first_error = next((ln for ln in lines if "error:" in ln), lines[-1])
+        load_error = f"{type(e).__name__}: {first_error.strip()}"
         print(f"jisu: CPU kernels unavailable ({load_error}); using the PyTorch path", file=sys.stderr)
         _module = None
     return _module

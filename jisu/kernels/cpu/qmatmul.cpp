@@ -9,6 +9,7 @@
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -18,11 +19,30 @@ inline float f16(const uint8_t* p) {
     return _cvtsh_ss(h);
 }
 
+// One-row fast path for 32-weight blocks with one scale d (and offset m):
+// sum_i (d q_i + m) x_i = d * sum_i q_i x_i + m * sum_i x_i, so the quantized integers are
+// converted to float and multiplied by x directly, with no dequantized copy. `xs` is the block's
+// sum of x. Rounding differs from dequantize-then-dot only in float32 noise.
+inline __m256 dot32(const __m256i q[4], const float* x) {
+    __m256 s0 = _mm256_mul_ps(_mm256_cvtepi32_ps(q[0]), _mm256_loadu_ps(x));
+    __m256 s1 = _mm256_mul_ps(_mm256_cvtepi32_ps(q[1]), _mm256_loadu_ps(x + 8));
+    s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[2]), _mm256_loadu_ps(x + 16), s0);
+    s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[3]), _mm256_loadu_ps(x + 24), s1);
+    return _mm256_add_ps(s0, s1);
+}
+
 // ---- block dequantizers: (block bytes) -> float y[N] ------------------------------------
 // Formulas follow ggml's dequantize_row_* so values equal the gguf package's reference.
 
 struct Q8_0 {
     static constexpr int N = 32, BYTES = 34;
+    static constexpr bool DOT32 = true;
+    static inline void dot(const uint8_t* b, const float* x, float, __m256& acc, float&) {
+        const int8_t* p = reinterpret_cast<const int8_t*>(b + 2);
+        __m256i q[4];
+        for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i)));
+        acc = _mm256_fmadd_ps(dot32(q, x), _mm256_set1_ps(f16(b)), acc);
+    }
     static inline void dequant(const uint8_t* b, float* y) {
         const __m256 d = _mm256_set1_ps(f16(b));
         const int8_t* q = reinterpret_cast<const int8_t*>(b + 2);
@@ -46,6 +66,14 @@ inline void nibbles(const uint8_t* qs, __m256i out[4]) {
 
 struct Q4_0 {
     static constexpr int N = 32, BYTES = 18;
+    static constexpr bool DOT32 = true;
+    static inline void dot(const uint8_t* b, const float* x, float xs, __m256& acc, float& accm) {
+        __m256i q[4];
+        nibbles(b + 2, q);
+        const float d = f16(b);
+        acc = _mm256_fmadd_ps(dot32(q, x), _mm256_set1_ps(d), acc);
+        accm -= 8.0f * d * xs;
+    }
     static inline void dequant(const uint8_t* b, float* y) {
         const __m256 d = _mm256_set1_ps(f16(b));
         const __m256i eight = _mm256_set1_epi32(8);
@@ -58,6 +86,13 @@ struct Q4_0 {
 
 struct Q4_1 {
     static constexpr int N = 32, BYTES = 20;
+    static constexpr bool DOT32 = true;
+    static inline void dot(const uint8_t* b, const float* x, float xs, __m256& acc, float& accm) {
+        __m256i q[4];
+        nibbles(b + 4, q);
+        acc = _mm256_fmadd_ps(dot32(q, x), _mm256_set1_ps(f16(b)), acc);
+        accm += f16(b + 2) * xs;
+    }
     static inline void dequant(const uint8_t* b, float* y) {
         const __m256 d = _mm256_set1_ps(f16(b)), m = _mm256_set1_ps(f16(b + 2));
         __m256i q[4];
@@ -69,6 +104,24 @@ struct Q4_1 {
 
 struct Q5_0 {
     static constexpr int N = 32, BYTES = 22;
+    static constexpr bool DOT32 = true;
+    static inline void ints(const uint8_t* b, __m256i q[4]) {
+        uint32_t qh;
+        std::memcpy(&qh, b + 2, 4);
+        const __m256i bits = _mm256_set1_epi32(int(qh)), one = _mm256_set1_epi32(1);
+        nibbles(b + 6, q);
+        for (int i = 0; i < 4; ++i) {   // bit i of qh is the fifth bit of weight i
+            const __m256i shift = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 * i));
+            q[i] = _mm256_or_si256(q[i], _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(bits, shift), one), 4));
+        }
+    }
+    static inline void dot(const uint8_t* b, const float* x, float xs, __m256& acc, float& accm) {
+        __m256i q[4];
+        ints(b, q);
+        const float d = f16(b);
+        acc = _mm256_fmadd_ps(dot32(q, x), _mm256_set1_ps(d), acc);
+        accm -= 16.0f * d * xs;
+    }
     static inline void dequant(const uint8_t* b, float* y) {
         const __m256 d = _mm256_set1_ps(f16(b));
         uint32_t qh;
@@ -102,6 +155,7 @@ inline __m256i u8x8(const uint8_t* p) {
 
 struct Q4_K {
     static constexpr int N = 256, BYTES = 144;
+    static constexpr bool DOT32 = false;
     static inline void dequant(const uint8_t* b, float* y) {
         const float d = f16(b), dmin = f16(b + 2);
         const uint8_t* scales = b + 4;
@@ -126,6 +180,7 @@ struct Q4_K {
 
 struct Q6_K {
     static constexpr int N = 256, BYTES = 210;
+    static constexpr bool DOT32 = false;
     static inline void dequant(const uint8_t* b, float* y) {
         const uint8_t* ql = b;
         const uint8_t* qh = b + 128;
@@ -185,8 +240,37 @@ inline void row_dot(const uint8_t* row, int64_t nb, const float* x, int64_t K, f
     }
 }
 
+// One activation row against every weight row, without dequantized copies (see dot32).
+template <typename B>
+void matvec(const float* x, const uint8_t* w, float* y, int64_t N, int64_t K) {
+    const int64_t nb = K / B::N, row_bytes = nb * B::BYTES;
+    std::vector<float> xsum(nb);
+    for (int64_t blk = 0; blk < nb; ++blk) {
+        float s = 0.f;
+        for (int i = 0; i < B::N; ++i) s += x[blk * B::N + i];
+        xsum[blk] = s;
+    }
+    at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) {
+            const uint8_t* row = w + n * row_bytes;
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();   // two chains
+            float accm = 0.f;
+            int64_t blk = 0;
+            for (; blk + 1 < nb; blk += 2) {
+                B::dot(row + blk * B::BYTES, x + blk * B::N, xsum[blk], acc0, accm);
+                B::dot(row + (blk + 1) * B::BYTES, x + (blk + 1) * B::N, xsum[blk + 1], acc1, accm);
+            }
+            if (blk < nb) B::dot(row + blk * B::BYTES, x + blk * B::N, xsum[blk], acc0, accm);
+            y[n] = hsum(_mm256_add_ps(acc0, acc1)) + accm;
+        }
+    });
+}
+
 template <typename B>
 void matmul(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t K) {
+    if constexpr (B::DOT32) {
+        if (M == 1) return matvec<B>(x, w, y, N, K);
+    }
     const int64_t nb = K / B::N, row_bytes = nb * B::BYTES;
     at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
