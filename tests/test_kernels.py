@@ -67,3 +67,12 @@ def test_kernel_path_equals_torch_path(tmp_path, arch):
     np.testing.assert_allclose(fast.logits(ids), slow.logits(ids), rtol=1e-4, atol=1e-4)
     p = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     assert fast.generate("the cat", p)[0].token_ids == slow.generate("the cat", p)[0].token_ids
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 7, 640), (5, 256), (2, 13)])
+def test_rms_norm(shape):
+    x, w = torch.randn(shape) * 3, torch.randn(shape[-1])
+    want = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    got = ops.rms_norm(x, w, 1e-6)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -351,7 +352,40 @@ torch::Tensor dequantize(torch::Tensor w, int64_t qtype, int64_t K) {
     return y;
 }
 
+// y = x * rsqrt(mean(x^2) + eps) * w over the last dimension, in that order (as transformers
+// computes it); one dispatch instead of torch's six.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32 && w.dim() == 1 &&
+                x.size(-1) == w.size(0), "rms_norm: x [..., D] and w [D] must be float32");
+    x = x.contiguous();
+    w = w.contiguous();
+    const int64_t D = w.size(0), rows = x.numel() / D;
+    auto y = torch::empty_like(x);
+    const float* xp = x.data_ptr<float>();
+    const float* wp = w.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    auto body = [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const float* xr = xp + r * D;
+            float* yr = yp + r * D;
+            __m256 acc = _mm256_setzero_ps();
+            int64_t i = 0;
+            for (; i + 8 <= D; i += 8) {
+                const __m256 v = _mm256_loadu_ps(xr + i);
+                acc = _mm256_fmadd_ps(v, v, acc);
+            }
+            float ss = hsum(acc);
+            for (; i < D; ++i) ss += xr[i] * xr[i];
+            const float scale = 1.0f / std::sqrt(ss / float(D) + float(eps));
+            for (i = 0; i < D; ++i) yr[i] = (xr[i] * scale) * wp[i];
+        }
+    };
+    if (rows < 16) body(0, rows); else at::parallel_for(0, rows, 16, body);
+    return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
     m.def("qmatmul", &qmatmul, "y = x @ dequant(W)^T for GGUF-quantized W");
     m.def("dequantize", &dequantize, "GGUF blocks -> float32 [N, K]");
 }
