@@ -76,3 +76,20 @@ def test_rms_norm(shape):
     got = ops.rms_norm(x, w, 1e-6)
     assert got.shape == x.shape
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_paged_attention_decode_equals_sdpa(window):
+    B, H, KVH, D, S = 3, 8, 2, 64, 200
+    k_cache, v_cache = torch.randn(S, KVH, D), torch.randn(S, KVH, D)
+    lens = torch.tensor([7, 1, 30])
+    slots = torch.stack([torch.randperm(S)[:30] for _ in range(B)])      # scattered blocks
+    q = torch.randn(B, H, D)
+    got = ops.paged_attention_decode(q, k_cache, v_cache, slots, lens, 0.125, window)
+    for b in range(B):
+        n = int(lens[b])
+        lo = max(0, n - window) if window else 0
+        keys = k_cache[slots[b, lo:n]].repeat_interleave(H // KVH, dim=1).transpose(0, 1)   # [H, n, D]
+        vals = v_cache[slots[b, lo:n]].repeat_interleave(H // KVH, dim=1).transpose(0, 1)
+        want = torch.softmax((q[b][:, None] @ keys.transpose(1, 2)) * 0.125, -1) @ vals
+        torch.testing.assert_close(got[b], want[:, 0], rtol=1e-5, atol=1e-5)

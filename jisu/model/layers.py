@@ -162,6 +162,7 @@ class Attention(nn.Module):
         self.rotary, self.scale, self.window = rotary, scale, window
         self.k_cache: torch.Tensor | None = None   # [num_slots, n_kv_heads, head_dim], set by the runner
         self.v_cache: torch.Tensor | None = None
+        self.ops = None                            # compiled kernels, set by the loader
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         B, T, _ = x.shape
@@ -175,6 +176,10 @@ class Attention(nn.Module):
 
         self.k_cache.index_copy_(0, meta.slot_mapping, k.reshape(B * T, self.n_kv_heads, self.head_dim))
         self.v_cache.index_copy_(0, meta.slot_mapping, v.reshape(B * T, self.n_kv_heads, self.head_dim))
+        if T == 1 and self.ops is not None:    # decode: read keys in place through the block tables
+            out = self.ops.paged_attention_decode(q.view(B, self.n_heads, self.head_dim), self.k_cache, self.v_cache,
+                                                  meta.gather_slots, meta.context_lens, self.scale, self.window or 0)
+            return self.attn_output(out.view(B, 1, -1))
         keys = self.k_cache[meta.gather_slots].transpose(1, 2)      # [B, KVH, L, D]
         values = self.v_cache[meta.gather_slots].transpose(1, 2)
 

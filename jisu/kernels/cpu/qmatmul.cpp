@@ -9,6 +9,7 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -384,7 +385,63 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     return y;
 }
 
+// Decode attention (one new token per sequence) reading keys and values through the paged
+// cache: for sequence b, key j lives in slot gather_slots[b, j]. Query head h uses KV head
+// h / (H / KVH) (grouped-query attention). A window > 0 keeps only the last `window` keys.
+torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor gather_slots, torch::Tensor context_lens,
+                                     double scale, int64_t window) {
+    TORCH_CHECK(q.dtype() == torch::kFloat32 && q.dim() == 3, "q must be float32 [B, H, D]");
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3, "caches must be contiguous [S, KVH, D]");
+    q = q.contiguous();
+    gather_slots = gather_slots.contiguous();
+    context_lens = context_lens.contiguous();
+    const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1), L = gather_slots.size(1);
+    TORCH_CHECK(k_cache.size(2) == D && H % KVH == 0 && D % 8 == 0, "paged_attention_decode: shape mismatch");
+    auto out = torch::empty_like(q);
+    const float* qp = q.data_ptr<float>();
+    const float* kp = k_cache.data_ptr<float>();
+    const float* vp = v_cache.data_ptr<float>();
+    const int64_t* slots = gather_slots.data_ptr<int64_t>();
+    const int64_t* lens = context_lens.data_ptr<int64_t>();
+    float* op = out.data_ptr<float>();
+    const int64_t group = H / KVH;
+    at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<float> scores(L);
+        std::vector<float> acc(D);
+        for (int64_t t = t0; t < t1; ++t) {
+            const int64_t b = t / H, h = t % H, kvh = h / group;
+            const int64_t n = lens[b], start = window > 0 ? std::max<int64_t>(0, n - window) : 0;
+            const float* qv = qp + (b * H + h) * D;
+            float mx = -INFINITY;
+            for (int64_t j = start; j < n; ++j) {
+                const float* kv = kp + (slots[b * L + j] * KVH + kvh) * D;
+                __m256 s = _mm256_setzero_ps();
+                for (int64_t i = 0; i < D; i += 8)
+                    s = _mm256_fmadd_ps(_mm256_loadu_ps(qv + i), _mm256_loadu_ps(kv + i), s);
+                scores[j] = hsum(s) * float(scale);
+                mx = std::max(mx, scores[j]);
+            }
+            float denom = 0.f;
+            for (int64_t j = start; j < n; ++j) {
+                scores[j] = std::exp(scores[j] - mx);
+                denom += scores[j];
+            }
+            std::fill(acc.begin(), acc.end(), 0.f);
+            for (int64_t j = start; j < n; ++j) {
+                const float* vv = vp + (slots[b * L + j] * KVH + kvh) * D;
+                const __m256 p = _mm256_set1_ps(scores[j] / denom);
+                for (int64_t i = 0; i < D; i += 8)
+                    _mm256_storeu_ps(acc.data() + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vv + i), _mm256_loadu_ps(acc.data() + i)));
+            }
+            std::copy(acc.begin(), acc.end(), op + (b * H + h) * D);
+        }
+    });
+    return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("paged_attention_decode", &paged_attention_decode, "one-token attention through block tables");
     m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
     m.def("qmatmul", &qmatmul, "y = x @ dequant(W)^T for GGUF-quantized W");
     m.def("dequantize", &dequantize, "GGUF blocks -> float32 [N, K]");
