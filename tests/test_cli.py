@@ -1,0 +1,57 @@
+"""The command line, run as a user would (subprocesses, real default model)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DATA
+
+
+def jisu(args, home, stdin=None, timeout=300):
+    env = {"JISU_HOME": str(home), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "jisu.cli", *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def home(smollm2_path):
+    return smollm2_path.parents[2]
+
+
+def test_chat_streams_and_keeps_history(home):
+    res = jisu(["chat", "--temperature", "0", "--max-tokens", "24"], home,
+               stdin="What is the capital of France?\nWhat about Italy?\n/exit\n")
+    assert res.returncode == 0, res.stderr
+    first, second = res.stdout.split(">>> ")[1:3]
+    assert "Paris" in first and "Rome" in second      # the second question needs the first turn
+    assert "<|im_end|>" not in res.stdout
+
+
+def test_perplexity_command(home, smollm2):
+    res = jisu(["perplexity", str(DATA / "gpl3_preamble.txt")], home)
+    assert res.returncode == 0, res.stderr
+    value = float(res.stdout.split("perplexity:")[1].split()[0])
+    assert value == pytest.approx(smollm2.perplexity((DATA / "gpl3_preamble.txt").read_text()), rel=1e-4)
+
+
+def test_bad_model_is_a_clear_error(home, tmp_path):
+    res = jisu(["run", "-m", str(tmp_path / "missing.gguf"), "hi"], home)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "neither a file nor a known name" in res.stderr
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
+    res = jisu(["run", "-m", str(bad), "hi"], home)
+    assert res.returncode != 0 and "Traceback" not in res.stderr and "bad.gguf" in res.stderr
+
+
+def test_bad_sampling_option(home):
+    res = jisu(["run", "hi", "--top-p", "0"], home)
+    assert res.returncode == 2 and "top-p" in res.stderr
+
+
+def test_models_and_help(home):
+    res = jisu(["models"], home)
+    assert res.returncode == 0 and "smollm2-135m-instruct" in res.stdout and "gemma3-270m" in res.stdout
+    for cmd in ["run", "chat", "pull", "perplexity", "bench", "models"]:
+        assert jisu([cmd, "--help"], home).returncode == 0
