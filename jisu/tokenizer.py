@@ -14,9 +14,6 @@ a token holding half of a UTF-8 character streams correctly.
 from __future__ import annotations
 
 import codecs
-import hashlib
-import os
-import re
 
 import jinja2
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer

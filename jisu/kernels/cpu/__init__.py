@@ -42,16 +42,27 @@ def load():
         load_error = f"CPU lacks {', '.join(missing)}"
         return None
     import torch
-    from torch.utils import cpp_extension
 
     from jisu.registry import jisu_home
     src = SOURCE.read_text()
     tag = hashlib.sha256((src + torch.__version__ + sys.version).encode()).hexdigest()[:16]
     build_dir = jisu_home() / "kernels" / f"qmatmul-{tag}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    if not any(build_dir.glob("*.so")):
-        print("jisu: compiling CPU kernels (first use only, ~30 s) ...", file=sys.stderr, flush=True)
+    built = build_dir / "jisu_qmatmul.so"
+    if built.is_file():
+        # already compiled for this source, torch and Python: import it directly, which skips
+        # cpp_extension's imports and ninja check (~1.5 s of cold start)
+        try:
+            import importlib.util
+            spec = importlib.util.spec_from_file_location("jisu_qmatmul", built)
+            _module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(_module)
+            return _module
+        except ImportError:
+            _module = None
+    print("jisu: compiling CPU kernels (first use only, ~30 s) ...", file=sys.stderr, flush=True)
     try:
+        from torch.utils import cpp_extension
         _module = cpp_extension.load(
             name="jisu_qmatmul", sources=[str(SOURCE)], build_directory=str(build_dir),
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"],
