@@ -17,7 +17,7 @@ from jisu.config import ModelConfig
 from jisu.kernels.dequant import dequantize
 from jisu.loader.gguf import GGUFError, GGUFFile, GGUFTensor
 from jisu.model.gemma3 import Gemma3
-from jisu.model.layers import Attention, QEmbedding, QLinear, RMSNorm
+from jisu.model.layers import Attention, Linear, QEmbedding, QLinear, RMSNorm
 from jisu.model.llama import Llama
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"llama": Llama, "gemma3": Gemma3}
@@ -74,7 +74,7 @@ def load_model(g: GGUFFile, cfg: ModelConfig, max_len: int, dtype: torch.dtype =
     if tied:
         model.output = model.token_embd.table if isinstance(model.token_embd, QEmbedding) else None
         if model.output is None:
-            model.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            model.output = Linear(cfg.d_model, cfg.vocab_size)
             model.output.weight = model.token_embd.weight
     for p in model.parameters():
         p.requires_grad_(False)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jisu.config import ModelConfig
-from jisu.model.layers import Attention, AttentionMetadata, Linear, RMSNorm, Rotary
+from jisu.model.layers import Attention, AttentionMetadata, Embedding, Linear, RMSNorm, Rotary
 
 
 class Gemma3Block(nn.Module):
@@ -37,7 +37,7 @@ class Gemma3(nn.Module):
         self.cfg = cfg
         rope_global = Rotary(cfg.head_dim, cfg.rope_base, max_len, interleaved=False)
         rope_local = Rotary(cfg.head_dim, cfg.rope_base_local, max_len, interleaved=False)
-        self.token_embd = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.token_embd = Embedding(cfg.vocab_size, cfg.d_model)
         self.blk = nn.ModuleList(
             Gemma3Block(cfg, rope_local, cfg.sliding_window) if cfg.is_sliding(i)
             else Gemma3Block(cfg, rope_global, None)

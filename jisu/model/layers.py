@@ -16,6 +16,15 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
+    def reset_parameters(self) -> None:
+        pass    # weights always come from the checkpoint: no random init to pay for
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        # nn.Embedding's normal_ init, even on the meta device, imports torch._dynamo (~2.7 s)
+        pass
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         return F.linear(x.to(w.dtype), w).to(x.dtype)

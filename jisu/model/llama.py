@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jisu.config import ModelConfig
-from jisu.model.layers import Attention, AttentionMetadata, Linear, RMSNorm, Rotary
+from jisu.model.layers import Attention, AttentionMetadata, Embedding, Linear, RMSNorm, Rotary
 
 
 class LlamaBlock(nn.Module):
@@ -32,7 +32,7 @@ class Llama(nn.Module):
         super().__init__()
         self.cfg = cfg
         rotary = Rotary(cfg.head_dim, cfg.rope_base, max_len, interleaved=True)
-        self.token_embd = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.token_embd = Embedding(cfg.vocab_size, cfg.d_model)
         self.blk = nn.ModuleList(LlamaBlock(cfg, rotary) for _ in range(cfg.n_layers))
         self.output_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.output = Linear(cfg.d_model, cfg.vocab_size)   # tied unless the file has one
