@@ -30,15 +30,18 @@ def sampling_options(f):
 
 def _params(kw):
     from jisu import SamplingParams
-    return SamplingParams(max_tokens=kw["max_tokens"], temperature=kw["temperature"], top_p=kw["top_p"],
-                          top_k=kw["top_k"], min_p=kw["min_p"], repetition_penalty=kw["repetition_penalty"],
-                          seed=kw["seed"], stop=list(kw["stop"]), ignore_eos=kw["ignore_eos"])
+    try:
+        return SamplingParams(max_tokens=kw["max_tokens"], temperature=kw["temperature"], top_p=kw["top_p"],
+                              top_k=kw["top_k"], min_p=kw["min_p"], repetition_penalty=kw["repetition_penalty"],
+                              seed=kw["seed"], stop=list(kw["stop"]), ignore_eos=kw["ignore_eos"])
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
-def _load(model: str | None, threads: int | None):
+def _load(model: str | None, threads: int | None, max_model_len: int | None = None):
     from jisu import LLM
     try:
-        return LLM(model, num_threads=threads)
+        return LLM(model, num_threads=threads, max_model_len=max_model_len)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
 
@@ -57,11 +60,8 @@ def main():
 @sampling_options
 def run(prompt, model, threads, stats, **kw):
     """Complete PROMPT and print the completion as it is generated."""
+    params = _params(kw)
     llm = _load(model, threads)
-    try:
-        params = _params(kw)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
     t0 = time.perf_counter()
     n = 0
     try:
@@ -83,8 +83,8 @@ def run(prompt, model, threads, stats, **kw):
 @sampling_options
 def chat(model, system, threads, **kw):
     """Interactive chat with the model's own template; replies stream. /reset clears, /exit quits."""
-    llm = _load(model, threads)
     params = _params(kw)
+    llm = _load(model, threads)
     history = [{"role": "system", "content": system}] if system else []
     click.echo(f"jisu chat: {llm.config.name} (/reset, /exit, Ctrl-D)", err=True)
     while True:
@@ -144,9 +144,8 @@ def models():
 @click.option("--ctx", type=int, default=None, help="window length [default: the model's context]")
 def perplexity(file, model, threads, ctx):
     """Perplexity of the model on the text in FILE."""
-    from jisu import LLM
+    llm = _load(model, threads, ctx)
     try:
-        llm = LLM(model, num_threads=threads, max_model_len=ctx)
         text = open(file, encoding="utf-8").read()
         t0 = time.perf_counter()
         ppl = llm.perplexity(text)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from jisu.loader.gguf import GGUFError, GGUFFile
 
@@ -85,5 +85,8 @@ class EngineConfig:
     block_size: int = 16                # tokens per KV-cache block
     kv_cache_gb: float = 1.0            # KV-cache pool size
     max_model_len: int | None = None    # defaults to the model's context length
-    num_threads: int | None = None      # torch threads; defaults to all cores
-    extra: dict = field(default_factory=dict)
+
+    def model_len(self, context_length: int) -> int:
+        """Longest sequence: max_model_len, capped by the model's context (the KV-cache size
+        may cap it further)."""
+        return min(self.max_model_len or context_length, context_length)

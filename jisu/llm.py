@@ -71,8 +71,8 @@ class LLM:
         self.config = ModelConfig.from_gguf(g)
         self.tokenizer = Tokenizer.from_gguf(g)
         self.engine_config = EngineConfig(max_num_seqs=max_num_seqs, kv_cache_gb=kv_cache_gb,
-                                          max_model_len=max_model_len, num_threads=num_threads)
-        max_len = min(max_model_len or self.config.context_length, self.config.context_length)
+                                          max_model_len=max_model_len)
+        max_len = self.engine_config.model_len(self.config.context_length)
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
         # kernels: None = use the compiled CPU kernels when they load, False = PyTorch only
@@ -112,14 +112,13 @@ class LLM:
                 raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
         ids_list = prompt_token_ids or [self._encode_prompt(p) for p in texts]
         params_list = params if isinstance(params, list) else [params] * len(ids_list)
+        if len(params_list) != len(ids_list):
+            raise ValueError(f"got {len(params_list)} SamplingParams for {len(ids_list)} prompts")
         # validate everything before queueing anything, so bad input loses no work
-        for ids in ids_list:
-            self.engine.check_prompt(ids)
-        rids = []
         for ids, p in zip(ids_list, params_list):
-            rid = str(next(self._request_ids))
-            self.engine.add_request(rid, ids, p)
-            rids.append(rid)
+            self.engine.check_prompt(ids)
+            p.validate()
+        rids = [self._submit(ids, p) for ids, p in zip(ids_list, params_list)]
         show = use_tqdm if use_tqdm is not None else len(rids) > 1
         bar = tqdm(total=len(rids), desc="generate", disable=not show)
         try:
@@ -135,6 +134,11 @@ class LLM:
             bar.close()
         return [_output(rid, text, self.engine.release(rid)) for rid, text in zip(rids, texts)]
 
+    def _submit(self, ids: list[int], params: SamplingParams) -> str:
+        rid = str(next(self._request_ids))
+        self.engine.add_request(rid, ids, params)
+        return rid
+
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
              **kw) -> list[RequestOutput]:
         """Generates the assistant's reply with the model's chat template (vLLM's LLM.chat)."""
@@ -147,10 +151,7 @@ class LLM:
         params = params or SamplingParams()
         if params.n != 1:
             raise ValueError("stream() supports n=1")
-        ids = prompt if isinstance(prompt, list) else self._encode_prompt(prompt)
-        self.engine.check_prompt(ids)
-        rid = str(next(self._request_ids))
-        self.engine.add_request(rid, ids, params)
+        rid = self._submit(prompt if isinstance(prompt, list) else self._encode_prompt(prompt), params)
         try:
             while self.engine.has_unfinished():
                 for out in self.engine.step():
@@ -189,7 +190,9 @@ class LLM:
         ids = self.tokenizer.encode(text, add_special=True)
         if len(ids) < 2:
             raise ValueError("text is too short to score (needs at least 2 tokens)")
-        n_ctx = self.max_model_len - 1
+        n_ctx = self.max_model_len
+        if n_ctx < 2:
+            raise ValueError("the context must hold at least 2 tokens to score text")
         nll, count, scored_to = 0.0, 0, 1        # token 0 is never predicted
         begin = 0
         while scored_to < len(ids):
@@ -198,7 +201,9 @@ class LLM:
             first = scored_to - begin            # first target index inside the window
 
             def chunk_nll(lg: torch.Tensor, start: int) -> tuple[float, int]:
-                lo, hi = max(first, start + 1), start + lg.shape[0]
+                # logits rows start.. predict tokens start+1..: a chunk's last row scores the
+                # next chunk's first token
+                lo, hi = max(first, start + 1), min(start + lg.shape[0] + 1, len(window))
                 if lo >= hi:
                     return 0.0, 0
                 targets = torch.tensor(window[lo:hi])

@@ -57,4 +57,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # below 1e-5, logits / temperature overflow float32: that is greedy in all but name
+        return self.temperature < 1e-5 or self.top_k == 1

@@ -192,3 +192,44 @@ def test_bad_token_ids_rejected(tiny_llama):
         tiny_llama.generate(prompt_token_ids=[[-1]], params=greedy())
     with pytest.raises(ValueError, match="empty"):
         tiny_llama.logits([])
+
+
+def test_earliest_stop_string_wins_and_stream_never_shows_it(tiny_llama):
+    full = tiny_llama.generate("the cat", greedy(30))[0].text
+    late, early = full[10:13], full[4:7]
+    p = SamplingParams(max_tokens=30, temperature=0, stop=[late, early], ignore_eos=True)
+    out = tiny_llama.generate("the cat", p)[0]
+    assert out.text == full[:full.index(early)]
+    streamed = "".join(tiny_llama.stream("the cat", p))
+    assert streamed == out.text
+
+
+def test_perplexity_does_not_depend_on_chunking(tiny_llama):
+    text = "the cat and the hat in the sun " * 6
+    whole = tiny_llama.perplexity(text)
+    saved = tiny_llama.engine_config.max_num_batched_tokens
+    try:
+        tiny_llama.engine_config.max_num_batched_tokens = 7      # many chunks per window
+        assert tiny_llama.perplexity(text) == pytest.approx(whole, rel=1e-5)
+    finally:
+        tiny_llama.engine_config.max_num_batched_tokens = saved
+
+
+def test_params_list_must_match_prompts(tiny_llama):
+    with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
+        tiny_llama.generate(["a", "b", "c"], [greedy(), greedy()])
+    bad = SamplingParams(max_tokens=3)
+    bad.top_p = 5.0                                 # invalid after construction
+    with pytest.raises(ValueError, match="top_p"):
+        tiny_llama.generate(["a", "b"], [greedy(), bad])
+    assert not tiny_llama.engine.has_unfinished() and not tiny_llama.engine.sequences
+
+
+def test_bf16_path_runs_and_stays_close(tiny_llama_path):
+    f32 = LLM(str(tiny_llama_path), progress=False, kernels=False)
+    bf16 = LLM(str(tiny_llama_path), progress=False, kernels=False, dtype="bfloat16")
+    ids = list(range(40, 60))
+    a = torch.from_numpy(f32.logits(ids)).log_softmax(-1)
+    b = torch.from_numpy(bf16.logits(ids)).log_softmax(-1)
+    assert float((a.exp() * (a - b)).sum(-1).mean()) < 0.01
+    assert bf16.generate("the", greedy(5))[0].token_ids

@@ -27,8 +27,7 @@ class LLMEngine:
         bytes_per_token = 2 * model_cfg.n_layers * model_cfg.n_kv_heads * model_cfg.head_dim * 4
         num_blocks = max(2, int(cfg.kv_cache_gb * 2**30) // (bytes_per_token * cfg.block_size))
         capacity = num_blocks * cfg.block_size
-        self.max_model_len = min(cfg.max_model_len or model_cfg.context_length,
-                                 model_cfg.context_length, capacity)
+        self.max_model_len = min(cfg.model_len(model_cfg.context_length), capacity)
         self.block_manager = BlockManager(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(cfg, self.block_manager)
         self.runner = ModelRunner(model, model_cfg, num_blocks, cfg.block_size)
@@ -77,6 +76,8 @@ class LLMEngine:
         if not seqs:
             return []
         logits = self.runner.run(seqs)
+        if self.model_cfg.vocab_size > self.tokenizer.vocab_size:
+            logits[:, self.tokenizer.vocab_size:] = float("-inf")   # padding rows: no such token
         outputs = []
         for seq, (token, info) in zip(seqs, sample(logits, seqs)):
             outputs.append(self._append(seq, token, info))
@@ -87,7 +88,7 @@ class LLMEngine:
         seq.token_ids.append(token)
         if info is not None:
             seq.logprobs.append(info)
-        before = len(seq.text)
+        scanned = len(seq.text)
         seq.text += seq.detokenizer.feed(token)
         reason = None
         if not p.ignore_eos and token in self.tokenizer.eog_ids:
@@ -95,13 +96,12 @@ class LLMEngine:
         elif token in p.stop_token_ids:
             reason = "stop"
         elif p.stop:
-            # a stop string can end in the new text, having started up to len(stop)-1 chars before
-            for s in p.stop:
-                i = seq.text.find(s, max(0, before - len(s) + 1))
-                if i >= 0:
-                    seq.text = seq.text[:i]
-                    reason = "stop"
-                    break
+            # a stop string ends in the new text, having started up to len(stop)-1 chars before;
+            # the earliest one wins, and the text is cut where it starts
+            hits = [i for s in p.stop if (i := seq.text.find(s, max(0, scanned - len(s) + 1))) >= 0]
+            if hits:
+                seq.text = seq.text[:min(hits)]
+                reason = "stop"
         if reason is None and ((p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens)
                                or seq.num_tokens >= self.max_model_len):
             reason = "length"
@@ -110,4 +110,12 @@ class LLMEngine:
                 seq.text += seq.detokenizer.flush()
             seq.finish_reason = reason
             self.scheduler.finish(seq)
-        return StepOutput(seq, token, seq.text[before:])
+            visible = len(seq.text)
+        else:
+            # hold back a tail that may be the start of a stop string, so streamed text never
+            # has to be taken back
+            visible = len(seq.text) - max((k for s in p.stop for k in range(len(s) - 1, 0, -1)
+                                           if seq.text.endswith(s[:k])), default=0)
+        new_text = seq.text[seq.num_emitted:visible]
+        seq.num_emitted += len(new_text)
+        return StepOutput(seq, token, new_text)

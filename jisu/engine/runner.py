@@ -12,13 +12,12 @@ from jisu.model.layers import Attention, AttentionMetadata
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, model: nn.Module, cfg: ModelConfig, num_blocks: int, block_size: int):
         self.model, self.cfg, self.block_size = model, cfg, block_size
         num_slots = num_blocks * block_size
         self.scratch_slot = num_slots      # padding tokens write here; never read as a real key
         shape = (cfg.n_layers, 2, num_slots + 1, cfg.n_kv_heads, cfg.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=dtype)
+        self.kv_cache = torch.zeros(shape, dtype=torch.float32)
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         assert len(layers) == cfg.n_layers
         for i, attn in enumerate(layers):

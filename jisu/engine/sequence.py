@@ -31,6 +31,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.params = params
         self.text = ""
+        self.num_emitted = 0                        # characters of text already streamed out
         self.finish_reason: str | None = None
         self.logprobs: list[dict] = []
         self.generator: torch.Generator | None = None

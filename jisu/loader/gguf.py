@@ -8,6 +8,7 @@ memory-mapped; dequantization is in `jisu.kernels.dequant`.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -41,10 +42,6 @@ class GGUFTensor:
     offset: int                 # absolute offset in the file
     nbytes: int
     data: np.ndarray            # raw bytes (uint8, memory-mapped)
-
-    @property
-    def n_elements(self) -> int:
-        return int(np.prod(self.shape))
 
 
 @dataclass
@@ -93,7 +90,7 @@ class _Cursor:
         except UnicodeDecodeError as e:
             raise GGUFError(f"{self.path}: {what} is not valid UTF-8 ({e})") from None
 
-    def value(self, vtype: int, what: str) -> Any:
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.scalar(vtype, what)
         if vtype == _STRING:
@@ -111,16 +108,17 @@ class _Cursor:
                     raise GGUFError(f"{self.path}: {what} claims {count} strings, more than the file holds")
                 return [self.string(f"{what}[{i}]") for i in range(count)]
             if etype == _ARRAY:
-                if count > self.size - self.pos:
-                    raise GGUFError(f"{self.path}: {what} claims {count} nested arrays, more than the file holds")
-                return [self.value(_ARRAY, f"{what}[{i}]") for i in range(count)]
+                if count > self.size - self.pos or depth >= 8:
+                    raise GGUFError(f"{self.path}: {what} claims {count} nested arrays at depth {depth + 1}, "
+                                    "more than a valid file holds")
+                return [self.value(_ARRAY, f"{what}[{i}]", depth + 1) for i in range(count)]
             raise GGUFError(f"{self.path}: {what} has unknown array element type {etype}")
         raise GGUFError(f"{self.path}: {what} has unknown value type {vtype}")
 
 
 def tensor_nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType, path: str, name: str) -> int:
     block, type_size = GGML_QUANT_SIZES[qtype]
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n = math.prod(shape)        # Python ints: a corrupt dim must not wrap around
     if shape and shape[-1] % block:
         raise GGUFError(f"{path}: tensor '{name}' has row length {shape[-1]}, "
                         f"not a multiple of the {qtype.name} block size {block}")

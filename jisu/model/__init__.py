@@ -17,7 +17,7 @@ from jisu.config import ModelConfig
 from jisu.kernels.dequant import dequantize
 from jisu.loader.gguf import GGUFError, GGUFFile, GGUFTensor
 from jisu.model.gemma3 import Gemma3
-from jisu.model.layers import Attention, Linear, QEmbedding, QLinear, RMSNorm
+from jisu.model.layers import Attention, QEmbedding, QLinear, RMSNorm
 from jisu.model.llama import Llama
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"llama": Llama, "gemma3": Gemma3}
@@ -72,9 +72,9 @@ def load_model(g: GGUFFile, cfg: ModelConfig, max_len: int, dtype: torch.dtype =
         setattr(owner, attr, QEmbedding(qlinear) if attr == "token_embd" else qlinear)
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
-        model.output = model.token_embd.table if isinstance(model.token_embd, QEmbedding) else None
-        if model.output is None:
-            model.output = Linear(cfg.d_model, cfg.vocab_size)
+        if isinstance(model.token_embd, QEmbedding):
+            model.output = model.token_embd.table
+        else:
             model.output.weight = model.token_embd.weight
     for p in model.parameters():
         p.requires_grad_(False)

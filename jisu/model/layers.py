@@ -10,8 +10,8 @@ from torch import nn
 
 
 class Linear(nn.Linear):
-    """y = x W^T with W in its storage dtype (bf16 by default: oneDNN's bf16 kernels read half
-    the bytes of fp32 and use AMX for prefill); the residual stream stays float32."""
+    """y = x W^T with W dense in its storage dtype (float32, or bf16 on CPUs with bf16 units);
+    the residual stream stays float32. Used where the compiled kernels are not."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
@@ -19,15 +19,15 @@ class Linear(nn.Linear):
     def reset_parameters(self) -> None:
         pass    # weights always come from the checkpoint: no random init to pay for
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        return F.linear(x.to(w.dtype), w).to(x.dtype)
+
 
 class Embedding(nn.Embedding):
     def reset_parameters(self) -> None:
         # nn.Embedding's normal_ init, even on the meta device, imports torch._dynamo (~2.7 s)
         pass
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        return F.linear(x.to(w.dtype), w).to(x.dtype)
 
 
 class QLinear(nn.Module):

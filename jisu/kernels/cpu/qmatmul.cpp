@@ -126,18 +126,11 @@ struct Q5_0 {
     }
     static inline void dequant(const uint8_t* b, float* y) {
         const __m256 d = _mm256_set1_ps(f16(b));
-        uint32_t qh;
-        std::memcpy(&qh, b + 2, 4);
-        // bit i of qh is the fifth bit of weight i
-        const __m256i bits = _mm256_set1_epi32(int(qh)), one = _mm256_set1_epi32(1), sixteen = _mm256_set1_epi32(16);
+        const __m256i sixteen = _mm256_set1_epi32(16);
         __m256i q[4];
-        nibbles(b + 6, q);
-        for (int i = 0; i < 4; ++i) {
-            const __m256i shift = _mm256_setr_epi32(8 * i, 8 * i + 1, 8 * i + 2, 8 * i + 3, 8 * i + 4, 8 * i + 5, 8 * i + 6, 8 * i + 7);
-            const __m256i hb = _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(bits, shift), one), 4);
-            const __m256i v = _mm256_sub_epi32(_mm256_or_si256(q[i], hb), sixteen);
-            _mm256_storeu_ps(y + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(v), d));
-        }
+        ints(b, q);
+        for (int i = 0; i < 4; ++i)
+            _mm256_storeu_ps(y + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[i], sixteen)), d));
     }
 };
 
