@@ -93,3 +93,18 @@ def test_paged_attention_decode_equals_sdpa(window):
         vals = v_cache[slots[b, lo:n]].repeat_interleave(H // KVH, dim=1).transpose(0, 1)
         want = torch.softmax((q[b][:, None] @ keys.transpose(1, 2)) * 0.125, -1) @ vals
         torch.testing.assert_close(got[b], want[:, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rope_equals_torch_path(interleaved):
+    from jisu.model.layers import AttentionMetadata, Rotary
+    rot = Rotary(64, 10000.0, 100, interleaved)
+    positions = torch.randint(0, 100, (2, 3))
+    meta = AttentionMetadata(positions, torch.zeros(6, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long),
+                             torch.ones(2, dtype=torch.long))
+    q, k = torch.randn(2, 3, 8, 64), torch.randn(2, 3, 2, 64)
+    want_q, want_k = rot(q, meta), rot(k, meta)
+    rot.ops = ops
+    got_q, got_k = rot.apply(q.clone(), k.clone(), meta)
+    torch.testing.assert_close(got_q, want_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-5)

@@ -17,7 +17,7 @@ from jisu.config import ModelConfig
 from jisu.kernels.dequant import dequantize
 from jisu.loader.gguf import GGUFError, GGUFFile, GGUFTensor
 from jisu.model.gemma3 import Gemma3
-from jisu.model.layers import Attention, QEmbedding, QLinear, RMSNorm
+from jisu.model.layers import Attention, QEmbedding, QLinear, RMSNorm, Rotary
 from jisu.model.llama import Llama
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"llama": Llama, "gemma3": Gemma3}
@@ -79,7 +79,7 @@ def load_model(g: GGUFFile, cfg: ModelConfig, max_len: int, dtype: torch.dtype =
     for p in model.parameters():
         p.requires_grad_(False)
     for m in model.modules():
-        if isinstance(m, (RMSNorm, Attention)):
+        if isinstance(m, (RMSNorm, Attention, Rotary)):
             m.ops = ops
     assert not any(p.is_meta for p in model.parameters()), "a parameter was left unloaded"
     return model.eval()

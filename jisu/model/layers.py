@@ -106,6 +106,14 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
         self.interleaved = interleaved
+        self.ops = None        # compiled kernels, set by the loader
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor, meta: "AttentionMetadata") -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ops is not None:
+            q, k = q.contiguous(), k.contiguous()
+            self.ops.rope_(q, k, meta.positions, self.cos, self.sin, self.interleaved)
+            return q, k
+        return self(q, meta), self(k, meta)
 
     def forward(self, x: torch.Tensor, meta: "AttentionMetadata") -> torch.Tensor:
         # x: [B, T, H, D]; the tables at the batch's positions are looked up once per step
@@ -180,8 +188,7 @@ class Attention(nn.Module):
         v = self.attn_v(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
-        q = self.rotary(q, meta)
-        k = self.rotary(k, meta)
+        q, k = self.rotary.apply(q, k, meta)
 
         self.k_cache.index_copy_(0, meta.slot_mapping, k.reshape(B * T, self.n_kv_heads, self.head_dim))
         self.v_cache.index_copy_(0, meta.slot_mapping, v.reshape(B * T, self.n_kv_heads, self.head_dim))

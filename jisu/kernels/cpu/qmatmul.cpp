@@ -433,7 +433,44 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
     return out;
 }
 
+// Rotary position embedding applied in place to q [B, T, H, D] and k [B, T, KVH, D] with
+// cos/sin tables [max_len, D/2] at positions [B, T]. interleaved: pairs (x[2i], x[2i+1]) (llama
+// GGUFs); otherwise (x[i], x[i + D/2]) (neox layout, Gemma).
+void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
+           bool interleaved) {
+    TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 &&
+                q.dim() == 4 && k.dim() == 4, "rope_: q and k must be contiguous float32 [B, T, H, D]");
+    positions = positions.contiguous();
+    const int64_t B = q.size(0), T = q.size(1), D = q.size(3), half = D / 2;
+    TORCH_CHECK(cos.size(1) == half && k.size(3) == D && positions.numel() == B * T, "rope_: shape mismatch");
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const float* cp = cos.data_ptr<float>();
+    const float* sp = sin.data_ptr<float>();
+    for (torch::Tensor* x : {&q, &k}) {
+        const int64_t heads = x->size(2);
+        float* xp = x->data_ptr<float>();
+        auto body = [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) {          // r = b * T + t
+                const float* c = cp + pos[r] * half;
+                const float* s = sp + pos[r] * half;
+                for (int64_t h = 0; h < heads; ++h) {
+                    float* v = xp + (r * heads + h) * D;
+                    for (int64_t i = 0; i < half; ++i) {
+                        float* a = interleaved ? v + 2 * i : v + i;
+                        float* b = interleaved ? v + 2 * i + 1 : v + i + half;
+                        const float x0 = *a, x1 = *b;
+                        *a = x0 * c[i] - x1 * s[i];
+                        *b = x0 * s[i] + x1 * c[i];
+                    }
+                }
+            }
+        };
+        if (B * T < 16) body(0, B * T); else at::parallel_for(0, B * T, 16, body);
+    }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("rope_", &rope_, "rotary embedding, in place on q and k");
     m.def("paged_attention_decode", &paged_attention_decode, "one-token attention through block tables");
     m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
     m.def("qmatmul", &qmatmul, "y = x @ dequant(W)^T for GGUF-quantized W");
