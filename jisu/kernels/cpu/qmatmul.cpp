@@ -66,26 +66,6 @@ inline void nibbles(const uint8_t* qs, __m256i out[4]) {
     out[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
 }
 
-struct Q4_0 {
-    static constexpr int N = 32, BYTES = 18;
-    static constexpr bool DOT32 = true;
-    static inline void dot(const uint8_t* b, const float* x, float xs, __m256& acc, float& accm) {
-        __m256i q[4];
-        nibbles(b + 2, q);
-        const float d = f16(b);
-        acc = _mm256_fmadd_ps(dot32(q, x), _mm256_set1_ps(d), acc);
-        accm -= 8.0f * d * xs;
-    }
-    static inline void dequant(const uint8_t* b, float* y) {
-        const __m256 d = _mm256_set1_ps(f16(b));
-        const __m256i eight = _mm256_set1_epi32(8);
-        __m256i q[4];
-        nibbles(b + 2, q);
-        for (int i = 0; i < 4; ++i)
-            _mm256_storeu_ps(y + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[i], eight)), d));
-    }
-};
-
 struct Q4_1 {
     static constexpr int N = 32, BYTES = 20;
     static constexpr bool DOT32 = true;
@@ -104,35 +84,43 @@ struct Q4_1 {
     }
 };
 
-struct Q5_0 {
-    static constexpr int N = 32, BYTES = 22;
-    static constexpr bool DOT32 = true;
-    static inline void ints(const uint8_t* b, __m256i q[4]) {
-        uint32_t qh;
-        std::memcpy(&qh, b + 2, 4);
-        const __m256i bits = _mm256_set1_epi32(int(qh)), one = _mm256_set1_epi32(1);
-        nibbles(b + 6, q);
-        for (int i = 0; i < 4; ++i) {   // bit i of qh is the fifth bit of weight i
-            const __m256i shift = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 * i));
-            q[i] = _mm256_or_si256(q[i], _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(bits, shift), one), 4));
-        }
+// bit i of the 32-bit qh field is the fifth bit of weight i
+inline void q5_0_ints(const uint8_t* b, __m256i q[4]) {
+    uint32_t qh;
+    std::memcpy(&qh, b + 2, 4);
+    const __m256i bits = _mm256_set1_epi32(int(qh)), one = _mm256_set1_epi32(1);
+    nibbles(b + 6, q);
+    for (int i = 0; i < 4; ++i) {
+        const __m256i shift = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 * i));
+        q[i] = _mm256_or_si256(q[i], _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(bits, shift), one), 4));
     }
+}
+
+inline void q4_0_ints(const uint8_t* b, __m256i q[4]) { nibbles(b + 2, q); }
+
+// 32-weight blocks with one fp16 scale d first and unsigned integers q: y = d * (q - OFFSET).
+template <int BYTES_, int OFFSET, void (*INTS)(const uint8_t*, __m256i*)>
+struct OffsetBlock {
+    static constexpr int N = 32, BYTES = BYTES_;
+    static constexpr bool DOT32 = true;
     static inline void dot(const uint8_t* b, const float* x, float xs, __m256& acc, float& accm) {
         __m256i q[4];
-        ints(b, q);
+        INTS(b, q);
         const float d = f16(b);
         acc = _mm256_fmadd_ps(dot32(q, x), _mm256_set1_ps(d), acc);
-        accm -= 16.0f * d * xs;
+        accm -= float(OFFSET) * d * xs;
     }
     static inline void dequant(const uint8_t* b, float* y) {
         const __m256 d = _mm256_set1_ps(f16(b));
-        const __m256i sixteen = _mm256_set1_epi32(16);
+        const __m256i off = _mm256_set1_epi32(OFFSET);
         __m256i q[4];
-        ints(b, q);
+        INTS(b, q);
         for (int i = 0; i < 4; ++i)
-            _mm256_storeu_ps(y + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[i], sixteen)), d));
+            _mm256_storeu_ps(y + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[i], off)), d));
     }
 };
+using Q4_0 = OffsetBlock<18, 8, q4_0_ints>;
+using Q5_0 = OffsetBlock<22, 16, q5_0_ints>;
 
 inline void scale_min_k4(int j, const uint8_t* q, uint8_t& d, uint8_t& m) {
     if (j < 4) {
