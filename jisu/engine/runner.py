@@ -23,8 +23,9 @@ class ModelRunner:
         for i, attn in enumerate(layers):
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        pos = torch.arange(start, end)
+    def _slots(self, seq: Sequence) -> torch.Tensor:
+        """Cache slot of each of the sequence's tokens, through its block table."""
+        pos = torch.arange(seq.num_tokens)
         table = torch.tensor(seq.block_table, dtype=torch.long)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
@@ -39,7 +40,7 @@ class ModelRunner:
             start = seq.num_computed_tokens
             input_ids[b, :n] = torch.tensor(seq.token_ids[start:], dtype=torch.long)
             positions[b, :n] = torch.arange(start, seq.num_tokens)
-            all_slots = self._slots(seq, 0, seq.num_tokens)
+            all_slots = self._slots(seq)
             slot_mapping[b, :n] = all_slots[start:]
             gather_slots[b, :seq.num_tokens] = all_slots
         context_lens = torch.tensor([seq.num_tokens for seq in seqs], dtype=torch.long)

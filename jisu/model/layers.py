@@ -47,10 +47,6 @@ class QLinear(nn.Module):
         self.qtype, self.in_features, self.out_features = qtype, in_features, qweight.shape[0]
         self.ops = ops
 
-    def dequantized(self, rows: slice | None = None) -> torch.Tensor:
-        w = self.qweight if rows is None else self.qweight[rows]
-        return self.ops.dequantize(w, self.qtype, self.in_features)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= self.small_m * self.in_features:
             return self.ops.qmatmul(x, self.qweight, self.qtype, self.in_features)
@@ -58,7 +54,8 @@ class QLinear(nn.Module):
         y = torch.empty(x2.shape[0], self.out_features)
         for n in range(0, self.out_features, self.chunk):
             rows = slice(n, min(n + self.chunk, self.out_features))
-            torch.mm(x2, self.dequantized(rows).t(), out=y[:, rows])
+            w = self.ops.dequantize(self.qweight[rows], self.qtype, self.in_features)
+            torch.mm(x2, w.t(), out=y[:, rows])
         return y.view(*x.shape[:-1], self.out_features)
 
 
