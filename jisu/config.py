@@ -80,13 +80,41 @@ class ModelConfig:
 
 @dataclass
 class EngineConfig:
-    max_num_seqs: int = 32              # sequences in one batch
-    max_num_batched_tokens: int = 4096  # tokens in one prefill step
+    max_num_seqs: int = 32              # sequences running at once
+    max_num_batched_tokens: int = 512   # tokens in one step: decodes plus prompt chunks
     block_size: int = 16                # tokens per KV-cache block
-    kv_cache_gb: float = 1.0            # KV-cache pool size
+    kv_cache_gb: float | None = 1.0     # KV-cache pool size; None: kv_cache_fraction of free memory
+    kv_cache_fraction: float = 0.25
     max_model_len: int | None = None    # defaults to the model's context length
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
+            raise ValueError(f"EngineConfig.kv_cache_gb must be > 0, got {self.kv_cache_gb!r}")
+        if not 0 < self.kv_cache_fraction <= 0.9:
+            raise ValueError(f"EngineConfig.kv_cache_fraction must be in (0, 0.9], got {self.kv_cache_fraction!r}")
 
     def model_len(self, context_length: int) -> int:
         """Longest sequence: max_model_len, capped by the model's context (the KV-cache size
         may cap it further)."""
         return min(self.max_model_len or context_length, context_length)
+
+    def kv_cache_bytes(self) -> int:
+        if self.kv_cache_gb is not None:
+            return int(self.kv_cache_gb * 2**30)
+        return int(self.kv_cache_fraction * available_memory())
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

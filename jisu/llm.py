@@ -60,8 +60,9 @@ def _output(request_id: str, prompt: str | None, seqs: list[Sequence]) -> Reques
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, kv_cache_gb: float = 1.0, max_num_seqs: int = 32,
-                 max_model_len: int | None = None, num_threads: int | None = None, progress: bool = True,
+    def __init__(self, model: str | None = None, *, kv_cache_gb: float | None = 1.0, max_num_seqs: int = 32,
+                 max_model_len: int | None = None, max_num_batched_tokens: int = 512,
+                 enable_prefix_caching: bool = True, num_threads: int | None = None, progress: bool = True,
                  dtype: str = "float32", kernels: bool | None = None):
         if num_threads or not os.environ.get("OMP_NUM_THREADS"):
             torch.set_num_threads(num_threads or os.cpu_count() or 1)
@@ -71,7 +72,9 @@ class LLM:
         self.config = ModelConfig.from_gguf(g)
         self.tokenizer = Tokenizer.from_gguf(g)
         self.engine_config = EngineConfig(max_num_seqs=max_num_seqs, kv_cache_gb=kv_cache_gb,
-                                          max_model_len=max_model_len)
+                                          max_model_len=max_model_len,
+                                          max_num_batched_tokens=max_num_batched_tokens,
+                                          enable_prefix_caching=enable_prefix_caching)
         max_len = self.engine_config.model_len(self.config.context_length)
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
@@ -171,8 +174,10 @@ class LLM:
         try:
             bm.allocate(seq, len(token_ids))
             for start in range(0, len(token_ids), chunk):
-                seq.token_ids.extend(token_ids[start:start + chunk])
-                results.append(fn(self.engine.runner.run([seq], all_logits=True), start))
+                piece = token_ids[start:start + chunk]
+                seq.token_ids.extend(piece)
+                seq.num_scheduled_tokens = len(piece)
+                results.append(fn(self.engine.runner.run([seq], all_logits=True)[1], start))
         finally:
             bm.free(seq)
         return results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from jisu.config import EngineConfig, ModelConfig
@@ -25,10 +26,10 @@ class LLMEngine:
     def __init__(self, model, model_cfg: ModelConfig, tokenizer: Tokenizer, cfg: EngineConfig):
         self.model_cfg, self.tokenizer, self.cfg = model_cfg, tokenizer, cfg
         bytes_per_token = 2 * model_cfg.n_layers * model_cfg.n_kv_heads * model_cfg.head_dim * 4
-        num_blocks = max(2, int(cfg.kv_cache_gb * 2**30) // (bytes_per_token * cfg.block_size))
+        num_blocks = max(2, cfg.kv_cache_bytes() // (bytes_per_token * cfg.block_size))
         capacity = num_blocks * cfg.block_size
         self.max_model_len = min(cfg.model_len(model_cfg.context_length), capacity)
-        self.block_manager = BlockManager(num_blocks, cfg.block_size)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.block_manager)
         self.runner = ModelRunner(model, model_cfg, num_blocks, cfg.block_size)
         self.sequences: dict[str, list[Sequence]] = {}
@@ -72,20 +73,23 @@ class LLMEngine:
 
     # ---- the loop -----------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        seqs, _is_prefill = self.scheduler.schedule()
+        seqs = self.scheduler.schedule()
         if not seqs:
             return []
-        logits = self.runner.run(seqs)
+        ready, logits = self.runner.run(seqs)
+        for seq in seqs:
+            self.block_manager.cache_full_blocks(seq)
+        if not ready:                     # only partial prompt chunks this step
+            return []
         if self.model_cfg.vocab_size > self.tokenizer.vocab_size:
             logits[:, self.tokenizer.vocab_size:] = float("-inf")   # padding rows: no such token
-        outputs = []
-        for seq, (token, info) in zip(seqs, sample(logits, seqs)):
-            outputs.append(self._append(seq, token, info))
-        return outputs
+        return [self._append(seq, token, info) for seq, (token, info) in zip(ready, sample(logits, ready))]
 
     def _append(self, seq: Sequence, token: int, info: dict | None) -> StepOutput:
         p = seq.params
         seq.token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
         if info is not None:
             seq.logprobs.append(info)
         scanned = len(seq.text)

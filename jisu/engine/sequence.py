@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from enum import Enum, auto
 
 import torch
@@ -12,7 +13,7 @@ from jisu.sampling_params import SamplingParams
 
 class SequenceStatus(Enum):
     WAITING = auto()    # needs (re)prefill
-    RUNNING = auto()    # has its KV in the cache, decoding
+    RUNNING = auto()    # holds KV-cache blocks: prefilling (maybe in chunks) or decoding
     FINISHED = auto()
 
 
@@ -28,7 +29,11 @@ class Sequence:
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0                # tokens whose K/V are in the cache
+        self.num_scheduled_tokens = 0               # tokens the current step computes
         self.block_table: list[int] = []
+        self.block_hashes: list[int] = []           # prefix hashes of the full blocks, in order
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
         self.params = params
         self.text = ""
         self.num_emitted = 0                        # characters of text already streamed out

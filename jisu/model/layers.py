@@ -127,35 +127,61 @@ class Rotary(nn.Module):
 
 
 @dataclass
-class AttentionMetadata:
-    """What attention needs to read and write the paged KV cache for one batch.
+class PrefillSegment:
+    """One sequence's run of new tokens in the flattened batch, rows start:end."""
 
-    The batch is padded to [B, T] new tokens. Keys are gathered per sequence through
-    `gather_slots` ([B, L]: cache slot of key position j, for j < context_lens[b]; a scratch
-    slot beyond). Padding queries have position 0 and write to the scratch slot.
+    start: int
+    end: int
+    slots: torch.Tensor         # [L] cache slots of all keys the segment sees (L = start_pos + T)
+    positions: torch.Tensor     # [T] absolute positions of the new tokens
+
+
+@dataclass
+class AttentionMetadata:
+    """What attention needs to read and write the paged KV cache for one step.
+
+    The step's new tokens are flattened into one row of N tokens ([1, N]): first the
+    sequences that add one token (decodes), then one segment per sequence that adds several
+    (prefill chunks). Decode rows read their keys in place through `decode_slots`; each
+    prefill segment attends causally over its gathered keys.
     """
 
-    positions: torch.Tensor     # [B, T] absolute position of each new token
-    slot_mapping: torch.Tensor  # [B*T] cache slot each new token's k/v is written to
-    gather_slots: torch.Tensor  # [B, L] cache slots of all keys each query may see
-    context_lens: torch.Tensor  # [B] tokens in each sequence after this step
+    positions: torch.Tensor     # [1, N] absolute position of each new token
+    slot_mapping: torch.Tensor  # [N] cache slot each new token's k/v is written to
+    num_decode: int = 0
+    decode_slots: torch.Tensor | None = None   # [num_decode, L]: slot of key j (scratch slot past the end)
+    decode_lens: torch.Tensor | None = None    # [num_decode] keys each decode row sees
+    prefills: list[PrefillSegment] = field(default_factory=list)
     cache: dict = field(default_factory=dict)   # per-step values shared by the layers
 
-    def mask(self, window: int | None) -> torch.Tensor | None:
-        """[B, 1, T, L] bool (True = attend), or None when every key is visible."""
-        key = ("mask", window)
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """[num_decode, 1, 1, L] bool (True = attend) for the PyTorch decode path."""
+        key = ("decode_mask", window)
         if key not in self.cache:
-            B, T = self.positions.shape
-            L = self.gather_slots.shape[1]
-            if B == 1 and T == 1 and (not window or L <= window):   # one decoding sequence
-                self.cache[key] = None
-                return None
-            key_pos = torch.arange(L)[None, None, :]
-            q_pos = self.positions[:, :, None]
-            ok = (key_pos <= q_pos) & (key_pos < self.context_lens[:, None, None])
+            j = torch.arange(self.decode_slots.shape[1])[None, :]
+            n = self.decode_lens[:, None]
+            ok = j < n
             if window:
-                ok &= key_pos > q_pos - window
-            self.cache[key] = ok[:, None]   # broadcast over heads
+                ok &= j >= n - window
+            self.cache[key] = ok[:, None, None, :]
+        return self.cache[key]
+
+    def prefill_mask(self, i: int, window: int | None) -> torch.Tensor | None:
+        """[T, L] bool for segment i: causal, and within the window; None when plain causal
+        from position 0 (SDPA's is_causal covers it)."""
+        key = ("prefill_mask", i, window)
+        if key not in self.cache:
+            seg = self.prefills[i]
+            L = seg.slots.shape[0]
+            q_pos = seg.positions[:, None]
+            k_pos = torch.arange(L)[None, :]
+            if L == seg.positions.shape[0] and (not window or L <= window):
+                self.cache[key] = None
+            else:
+                ok = k_pos <= q_pos
+                if window:
+                    ok &= k_pos > q_pos - window
+                self.cache[key] = ok
         return self.cache[key]
 
 
@@ -179,7 +205,7 @@ class Attention(nn.Module):
         self.ops = None                            # compiled kernels, set by the loader
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        B, T, _ = x.shape
+        B, T, _ = x.shape                          # B == 1: the batch is flattened
         q = self.attn_q(x).view(B, T, self.n_heads, self.head_dim)
         k = self.attn_k(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.attn_v(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -189,14 +215,35 @@ class Attention(nn.Module):
 
         self.k_cache.index_copy_(0, meta.slot_mapping, k.reshape(B * T, self.n_kv_heads, self.head_dim))
         self.v_cache.index_copy_(0, meta.slot_mapping, v.reshape(B * T, self.n_kv_heads, self.head_dim))
-        if T == 1 and self.ops is not None:    # decode: read keys in place through the block tables
-            out = self.ops.paged_attention_decode(q.view(B, self.n_heads, self.head_dim), self.k_cache, self.v_cache,
-                                                  meta.gather_slots, meta.context_lens, self.scale, self.window or 0)
-            return self.attn_output(out.view(B, 1, -1))
-        keys = self.k_cache[meta.gather_slots].transpose(1, 2)      # [B, KVH, L, D]
-        values = self.v_cache[meta.gather_slots].transpose(1, 2)
+        q = q.view(B * T, self.n_heads, self.head_dim)
+        nd = meta.num_decode
+        if nd == B * T:
+            out = self._decode(q, meta)
+        else:
+            out = torch.empty_like(q)
+            if nd:
+                out[:nd] = self._decode(q[:nd], meta)
+            for i, seg in enumerate(meta.prefills):
+                out[seg.start:seg.end] = self._prefill(q[seg.start:seg.end], i, seg, meta)
+        return self.attn_output(out.view(B, T, -1))
 
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=meta.mask(self.window),
-            scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.attn_output(out.transpose(1, 2).reshape(B, T, -1))
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [D, H, hd] -> [D, H, hd]: one query per sequence, keys read through the slots."""
+        if self.ops is not None:
+            return self.ops.paged_attention_decode(q, self.k_cache, self.v_cache, meta.decode_slots,
+                                                   meta.decode_lens, self.scale, self.window or 0)
+        keys = self.k_cache[meta.decode_slots].transpose(1, 2)       # [D, KVH, L, hd]
+        values = self.v_cache[meta.decode_slots].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=meta.decode_mask(self.window),
+                                             scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
+        return out[:, :, 0]
+
+    def _prefill(self, q: torch.Tensor, i: int, seg: PrefillSegment, meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, H, hd] of one sequence's new tokens -> [T, H, hd], causal over its keys."""
+        keys = self.k_cache[seg.slots].transpose(0, 1)[None]         # [1, KVH, L, hd]
+        values = self.v_cache[seg.slots].transpose(0, 1)[None]
+        mask = meta.prefill_mask(i, self.window)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask,
+                                             is_causal=mask is None, scale=self.scale,
+                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        return out[0].transpose(0, 1)

@@ -1,0 +1,165 @@
+"""The serving engine on a tiny model: prefix caching, chunked prefill mixed with decodes,
+the block pool's eviction order."""
+
+import pytest
+
+from jisu import LLM, SamplingParams
+from jisu.engine.block_manager import BlockManager
+from jisu.engine.sequence import Sequence
+
+
+def greedy(n=12):
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def no_cache(tiny_llama_path):
+    return LLM(str(tiny_llama_path), progress=False, enable_prefix_caching=False)
+
+
+# ---- block manager ---------------------------------------------------------------------------
+def seq_of(tokens):
+    return Sequence(list(tokens), greedy())
+
+
+def computed(bm, seq):
+    """Pretend the model computed all of seq's tokens."""
+    bm.allocate(seq, seq.num_tokens)
+    seq.num_computed_tokens = seq.num_tokens
+    bm.cache_full_blocks(seq)
+
+
+def test_prefix_hit_reuses_blocks_and_leaves_last_token():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = seq_of(range(10))                          # 2 full blocks + 2 tokens
+    computed(bm, a)
+    b = seq_of(list(range(8)) + [99, 98, 97])      # shares the 2 full blocks
+    assert bm.match_prefix(b) == 8
+    assert b.block_table == a.block_table[:2]
+    assert bm.blocks[a.block_table[0]].ref_count == 2
+    c = seq_of(range(8))                           # all cached, but its last token must be computed
+    assert bm.match_prefix(c) == 4
+    d = seq_of([0, 1, 2, 5, 4, 5, 6, 7, 8])        # differs inside block 0: no hit at all
+    assert bm.match_prefix(d) == 0 and d.block_table == []
+    for s in (a, b, c):
+        bm.free(s)
+    assert bm.num_free_blocks == 8
+
+
+def test_cached_blocks_survive_free_and_evict_least_recent_first():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    old, new = seq_of(range(100, 104)), seq_of(range(200, 204))
+    for s in (old, new):
+        computed(bm, s)
+        bm.free(s)                                 # unreferenced but still cached
+    assert bm.num_free_blocks == 4 and len(bm.cached) == 2
+    filler = seq_of(range(3 * 4))                  # takes the 2 empty blocks, then evicts `old`
+    bm.allocate(filler, filler.num_tokens)
+    assert bm.match_prefix(seq_of(list(range(100, 104)) + [1])) == 0
+    probe = seq_of(list(range(200, 204)) + [1])
+    assert bm.match_prefix(probe) == 4
+
+
+def test_hash_collision_is_not_a_hit(monkeypatch):
+    bm = BlockManager(num_blocks=4, block_size=4)
+    monkeypatch.setattr(bm, "_hash", lambda prev, tokens: 42)   # every block collides
+    computed(bm, seq_of([1, 2, 3, 4, 5]))
+    assert bm.match_prefix(seq_of([9, 9, 9, 9, 5])) == 0
+
+
+def test_disabled_prefix_caching_never_hits():
+    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=False)
+    computed(bm, seq_of(range(9)))
+    assert bm.match_prefix(seq_of(range(9))) == 0 and not bm.cached
+
+
+# ---- prefix caching end to end -----------------------------------------------------------------
+SHARED = " ".join(f"word{i}" for i in range(40))          # ~100 tokens of common prefix
+
+
+def test_prefix_cache_hits_and_output_is_unchanged(tiny_llama, no_cache):
+    bm = tiny_llama.engine.block_manager
+    prompts = [SHARED + " and then the cat", SHARED + " but the dog", SHARED + " so"]
+    want = [o.token_ids for o in no_cache.generate(prompts, greedy(), use_tqdm=False)]
+    first = tiny_llama.generate(prompts[0], greedy())[0].token_ids
+    hits = bm.num_hit_tokens
+    rest = [o.token_ids for o in tiny_llama.generate(prompts[1:], greedy(), use_tqdm=False)]
+    shared_tokens = len(tiny_llama.tokenizer.encode(SHARED, add_special=True))
+    assert bm.num_hit_tokens - hits >= 2 * (shared_tokens // bm.block_size) * bm.block_size
+    assert [first] + rest == want
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_prompt_that_is_all_cached_still_gets_logits(tiny_llama, no_cache):
+    bs = tiny_llama.engine.block_manager.block_size
+    ids = [(7 * i) % 200 + 1 for i in range(3 * bs)]           # exactly 3 full blocks
+    a = tiny_llama.generate(prompt_token_ids=[ids], params=greedy())[0].token_ids
+    b = tiny_llama.generate(prompt_token_ids=[ids], params=greedy())[0].token_ids
+    c = no_cache.generate(prompt_token_ids=[ids], params=greedy())[0].token_ids
+    assert a == b == c
+
+
+def test_n_samples_share_the_prompt(tiny_llama):
+    bm = tiny_llama.engine.block_manager
+    before = bm.num_hit_tokens
+    out = tiny_llama.generate(SHARED, SamplingParams(max_tokens=4, n=3, temperature=0.8, seed=3))[0]
+    assert len(out.outputs) == 3
+    assert bm.num_hit_tokens > before       # samples after the first reuse its prompt blocks
+
+
+# ---- chunked prefill ----------------------------------------------------------------------------
+def test_chunked_prefill_matches_whole_prefill(tiny_llama_path, no_cache):
+    chunked = LLM(str(tiny_llama_path), progress=False, max_num_batched_tokens=7, enable_prefix_caching=False)
+    prompts = [SHARED, "the cat", SHARED[:50], "a b c d e f g h i j k l m n o p"]
+    want = [o.token_ids for o in no_cache.generate(prompts, greedy(), use_tqdm=False)]
+    got = [o.token_ids for o in chunked.generate(prompts, greedy(), use_tqdm=False)]
+    assert got == want
+
+
+def test_long_prompt_does_not_stall_running_decodes(tiny_llama_path):
+    llm = LLM(str(tiny_llama_path), progress=False, max_num_batched_tokens=16)
+    eng = llm.engine
+    eng.add_request("short", llm.tokenizer.encode("the cat", add_special=True), greedy(30))
+    eng.step()                                                  # short is now decoding
+    long_ids = llm.tokenizer.encode(SHARED, add_special=True)
+    assert len(long_ids) > 8 * 16
+    eng.add_request("long", long_ids, greedy(2))
+    steps_until_long_starts, short_tokens = 0, 0
+    while True:
+        outs = eng.step()
+        if any(o.seq.request_id == "long" for o in outs):
+            break
+        steps_until_long_starts += 1
+        short_tokens += sum(o.seq.request_id == "short" for o in outs)
+    # the long prompt took several chunked steps, and short decoded in every one of them
+    assert steps_until_long_starts >= len(long_ids) // 16 - 1
+    assert short_tokens == steps_until_long_starts
+    eng.abort("short")
+    eng.abort("long")
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_sliding_window_model_chunked_equals_whole(tiny_gemma3_path):
+    whole = LLM(str(tiny_gemma3_path), progress=False, enable_prefix_caching=False)
+    chunked = LLM(str(tiny_gemma3_path), progress=False, max_num_batched_tokens=5)
+    window = whole.config.sliding_window
+    prompt = " ".join(["alpha beta gamma"] * (window // 2 + 4))
+    assert len(whole.tokenizer.encode(prompt, add_special=True)) > window
+    want = whole.generate([prompt, prompt[:40]], greedy(), use_tqdm=False)
+    got = chunked.generate([prompt, prompt[:40]], greedy(), use_tqdm=False)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    # and again with the prompt's blocks cached
+    again = chunked.generate(prompt, greedy())[0]
+    assert again.token_ids == want[0].token_ids
+
+
+def test_engine_config_rejects_nonsense(tiny_llama_path):
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        LLM(str(tiny_llama_path), progress=False, max_num_batched_tokens=0)
+    with pytest.raises(ValueError, match="kv_cache_gb"):
+        LLM(str(tiny_llama_path), progress=False, kv_cache_gb=-1)
+
+
+def test_kv_cache_from_free_memory(tiny_llama_path):
+    llm = LLM(str(tiny_llama_path), progress=False, kv_cache_gb=None)
+    assert llm.engine.block_manager.num_blocks > 16
