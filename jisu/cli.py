@@ -1,4 +1,4 @@
-"""Command line: `jisu run | chat | pull | perplexity | models`."""
+"""Command line: `jisu run | chat | serve | pull | perplexity | models | bench`."""
 
 from __future__ import annotations
 
@@ -115,6 +115,49 @@ def chat(model, system, threads, **kw):
             continue
         click.echo()
         history.append({"role": "assistant", "content": "".join(reply)})
+
+
+@main.command()
+@click.option("-m", "--model", default=None, help=MODEL_HELP)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", default=None, envvar="JISU_API_KEY",
+              help="require 'Authorization: Bearer KEY' on /v1 (also $JISU_API_KEY)")
+@click.option("--served-model-name", default=None, help="model id clients use [default: the -m value]")
+@click.option("--kv-cache-gb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="KV-cache pool size [default: --kv-cache-fraction of free memory]")
+@click.option("--kv-cache-fraction", type=click.FloatRange(0, 0.9, min_open=True), default=0.25, show_default=True)
+@click.option("--max-num-seqs", type=click.IntRange(min=1), default=64, show_default=True,
+              help="sequences decoded together")
+@click.option("--max-num-batched-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="tokens per step (decodes plus prompt chunks)")
+@click.option("--max-queue", type=click.IntRange(min=0), default=256, show_default=True,
+              help="sequences that may wait beyond a full batch; more get 429")
+@click.option("--max-model-len", type=click.IntRange(min=2), default=None)
+@click.option("--no-prefix-caching", is_flag=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--log-prompts", is_flag=True, help="log prompt text (off by default)")
+def serve(model, host, port, api_key, served_model_name, kv_cache_gb, kv_cache_fraction, max_num_seqs,
+          max_num_batched_tokens, max_queue, max_model_len, no_prefix_caching, threads, log_prompts):
+    """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)."""
+    import logging
+
+    import uvicorn
+
+    from jisu import LLM
+    from jisu.registry import DEFAULT_MODEL
+    from jisu.server.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        llm = LLM(model, kv_cache_gb=kv_cache_gb, kv_cache_fraction=kv_cache_fraction, num_threads=threads,
+                  max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                  max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+    app = create_app(llm, served_model_name or model or DEFAULT_MODEL, api_key=api_key,
+                     max_queue=max_queue, log_prompts=log_prompts)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=60)
 
 
 @main.command()

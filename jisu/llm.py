@@ -60,21 +60,23 @@ def _output(request_id: str, prompt: str | None, seqs: list[Sequence]) -> Reques
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, kv_cache_gb: float | None = 1.0, max_num_seqs: int = 32,
+    def __init__(self, model: str | None = None, *, kv_cache_gb: float | None = 1.0, kv_cache_fraction: float = 0.25,
+                 max_num_seqs: int = 32,
                  max_model_len: int | None = None, max_num_batched_tokens: int = 512,
                  enable_prefix_caching: bool = True, num_threads: int | None = None, progress: bool = True,
                  dtype: str = "float32", kernels: bool | None = None):
         if num_threads or not os.environ.get("OMP_NUM_THREADS"):
             torch.set_num_threads(num_threads or os.cpu_count() or 1)
         t0 = time.perf_counter()
+        self.engine_config = EngineConfig(max_num_seqs=max_num_seqs, kv_cache_gb=kv_cache_gb,
+                                          kv_cache_fraction=kv_cache_fraction,
+                                          max_model_len=max_model_len,
+                                          max_num_batched_tokens=max_num_batched_tokens,
+                                          enable_prefix_caching=enable_prefix_caching)
         self.path = str(resolve(model, progress=progress))
         g = read_gguf(self.path)
         self.config = ModelConfig.from_gguf(g)
         self.tokenizer = Tokenizer.from_gguf(g)
-        self.engine_config = EngineConfig(max_num_seqs=max_num_seqs, kv_cache_gb=kv_cache_gb,
-                                          max_model_len=max_model_len,
-                                          max_num_batched_tokens=max_num_batched_tokens,
-                                          enable_prefix_caching=enable_prefix_caching)
         max_len = self.engine_config.model_len(self.config.context_length)
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
