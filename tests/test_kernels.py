@@ -45,6 +45,19 @@ def test_qmatmul_equals_dequant_then_matmul(qtype, m):
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("m", [1, 7, 8, 9, 13, 33, 70])
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_qmatmul_kernel_every_row_count(qtype, m):
+    # the kernel itself (QLinear hands large m to MKL): one-row, 4-row and panel paths, with
+    # 50 weight rows so panels (24 rows) and tiles (4 x 3) end part-full
+    q, ref_w = random_weight(qtype, n=50)
+    x = torch.randn(m, 512)
+    want = x.double() @ ref_w.double().t()
+    got = ops.qmatmul(x, q, int(qtype), 512)
+    assert got.shape == (m, 50)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
 def test_qmatmul_rejects_bad_shapes():
     q, _ = random_weight(Q.Q4_0)
     with pytest.raises(RuntimeError, match="expected"):

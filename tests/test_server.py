@@ -240,7 +240,7 @@ def test_auth(base):
 
 # ---- load, disconnects, metrics --------------------------------------------------------------
 def test_disconnects_free_blocks(base):
-    body = {"prompt": "Tell me a long story about a dragon.", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    body = {"prompt": "Tell me a long story about a dragon.", "max_tokens": 2000, "ignore_eos": True, "stream": True}
 
     async def open_and_drop(cl):
         async with cl.stream("POST", base + "/v1/completions", json=body, headers=auth()) as r:
@@ -255,12 +255,14 @@ def test_disconnects_free_blocks(base):
                 await asyncio.gather(*(open_and_drop(cl) for _ in range(4)))
 
     asyncio.run(main())
-    wait_idle(base)
-    # a non-streaming request whose client gives up is freed too
+    wait_idle(base, timeout=5)
+    # a non-streaming request whose client gives up is freed too (2000 tokens would take far
+    # longer than the 5 s allowed)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(base + "/v1/completions", headers=auth(), timeout=1.0,
-                   json={"prompt": "Once", "max_tokens": 400, "ignore_eos": True})
-    wait_idle(base)
+                   json={"prompt": "Once", "max_tokens": 2000, "ignore_eos": True})
+    wait_idle(base, timeout=5)
+    assert metric(base, "jisu_num_requests_waiting") == 0
 
 
 def test_queue_limit_gives_429(base):

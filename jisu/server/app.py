@@ -116,31 +116,33 @@ async def events(state: ServerState, streams: list, q: asyncio.Queue):
             state.engine.abort(s.request_id)
 
 
-async def collect(request: Request, state: ServerState, streams: list, q: asyncio.Queue) -> list:
-    """All events of a non-streaming request; stops (and frees the sequences) if the client
-    disconnects while it waits."""
+async def collect(request: Request, state: ServerState, streams: list, q: asyncio.Queue) -> list | None:
+    """All events of a non-streaming request, or None when the client disconnected while it
+    waited (its sequences are then aborted, which frees their blocks)."""
     items: list = []
-    agen = events(state, streams, q)
 
     async def drain():
-        async for item in agen:
+        async for item in events(state, streams, q):
             items.append(item)
 
     task = asyncio.ensure_future(drain())
     try:
         while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
+            done, _ = await asyncio.wait({task}, timeout=0.25)
             if done:
                 task.result()
                 return items
             if await request.is_disconnected():
-                raise asyncio.CancelledError
+                return None
     finally:
         if not task.done():
             task.cancel()
-        await agen.aclose()
+            await asyncio.gather(task, return_exceptions=True)
         for s in streams:
             state.engine.abort(s.request_id)
+
+
+CLIENT_GONE = 499       # nginx's code for "client closed the request"; nobody receives it
 
 
 def sse(obj) -> str:
@@ -181,12 +183,21 @@ def create_app(llm, model_name: str, api_key: str | None = None, max_queue: int 
         return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(),
                             status_code=500)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        path = request.url.path if request.url.path in ENDPOINTS else "other"
-        state.metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
+    # a plain ASGI middleware: starlette's BaseHTTPMiddleware would hide client disconnects
+    # from request.is_disconnected()
+    def count_requests(inner):
+        async def middleware(scope, receive, send):
+            if scope["type"] != "http":
+                return await inner(scope, receive, send)
+            path = scope["path"] if scope["path"] in ENDPOINTS else "other"
+
+            async def counting_send(message):
+                if message["type"] == "http.response.start":
+                    state.metrics.requests.labels(path, str(message["status"])).inc()
+                await send(message)
+            await inner(scope, receive, counting_send)
+        return middleware
+    app.add_middleware(count_requests)
 
     @app.get("/health")
     async def health():
@@ -272,6 +283,8 @@ def create_app(llm, model_name: str, api_key: str | None = None, max_queue: int 
             return StreamingResponse(guard(stream()), media_type="text/event-stream")
 
         items = await collect(request, state, streams, q)
+        if items is None:
+            return Response(status_code=CLIENT_GONE)
         deltas: dict[int, list[Delta]] = {}
         for tag, item in items:
             if isinstance(item, Delta):
@@ -344,6 +357,8 @@ def create_app(llm, model_name: str, api_key: str | None = None, max_queue: int 
             return StreamingResponse(guard(stream()), media_type="text/event-stream")
 
         items = await collect(request, state, streams, q)
+        if items is None:
+            return Response(status_code=CLIENT_GONE)
         deltas: dict[int, list[Delta]] = {}
         for _, item in items:
             if isinstance(item, Delta):

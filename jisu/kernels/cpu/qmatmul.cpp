@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <cstdlib>
 #include <vector>
 
 namespace {
@@ -249,11 +250,75 @@ void matvec(const float* x, const uint8_t* w, float* y, int64_t N, int64_t K) {
     });
 }
 
+// ---- batched decode: dequantize a panel of weight rows once, reuse it for every row ---------
+// R activation rows x C panel rows: R*C accumulators (12 of AVX2's 16 registers at 4x3), each
+// loaded vector feeding several FMAs. The panel stays in L1/L2 while all M rows pass over it.
+template <int R, int C>
+inline void tile(const float* x, const float* wp, int64_t K, float* y, int64_t N) {
+    __m256 acc[R][C];
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+        __m256 wv[C];
+        for (int c = 0; c < C; ++c) wv[c] = _mm256_load_ps(wp + c * K + k);
+        for (int r = 0; r < R; ++r) {
+            const __m256 xv = _mm256_loadu_ps(x + r * K + k);
+            for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) y[r * N + c] = hsum(acc[r][c]);
+}
+
+template <int R>
+inline void tile_r(int c, const float* x, const float* wp, int64_t K, float* y, int64_t N) {
+    switch (c) {
+        case 3: tile<R, 3>(x, wp, K, y, N); break;
+        case 2: tile<R, 2>(x, wp, K, y, N); break;
+        default: tile<R, 1>(x, wp, K, y, N); break;
+    }
+}
+
+constexpr int PANEL = 24;   // weight rows per panel (a multiple of the tile's 3)
+
+template <typename B>
+void matmul_panel(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t K) {
+    const int64_t nb = K / B::N, row_bytes = nb * B::BYTES;
+    at::parallel_for(0, (N + PANEL - 1) / PANEL, 1, [&](int64_t p0, int64_t p1) {
+        float* panel = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * PANEL * K));
+        for (int64_t p = p0; p < p1; ++p) {
+            const int64_t n0 = p * PANEL, np = std::min<int64_t>(PANEL, N - n0);
+            for (int64_t r = 0; r < np; ++r)
+                for (int64_t blk = 0; blk < nb; ++blk)
+                    B::dequant(w + (n0 + r) * row_bytes + blk * B::BYTES, panel + r * K + blk * B::N);
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                const int mr = int(std::min<int64_t>(4, M - m0));
+                for (int64_t c0 = 0; c0 < np; c0 += 3) {
+                    const int c = int(std::min<int64_t>(3, np - c0));
+                    const float* xm = x + m0 * K;
+                    const float* wp = panel + c0 * K;
+                    float* ym = y + m0 * N + n0 + c0;
+                    switch (mr) {
+                        case 4: tile_r<4>(c, xm, wp, K, ym, N); break;
+                        case 3: tile_r<3>(c, xm, wp, K, ym, N); break;
+                        case 2: tile_r<2>(c, xm, wp, K, ym, N); break;
+                        default: tile_r<1>(c, xm, wp, K, ym, N); break;
+                    }
+                }
+            }
+        }
+        std::free(panel);
+    });
+}
+
+constexpr int64_t PANEL_MIN_ROWS = 8;   // from here on a panel is reused enough to pay for itself
+
 template <typename B>
 void matmul(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t K) {
     if constexpr (B::DOT32) {
         if (M == 1) return matvec<B>(x, w, y, N, K);
     }
+    if (M >= PANEL_MIN_ROWS && K % 8 == 0) return matmul_panel<B>(x, w, y, M, N, K);
     const int64_t nb = K / B::N, row_bytes = nb * B::BYTES;
     at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
