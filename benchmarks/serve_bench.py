@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+LOG_DIR = Path(os.environ.get("TMPDIR", "/tmp"))      # the servers' logs, for when a run fails
 QUESTIONS = [
     "Explain how a rainbow forms.", "Write a haiku about autumn leaves.", "What is a prime number?",
     "Give three tips for learning a new language.", "Describe the water cycle.", "Why is the sky blue?",
@@ -76,19 +77,21 @@ def percentile(xs: list[float], q: float) -> float:
 
 async def one_request(cl: httpx.AsyncClient, base: str, prompt: str, max_tokens: int, model: str) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True}
+            "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    times = []
+    times, tokens = [], None
     async with cl.stream("POST", base + "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
             if chunk.get("choices") and chunk["choices"][0].get("text"):
                 times.append(time.perf_counter())
     return {"ttft": times[0] - t0 if times else float("nan"), "itl": [b - a for a, b in zip(times, times[1:])],
-            "chunks": len(times), "end": time.perf_counter()}
+            "tokens": len(times) if tokens is None else tokens}
 
 
 async def load_level(base: str, prompts: list[str], concurrency: int, rounds: int, max_tokens: int,
@@ -102,12 +105,12 @@ async def load_level(base: str, prompts: list[str], concurrency: int, rounds: in
                     for k in range(rounds)]
         results = [r for rs in await asyncio.gather(*(client(i) for i in range(concurrency))) for r in rs]
         wall = time.perf_counter() - t0
-    n = concurrency * rounds * max_tokens
+    n = sum(r["tokens"] for r in results)
     itl = [x for r in results for x in r["itl"]]
     ttft = [r["ttft"] for r in results]
     return {"tok_s": n / wall, "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
             "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99), "wall": wall,
-            "short": sum(r["chunks"] < max_tokens * 0.9 for r in results)}
+            "short": sum(r["tokens"] < max_tokens for r in results)}
 
 
 def chat_prompts(model_path: str) -> tuple[list[str], object]:
@@ -159,7 +162,7 @@ def main() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "jisu.cli", "serve", "-m", path, "--served-model-name", "m",
                              "--port", str(port), "--max-num-seqs", str(max(levels)), "--kv-cache-gb", "2",
                              "--threads", str(args.threads), *args.jisu_args.split()],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=open(LOG_DIR / "jisu-serve.log", "w"), stderr=subprocess.STDOUT)
     try:
         wait_up(base + "/health", proc)
         rows["jisu"] = {}
@@ -177,7 +180,7 @@ def main() -> None:
         proc = subprocess.Popen([args.llama_server, "-m", path, "--port", str(port), "-np", str(np_),
                                  "-c", str(np_ * 512), "-t", str(args.threads), "-tb", str(args.threads),
                                  "--no-webui"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=open(LOG_DIR / "llama-server.log", "w"), stderr=subprocess.STDOUT)
         try:
             wait_up(base + "/health", proc)
             rows["llama-server"] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -31,6 +32,21 @@ class ModelConfig:
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.sliding_window) and self.swa_pattern > 0 and (layer + 1) % self.swa_pattern != 0
+
+    def kv_groups(self) -> list[tuple[list[int], int | None]]:
+        """Layers grouped for the paged KV cache: (layer indices, sliding window or None).
+
+        Every group has the same number of layers, so one page size serves all: full-attention
+        layers and sliding-window layers are cut into groups of gcd(#full, #sliding). A
+        window group frees its pages behind the window (Gemma 3: 3 global layers, 15 local
+        in 5 groups of 3)."""
+        local = [i for i in range(self.n_layers) if self.is_sliding(i)]
+        full = [i for i in range(self.n_layers) if not self.is_sliding(i)]
+        if not local or not full:
+            return [(list(range(self.n_layers)), self.sliding_window if local else None)]
+        size = math.gcd(len(local), len(full))
+        return ([(full[i:i + size], None) for i in range(0, len(full), size)]
+                + [(local[i:i + size], self.sliding_window) for i in range(0, len(local), size)])
 
     @classmethod
     def from_gguf(cls, g: GGUFFile) -> "ModelConfig":

@@ -174,12 +174,13 @@ class LLM:
         chunk = self.engine_config.max_num_batched_tokens
         results = []
         try:
-            bm.allocate(seq, len(token_ids))
             for start in range(0, len(token_ids), chunk):
                 piece = token_ids[start:start + chunk]
                 seq.token_ids.extend(piece)
+                bm.allocate(seq, seq.num_tokens)
                 seq.num_scheduled_tokens = len(piece)
                 results.append(fn(self.engine.runner.run([seq], all_logits=True)[1], start))
+                bm.after_step(seq)      # window groups give back what they no longer see
         finally:
             bm.free(seq)
         return results

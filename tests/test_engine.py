@@ -26,7 +26,7 @@ def computed(bm, seq):
     """Pretend the model computed all of seq's tokens."""
     bm.allocate(seq, seq.num_tokens)
     seq.num_computed_tokens = seq.num_tokens
-    bm.cache_full_blocks(seq)
+    bm.after_step(seq)
 
 
 def test_prefix_hit_reuses_blocks_and_leaves_last_token():
@@ -35,12 +35,12 @@ def test_prefix_hit_reuses_blocks_and_leaves_last_token():
     computed(bm, a)
     b = seq_of(list(range(8)) + [99, 98, 97])      # shares the 2 full blocks
     assert bm.match_prefix(b) == 8
-    assert b.block_table == a.block_table[:2]
-    assert bm.blocks[a.block_table[0]].ref_count == 2
+    assert b.block_tables[0] == a.block_tables[0][:2]
+    assert bm.blocks[a.block_tables[0][0]].ref_count == 2
     c = seq_of(range(8))                           # all cached, but its last token must be computed
     assert bm.match_prefix(c) == 4
     d = seq_of([0, 1, 2, 5, 4, 5, 6, 7, 8])        # differs inside block 0: no hit at all
-    assert bm.match_prefix(d) == 0 and d.block_table == []
+    assert bm.match_prefix(d) == 0 and d.block_tables == [[]]
     for s in (a, b, c):
         bm.free(s)
     assert bm.num_free_blocks == 8
@@ -163,3 +163,66 @@ def test_engine_config_rejects_nonsense(tiny_llama_path):
 def test_kv_cache_from_free_memory(tiny_llama_path):
     llm = LLM(str(tiny_llama_path), progress=False, kv_cache_gb=None)
     assert llm.engine.block_manager.num_blocks > 16
+
+
+# ---- sliding-window KV groups ---------------------------------------------------------------
+def test_window_group_frees_pages_behind_the_window():
+    from jisu.engine.block_manager import NO_BLOCK
+    bm = BlockManager(num_blocks=32, block_size=4, windows=[None, 8])
+    s = seq_of(range(40))
+    computed(bm, s)
+    full, local = s.block_tables
+    assert NO_BLOCK not in full and len(full) == 10
+    # the next query (position 40) sees keys 33..39: blocks 8 and 9
+    assert local[:8] == [NO_BLOCK] * 8 and NO_BLOCK not in local[8:]
+    assert bm.num_used_blocks == 12
+    bm.free(s)
+    assert bm.num_free_blocks == 32
+
+
+def test_window_group_prefix_hit_needs_only_the_window():
+    bm = BlockManager(num_blocks=32, block_size=4, windows=[None, 8])
+    a = seq_of(range(40))
+    computed(bm, a)
+    b = seq_of(list(range(40)) + [7])
+    assert bm.match_prefix(b) == 40
+    assert b.block_tables[0] == a.block_tables[0]
+    assert b.block_tables[1][8:] == a.block_tables[1][8:] and b.block_tables[1][0] == -1
+    window_pages = b.block_tables[1][8:]
+    bm.free(a)
+    bm.free(b)
+    # if the window group's last pages are gone, the hit falls back to a prefix whose window
+    # pages are still cached
+    for block_id in window_pages:
+        block = bm.blocks[block_id]
+        del bm.cached[block.key]
+        block.key = None
+    c = seq_of(list(range(40)) + [7])
+    got = bm.match_prefix(c)
+    assert 0 < got < 40
+    assert all(b != -1 for b in c.block_tables[1][(got - 8 + 1) // 4:])
+    bm.free(c)
+    assert bm.num_free_blocks == 32
+
+
+def test_window_model_uses_fewer_pages_and_longer_context(tiny_gemma3_path):
+    from jisu.engine.block_manager import NO_BLOCK
+    llm = LLM(str(tiny_gemma3_path), progress=False, kv_cache_gb=0.004, max_num_batched_tokens=32)
+    eng = llm.engine
+    groups = llm.config.kv_groups()
+    assert len(groups) == 6 and sum(w is not None for _, w in groups) == 5     # 5 local layers, 1 global
+    # alone, a sequence needs its full length only in the global group
+    assert eng.max_model_len > eng.block_manager.num_blocks * eng.block_manager.block_size // len(groups)
+    eng.add_request("r", llm.tokenizer.encode("alpha beta gamma " * 20, add_special=True), greedy(40))
+    peak = 0
+    while eng.has_unfinished():
+        eng.step()
+        seq = eng.sequences["r"][0]
+        if seq.block_tables:
+            live = [sum(b != NO_BLOCK for b in t) for t in seq.block_tables]
+            peak = max(peak, max(live[1:]))
+            assert live[0] == -(-seq.num_computed_tokens // 16) or seq.num_computed_tokens == 0
+    window_blocks = -(-(llm.config.sliding_window + eng.cfg.max_num_batched_tokens) // 16) + 1
+    assert 0 < peak <= window_blocks
+    eng.release("r")
+    assert eng.block_manager.num_used_blocks == 0

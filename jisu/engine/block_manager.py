@@ -1,10 +1,16 @@
-"""Paged KV cache bookkeeping: a pool of fixed-size blocks, one block table per sequence, and
-prefix caching.
+"""Paged KV cache bookkeeping: one pool of fixed-size pages, block tables, prefix caching, and
+sliding-window groups.
 
-A block that fills up is registered under a hash of its tokens and of every token before it
-(the hash of the previous block chains in). A new sequence whose prompt starts with the same
-tokens takes those blocks instead of computing them again. Blocks nobody references stay
-cached until the pool needs them; the least recently freed goes first.
+The model's layers are split into KV groups of equal size (`ModelConfig.kv_groups`); a page
+holds `block_size` tokens of K/V for the layers of one group, and each sequence has one block
+table per group. A group of sliding-window layers only ever reads the last `window` keys, so
+its pages behind the window go back to the pool as the sequence advances (entry NO_BLOCK in
+the table). Llama-style models have a single group of all layers.
+
+Prefix caching: a block that fills up is registered under a hash of its tokens and of every
+token before it (the previous block's hash chains in), per group. A new sequence whose prompt
+starts with the same tokens takes those pages instead of computing them again. Pages nobody
+references stay cached until the pool needs them; the least recently freed goes first.
 """
 
 from __future__ import annotations
@@ -13,26 +19,30 @@ from collections import OrderedDict
 
 from jisu.engine.sequence import Sequence
 
+NO_BLOCK = -1     # a window group's entry for a block behind the window (its page was freed)
+
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+    __slots__ = ("block_id", "ref_count", "key", "token_ids")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
-        self.hash: int | None = None             # set while the block is registered as cached
-        self.token_ids: tuple[int, ...] = ()     # its tokens, checked on a hit (hashes can collide)
+        self.key: tuple[int, int] | None = None   # (group, prefix hash) while registered as cached
+        self.token_ids: tuple[int, ...] = ()      # its tokens, checked on a hit (hashes can collide)
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 windows: list[int | None] | None = None):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.windows = windows or [None]              # one entry per KV group
         self.blocks = [Block(i) for i in range(num_blocks)]
-        # unreferenced blocks in eviction order: empty ones first, then cached ones, least
+        # unreferenced pages in eviction order: empty ones first, then cached ones, least
         # recently freed first
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.cached: dict[int, int] = {}         # prefix hash -> block id
+        self.cached: dict[tuple[int, int], int] = {}   # (group, prefix hash) -> page
         self.num_queried_tokens = 0              # prompt tokens looked up in the prefix cache
         self.num_hit_tokens = 0                  # ... and found there
 
@@ -44,9 +54,27 @@ class BlockManager:
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self.free_blocks)
 
+    def _first_needed(self, group: int, num_computed: int) -> int:
+        """Index of the first block a group still reads once `num_computed` tokens are cached:
+        the next query, at position num_computed, sees keys from num_computed - window + 1."""
+        window = self.windows[group]
+        return 0 if window is None else max(0, num_computed - window + 1) // self.block_size
+
+    def pages_for(self, num_tokens: int, chunk: int) -> int:
+        """Pages one sequence of num_tokens tokens needs at most (prefilled `chunk` at a time)."""
+        n = -(-num_tokens // self.block_size)
+        return sum(n if w is None else min(n, -(-(w + chunk) // self.block_size) + 1) for w in self.windows)
+
+    def _init_tables(self, seq: Sequence) -> None:
+        if not seq.block_tables:
+            seq.block_tables = [[] for _ in self.windows]
+
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        """Extra blocks `seq` needs to hold `num_tokens` tokens."""
-        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+        """Extra pages `seq` needs to hold `num_tokens` tokens."""
+        n = -(-num_tokens // self.block_size)
+        if not seq.block_tables:
+            return len(self.windows) * n
+        return sum(max(0, n - len(t)) for t in seq.block_tables)
 
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
         return self.blocks_needed(seq, num_tokens) <= self.num_free_blocks
@@ -54,30 +82,55 @@ class BlockManager:
     def _hash(self, prev: int | None, tokens: tuple[int, ...]) -> int:
         return hash((prev, tokens))
 
+    def _lookup(self, group: int, h: int, tokens: tuple[int, ...]) -> int | None:
+        block_id = self.cached.get((group, h))
+        if block_id is None or self.blocks[block_id].token_ids != tokens:
+            return None
+        return block_id
+
+    def _take(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_blocks[block_id]
+        block.ref_count += 1
+
     def match_prefix(self, seq: Sequence) -> int:
-        """Gives a sequence that holds no blocks the cached blocks its tokens start with, and
+        """Gives a sequence that holds no pages the cached pages its tokens start with, and
         marks their tokens computed. Returns the number of tokens reused.
 
         Only blocks wholly before the last token count: that token is always computed, since
-        its logits are what the step is for."""
-        assert not seq.block_table, "match_prefix: the sequence already holds blocks"
+        its logits are what the step is for. A window group needs only the blocks its next
+        query can see, so a hit is the longest prefix whose full-attention blocks are all
+        cached and whose window groups have their last blocks cached."""
+        assert not any(seq.block_tables), "match_prefix: the sequence already holds pages"
+        self._init_tables(seq)
+        self.num_queried_tokens += seq.num_tokens
         if not self.enable_prefix_caching:
             return 0
-        bs, h = self.block_size, None
+        bs, h, hashes, found = self.block_size, None, [], []
+        full = [g for g, w in enumerate(self.windows) if w is None]
         for i in range((seq.num_tokens - 1) // bs):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             h = self._hash(h, tokens)
-            block_id = self.cached.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+            ids = [self._lookup(g, h, tokens) for g in range(len(self.windows))]
+            if any(ids[g] is None for g in full):
                 break
-            block = self.blocks[block_id]
-            if block.ref_count == 0:
-                del self.free_blocks[block_id]
-            block.ref_count += 1
-            seq.block_table.append(block_id)
-            seq.block_hashes.append(h)
-        seq.num_computed_tokens = len(seq.block_table) * bs
-        self.num_queried_tokens += seq.num_tokens
+            hashes.append(h)
+            found.append(ids)
+        k = len(found)                               # longest run the full groups allow
+        while k > 0 and any(found[i][g] is None for g, w in enumerate(self.windows) if w is not None
+                            for i in range(self._first_needed(g, k * bs), k)):
+            k -= 1
+        for g in range(len(self.windows)):
+            first = self._first_needed(g, k * bs)
+            for i in range(k):
+                if i < first:
+                    seq.block_tables[g].append(NO_BLOCK)
+                else:
+                    self._take(found[i][g])
+                    seq.block_tables[g].append(found[i][g])
+        seq.block_hashes = hashes[:k]
+        seq.num_computed_tokens = k * bs
         self.num_hit_tokens += seq.num_computed_tokens
         return seq.num_computed_tokens
 
@@ -85,48 +138,58 @@ class BlockManager:
         n = self.blocks_needed(seq, num_tokens)
         if n > self.num_free_blocks:
             raise RuntimeError(f"KV cache out of blocks: need {n}, have {self.num_free_blocks}")
-        for _ in range(n):
-            block_id, _ = self.free_blocks.popitem(last=False)
-            block = self.blocks[block_id]
-            if block.hash is not None:           # evict its cached content
-                if self.cached.get(block.hash) == block_id:
-                    del self.cached[block.hash]
-                block.hash, block.token_ids = None, ()
-            block.ref_count = 1
-            seq.block_table.append(block_id)
+        self._init_tables(seq)
+        want = -(-num_tokens // self.block_size)
+        for table in seq.block_tables:
+            while len(table) < want:
+                block_id, _ = self.free_blocks.popitem(last=False)
+                block = self.blocks[block_id]
+                if block.key is not None:           # evict its cached content
+                    if self.cached.get(block.key) == block_id:
+                        del self.cached[block.key]
+                    block.key, block.token_ids = None, ()
+                block.ref_count = 1
+                table.append(block_id)
 
-    def cache_full_blocks(self, seq: Sequence) -> None:
-        """Registers the sequence's blocks that are full of computed tokens."""
-        if not self.enable_prefix_caching:
-            return
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_blocks[block_id] = None
+            if block.key is None:                # nothing worth keeping: reuse it first
+                self.free_blocks.move_to_end(block_id, last=False)
+
+    def after_step(self, seq: Sequence) -> None:
+        """Registers the sequence's newly full blocks for prefix caching, then frees the pages
+        its window groups can no longer see."""
         bs = self.block_size
-        for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            h = self._hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
-            seq.block_hashes.append(h)
-            if h not in self.cached:             # an identical block may already be cached
-                block = self.blocks[seq.block_table[i]]
-                block.hash, block.token_ids = h, tokens
-                self.cached[h] = block.block_id
+        if self.enable_prefix_caching:
+            for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
+                tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+                h = self._hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+                seq.block_hashes.append(h)
+                for g, table in enumerate(seq.block_tables):
+                    if table[i] != NO_BLOCK and (g, h) not in self.cached:   # an identical page may be cached
+                        block = self.blocks[table[i]]
+                        block.key, block.token_ids = (g, h), tokens
+                        self.cached[(g, h)] = block.block_id
+        for g, table in enumerate(seq.block_tables):
+            if self.windows[g] is None:
+                continue
+            for i in range(self._first_needed(g, seq.num_computed_tokens)):
+                if table[i] != NO_BLOCK:
+                    self._release(table[i])
+                    table[i] = NO_BLOCK
 
     def free(self, seq: Sequence) -> None:
-        # the tail goes first: a cached block is only useful while the blocks before it are
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_blocks[block_id] = None
-                if block.hash is None:           # nothing worth keeping: reuse it first
-                    self.free_blocks.move_to_end(block_id, last=False)
-        seq.block_table = []
+        # the tail goes first: a cached page is only useful while the pages before it are
+        for table in seq.block_tables:
+            for block_id in reversed(table):
+                if block_id != NO_BLOCK:
+                    self._release(block_id)
+        seq.block_tables = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
-
-    def reset_prefix_cache(self) -> None:
-        for block_id in self.free_blocks:
-            block = self.blocks[block_id]
-            block.hash, block.token_ids = None, ()
-        self.cached = {h: b for h, b in self.cached.items() if self.blocks[b].ref_count > 0}
 
     @property
     def hit_rate(self) -> float:

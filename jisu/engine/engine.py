@@ -25,14 +25,28 @@ class StepOutput:
 class LLMEngine:
     def __init__(self, model, model_cfg: ModelConfig, tokenizer: Tokenizer, cfg: EngineConfig):
         self.model_cfg, self.tokenizer, self.cfg = model_cfg, tokenizer, cfg
-        bytes_per_token = 2 * model_cfg.n_layers * model_cfg.n_kv_heads * model_cfg.head_dim * 4
-        num_blocks = max(2, cfg.kv_cache_bytes() // (bytes_per_token * cfg.block_size))
-        capacity = num_blocks * cfg.block_size
-        self.max_model_len = min(cfg.model_len(model_cfg.context_length), capacity)
-        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        groups = model_cfg.kv_groups()
+        # a page: block_size tokens of K and V for the layers of one group
+        page_bytes = 2 * len(groups[0][0]) * model_cfg.n_kv_heads * model_cfg.head_dim * 4 * cfg.block_size
+        num_blocks = max(2 * len(groups), cfg.kv_cache_bytes() // page_bytes)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching,
+                                          windows=[w for _, w in groups])
+        self.max_model_len = self._capacity(cfg.model_len(model_cfg.context_length))
         self.scheduler = Scheduler(cfg, self.block_manager)
         self.runner = ModelRunner(model, model_cfg, num_blocks, cfg.block_size)
         self.sequences: dict[str, list[Sequence]] = {}
+
+    def _capacity(self, longest: int) -> int:
+        """The longest sequence (up to `longest`) whose pages fit the pool when it is alone."""
+        bm, chunk = self.block_manager, self.cfg.max_num_batched_tokens
+        lo, hi = 0, longest
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if bm.pages_for(mid, chunk) <= bm.num_blocks:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
@@ -78,7 +92,7 @@ class LLMEngine:
             return []
         ready, logits = self.runner.run(seqs)
         for seq in seqs:
-            self.block_manager.cache_full_blocks(seq)
+            self.block_manager.after_step(seq)
         if not ready:                     # only partial prompt chunks this step
             return []
         if self.model_cfg.vocab_size > self.tokenizer.vocab_size:

@@ -8,48 +8,61 @@ from torch import nn
 
 from jisu.config import ModelConfig
 from jisu.engine.sequence import Sequence
-from jisu.model.layers import Attention, AttentionMetadata, PrefillSegment
+from jisu.model.layers import Attention, AttentionMetadata, KVGroupSlots, PrefillSegment
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, cfg: ModelConfig, num_blocks: int, block_size: int):
         self.model, self.cfg, self.block_size = model, cfg, block_size
+        groups = cfg.kv_groups()
         num_slots = num_blocks * block_size
         self.scratch_slot = num_slots      # decode rows pad their key slots with it; never attended
-        shape = (cfg.n_layers, 2, num_slots + 1, cfg.n_kv_heads, cfg.head_dim)
+        self.num_groups = len(groups)
+        # a page holds block_size tokens for the layers of one group: layer j of every group
+        # shares kv_cache[j], each group writing only the pages its block tables own
+        shape = (len(groups[0][0]), 2, num_slots + 1, cfg.n_kv_heads, cfg.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=torch.float32)
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         assert len(layers) == cfg.n_layers
-        for i, attn in enumerate(layers):
-            attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+        for g, (members, _window) in enumerate(groups):
+            for j, i in enumerate(members):
+                layers[i].k_cache, layers[i].v_cache = self.kv_cache[j, 0], self.kv_cache[j, 1]
+                layers[i].kv_group = g
 
-    def _slots(self, seq: Sequence, end: int) -> torch.Tensor:
-        """Cache slots of the sequence's tokens 0..end-1, through its block table."""
+    def _slots(self, table: list[int], end: int) -> torch.Tensor:
+        """Cache slots of tokens 0..end-1 through one block table; freed blocks (NO_BLOCK)
+        map to the scratch slot."""
         pos = torch.arange(end)
-        table = torch.tensor(seq.block_table, dtype=torch.long)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+        pages = torch.tensor(table, dtype=torch.long)[pos // self.block_size]
+        slots = pages * self.block_size + pos % self.block_size
+        return slots if self.num_groups == 1 else slots.masked_fill_(pages < 0, self.scratch_slot)
 
     def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, AttentionMetadata]:
         """seqs: one-token sequences first, then the multi-token ones (see `order`)."""
-        ids, positions, slot_mapping = [], [], []
+        ids, positions = [], []
         decodes = [s for s in seqs if s.num_scheduled_tokens == 1]
         L = max((s.num_computed_tokens + 1 for s in decodes), default=0)
-        decode_slots = torch.full((len(decodes), L), self.scratch_slot, dtype=torch.long)
+        groups = [KVGroupSlots([], torch.full((len(decodes), L), self.scratch_slot, dtype=torch.long), [])
+                  for _ in range(self.num_groups)]
         prefills, row = [], 0
         for b, seq in enumerate(seqs):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
-            slots = self._slots(seq, end)
             ids.extend(seq.token_ids[start:end])
             pos = torch.arange(start, end)
             positions.append(pos)
-            slot_mapping.append(slots[start:])
-            if end - start == 1:
-                decode_slots[b, :end] = slots
-            else:
-                prefills.append(PrefillSegment(row, row + end - start, slots, pos))
+            for group, table in zip(groups, seq.block_tables):
+                slots = self._slots(table, end)
+                group.slot_mapping.append(slots[start:])
+                if end - start == 1:
+                    group.decode_slots[b, :end] = slots
+                else:
+                    group.prefill_slots.append(slots)
+            if end - start > 1:
+                prefills.append(PrefillSegment(row, row + end - start, pos, end))
             row += end - start
-        meta = AttentionMetadata(torch.cat(positions)[None], torch.cat(slot_mapping), num_decode=len(decodes),
-                                 decode_slots=decode_slots,
+        for group in groups:
+            group.slot_mapping = torch.cat(group.slot_mapping)
+        meta = AttentionMetadata(torch.cat(positions)[None], groups, num_decode=len(decodes),
                                  decode_lens=torch.tensor([s.num_computed_tokens + 1 for s in decodes]),
                                  prefills=prefills)
         return torch.tensor(ids, dtype=torch.long)[None], meta

@@ -30,7 +30,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0                # tokens whose K/V are in the cache
         self.num_scheduled_tokens = 0               # tokens the current step computes
-        self.block_table: list[int] = []
+        self.block_tables: list[list[int]] = []     # one per KV group (see BlockManager)
         self.block_hashes: list[int] = []           # prefix hashes of the full blocks, in order
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None

@@ -132,8 +132,18 @@ class PrefillSegment:
 
     start: int
     end: int
-    slots: torch.Tensor         # [L] cache slots of all keys the segment sees (L = start_pos + T)
     positions: torch.Tensor     # [T] absolute positions of the new tokens
+    context_len: int            # keys the segment sees: positions 0 .. context_len-1
+
+
+@dataclass
+class KVGroupSlots:
+    """Cache slots for the layers of one KV group (see BlockManager): each group has its own
+    block tables, so its own slots. Slots of blocks a window group freed are the scratch slot."""
+
+    slot_mapping: torch.Tensor          # [N] slot each new token's k/v is written to
+    decode_slots: torch.Tensor          # [num_decode, L] slot of key j (scratch past the end)
+    prefill_slots: list[torch.Tensor]   # per prefill segment, [context_len] slots of its keys
 
 
 @dataclass
@@ -142,14 +152,13 @@ class AttentionMetadata:
 
     The step's new tokens are flattened into one row of N tokens ([1, N]): first the
     sequences that add one token (decodes), then one segment per sequence that adds several
-    (prefill chunks). Decode rows read their keys in place through `decode_slots`; each
+    (prefill chunks). Decode rows read their keys in place through their slots; each
     prefill segment attends causally over its gathered keys.
     """
 
-    positions: torch.Tensor     # [1, N] absolute position of each new token
-    slot_mapping: torch.Tensor  # [N] cache slot each new token's k/v is written to
+    positions: torch.Tensor                # [1, N] absolute position of each new token
+    groups: list[KVGroupSlots]             # indexed by Attention.kv_group
     num_decode: int = 0
-    decode_slots: torch.Tensor | None = None   # [num_decode, L]: slot of key j (scratch slot past the end)
     decode_lens: torch.Tensor | None = None    # [num_decode] keys each decode row sees
     prefills: list[PrefillSegment] = field(default_factory=list)
     cache: dict = field(default_factory=dict)   # per-step values shared by the layers
@@ -158,7 +167,7 @@ class AttentionMetadata:
         """[num_decode, 1, 1, L] bool (True = attend) for the PyTorch decode path."""
         key = ("decode_mask", window)
         if key not in self.cache:
-            j = torch.arange(self.decode_slots.shape[1])[None, :]
+            j = torch.arange(self.groups[0].decode_slots.shape[1])[None, :]
             n = self.decode_lens[:, None]
             ok = j < n
             if window:
@@ -172,12 +181,12 @@ class AttentionMetadata:
         key = ("prefill_mask", i, window)
         if key not in self.cache:
             seg = self.prefills[i]
-            L = seg.slots.shape[0]
-            q_pos = seg.positions[:, None]
-            k_pos = torch.arange(L)[None, :]
+            L = seg.context_len
             if L == seg.positions.shape[0] and (not window or L <= window):
                 self.cache[key] = None
             else:
+                q_pos = seg.positions[:, None]
+                k_pos = torch.arange(L)[None, :]
                 ok = k_pos <= q_pos
                 if window:
                     ok &= k_pos > q_pos - window
@@ -202,6 +211,7 @@ class Attention(nn.Module):
         self.rotary, self.scale, self.window = rotary, scale, window
         self.k_cache: torch.Tensor | None = None   # [num_slots, n_kv_heads, head_dim], set by the runner
         self.v_cache: torch.Tensor | None = None
+        self.kv_group = 0                          # which block tables address the cache, set by the runner
         self.ops = None                            # compiled kernels, set by the loader
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -213,35 +223,36 @@ class Attention(nn.Module):
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         q, k = self.rotary.apply(q, k, meta)
 
-        self.k_cache.index_copy_(0, meta.slot_mapping, k.reshape(B * T, self.n_kv_heads, self.head_dim))
-        self.v_cache.index_copy_(0, meta.slot_mapping, v.reshape(B * T, self.n_kv_heads, self.head_dim))
+        slots = meta.groups[self.kv_group]
+        self.k_cache.index_copy_(0, slots.slot_mapping, k.reshape(B * T, self.n_kv_heads, self.head_dim))
+        self.v_cache.index_copy_(0, slots.slot_mapping, v.reshape(B * T, self.n_kv_heads, self.head_dim))
         q = q.view(B * T, self.n_heads, self.head_dim)
         nd = meta.num_decode
         if nd == B * T:
-            out = self._decode(q, meta)
+            out = self._decode(q, slots, meta)
         else:
             out = torch.empty_like(q)
             if nd:
-                out[:nd] = self._decode(q[:nd], meta)
+                out[:nd] = self._decode(q[:nd], slots, meta)
             for i, seg in enumerate(meta.prefills):
-                out[seg.start:seg.end] = self._prefill(q[seg.start:seg.end], i, seg, meta)
+                out[seg.start:seg.end] = self._prefill(q[seg.start:seg.end], i, slots.prefill_slots[i], meta)
         return self.attn_output(out.view(B, T, -1))
 
-    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, slots: KVGroupSlots, meta: AttentionMetadata) -> torch.Tensor:
         """q [D, H, hd] -> [D, H, hd]: one query per sequence, keys read through the slots."""
         if self.ops is not None:
-            return self.ops.paged_attention_decode(q, self.k_cache, self.v_cache, meta.decode_slots,
+            return self.ops.paged_attention_decode(q, self.k_cache, self.v_cache, slots.decode_slots,
                                                    meta.decode_lens, self.scale, self.window or 0)
-        keys = self.k_cache[meta.decode_slots].transpose(1, 2)       # [D, KVH, L, hd]
-        values = self.v_cache[meta.decode_slots].transpose(1, 2)
+        keys = self.k_cache[slots.decode_slots].transpose(1, 2)      # [D, KVH, L, hd]
+        values = self.v_cache[slots.decode_slots].transpose(1, 2)
         out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=meta.decode_mask(self.window),
                                              scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
         return out[:, :, 0]
 
-    def _prefill(self, q: torch.Tensor, i: int, seg: PrefillSegment, meta: AttentionMetadata) -> torch.Tensor:
+    def _prefill(self, q: torch.Tensor, i: int, key_slots: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, H, hd] of one sequence's new tokens -> [T, H, hd], causal over its keys."""
-        keys = self.k_cache[seg.slots].transpose(0, 1)[None]         # [1, KVH, L, hd]
-        values = self.v_cache[seg.slots].transpose(0, 1)[None]
+        keys = self.k_cache[key_slots].transpose(0, 1)[None]         # [1, KVH, L, hd]
+        values = self.v_cache[key_slots].transpose(0, 1)[None]
         mask = meta.prefill_mask(i, self.window)
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask,
                                              is_causal=mask is None, scale=self.scale,
