@@ -121,3 +121,29 @@ def test_rope_equals_torch_path(interleaved):
     got_q, got_k = rot.apply(q.clone(), k.clone(), meta)
     torch.testing.assert_close(got_q, want_q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_fused_decode_block_equals_python_block(tmp_path, arch):
+    from gguf_factory import write_tiny_gemma3, write_tiny_llama
+    from jisu import LLM, SamplingParams
+    writer = write_tiny_llama if arch == "llama" else write_tiny_gemma3
+    # no prefix caching: the second run must compute its prompts exactly as the first did
+    llm = LLM(str(writer(tmp_path / "m.gguf", qtype=Q.Q4_1)), progress=False, kernels=True,
+              enable_prefix_caching=False)
+    fused = [b.fused for b in llm.model.blk]
+    assert all(f is not None for f in fused)
+    calls = []
+    for f in fused:
+        f.ops = type("Counting", (), {"decode_block": lambda self, *a, _o=f.ops: (calls.append(1), _o.decode_block(*a))[1]})()
+    prompts = ["the cat sat on the mat", "a b c", "hello there friend"]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=3)
+    on = llm.generate(prompts, params, use_tqdm=False)
+    assert len(calls) >= 19 * len(fused)          # every decode step went through the fused blocks
+    for b in llm.model.blk:
+        b.fused = None
+    off = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in on] == [o.token_ids for o in off]
+    # same kernels in the same order: the same numbers
+    assert [[lp["logprob"] for lp in o.outputs[0].logprobs] for o in on] == \
+           [[lp["logprob"] for lp in o.outputs[0].logprobs] for o in off]

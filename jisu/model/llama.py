@@ -20,8 +20,11 @@ class LlamaBlock(nn.Module):
         self.ffn_gate = Linear(cfg.d_model, cfg.d_ff)
         self.ffn_up = Linear(cfg.d_model, cfg.d_ff)
         self.ffn_down = Linear(cfg.d_ff, cfg.d_model)
+        self.fused = None          # one C++ call per decode step (model/fused.py), set by the loader
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.fused is not None and self.fused.applies(x, meta):
+            return self.fused(x, meta)
         x = x + self.attn(self.attn_norm(x), meta)
         h = self.ffn_norm(x)
         return x + self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))

@@ -522,8 +522,49 @@ void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Ten
     }
 }
 
+// One transformer block for B decoding sequences (one new token each) in a single call. The
+// same kernels the Python block calls, in the same order (so the same numbers), without the
+// ~15 Python-level dispatches per block that dominate a small model's decode step otherwise.
+// w: attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down (GGUF blocks, types in
+// qtypes). norms: attn_norm, ffn_norm, and for Gemma (gemma=true) attn_q_norm, attn_k_norm,
+// post_attention_norm, post_ffw_norm; Gemma also uses GELU(tanh) where Llama uses SiLU.
+torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::vector<int64_t> qtypes,
+                           std::vector<torch::Tensor> norms, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                           double eps, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping,
+                           torch::Tensor decode_slots, torch::Tensor decode_lens, torch::Tensor positions,
+                           torch::Tensor cos, torch::Tensor sin, bool interleaved, double scale, int64_t window,
+                           bool gemma) {
+    TORCH_CHECK(x.dim() == 2 && w.size() == 7 && qtypes.size() == 7 && norms.size() == (gemma ? 6u : 2u),
+                "decode_block: x [B, D], 7 weights, 2 (llama) or 6 (gemma) norms");
+    const int64_t B = x.size(0), D = x.size(1), HD = n_heads * head_dim;
+    auto h = rms_norm(x, norms[0], eps);
+    auto q = qmatmul(h, w[0], qtypes[0], D).view({1, B, n_heads, head_dim});
+    auto k = qmatmul(h, w[1], qtypes[1], D).view({1, B, n_kv_heads, head_dim});
+    auto v = qmatmul(h, w[2], qtypes[2], D).view({B, n_kv_heads, head_dim});
+    if (gemma) {
+        q = rms_norm(q, norms[2], eps);
+        k = rms_norm(k, norms[3], eps);
+    }
+    rope_(q, k, positions, cos, sin, interleaved);
+    k_cache.index_copy_(0, slot_mapping, k.view({B, n_kv_heads, head_dim}));
+    v_cache.index_copy_(0, slot_mapping, v);
+    auto a = paged_attention_decode(q.view({B, n_heads, head_dim}), k_cache, v_cache, decode_slots, decode_lens,
+                                    scale, window);
+    auto o = qmatmul(a.view({B, HD}), w[3], qtypes[3], HD);
+    if (gemma) o = rms_norm(o, norms[4], eps);
+    x = x + o;
+    h = rms_norm(x, norms[1], eps);
+    auto g = qmatmul(h, w[4], qtypes[4], D);
+    auto u = qmatmul(h, w[5], qtypes[5], D);
+    g = (gemma ? at::gelu(g, "tanh") : at::silu(g)) * u;
+    auto d = qmatmul(g, w[6], qtypes[6], g.size(1));
+    if (gemma) d = rms_norm(d, norms[5], eps);
+    return x + d;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rope_", &rope_, "rotary embedding, in place on q and k");
+    m.def("decode_block", &decode_block, "one transformer block for decoding sequences");
     m.def("paged_attention_decode", &paged_attention_decode, "one-token attention through block tables");
     m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
     m.def("qmatmul", &qmatmul, "y = x @ dequant(W)^T for GGUF-quantized W");

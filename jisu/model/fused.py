@@ -1,0 +1,54 @@
+"""Decode steps through one C++ call per block (`decode_block` in kernels/cpu/qmatmul.cpp).
+
+A Python block issues ~15 dispatches per layer; at one token per sequence they cost a small
+model about as much as its matmuls. The fused call runs the same kernels in the same order,
+so the numbers are the same (tested). The loader attaches one to every block whose weights
+all stay quantized for the kernels; a block uses it when the whole step is decodes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from jisu.model.layers import AttentionMetadata, QLinear
+
+
+class FusedDecode:
+    def __init__(self, block, gemma: bool, ops):
+        a = block.attn
+        linears = [a.attn_q, a.attn_k, a.attn_v, a.attn_output, block.ffn_gate, block.ffn_up, block.ffn_down]
+        assert all(isinstance(m, QLinear) for m in linears)
+        self.attn, self.ops, self.gemma = a, ops, gemma
+        self.weights = [m.qweight for m in linears]
+        self.qtypes = [m.qtype for m in linears]
+        norms = [block.attn_norm, block.ffn_norm]
+        if gemma:
+            norms += [a.attn_q_norm, a.attn_k_norm, block.post_attention_norm, block.post_ffw_norm]
+        self.norms = [n.weight for n in norms]
+        self.eps = block.attn_norm.eps
+
+    def applies(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
+        # the Python path hands more than QLinear.small_m rows to MKL: stay on it there
+        return meta.num_decode == x.shape[1] <= QLinear.small_m
+
+    def __call__(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        a = self.attn
+        slots = meta.groups[a.kv_group]
+        out = self.ops.decode_block(
+            x[0], self.weights, self.qtypes, self.norms, a.n_heads, a.n_kv_heads, a.head_dim, self.eps,
+            a.k_cache, a.v_cache, slots.slot_mapping, slots.decode_slots, meta.decode_lens, meta.positions,
+            a.rotary.cos, a.rotary.sin, a.rotary.interleaved, a.scale, a.window or 0, self.gemma)
+        return out[None]
+
+
+def attach(model, ops) -> int:
+    """Gives each block whose seven matrices are QLinear a FusedDecode; returns how many."""
+    gemma = model.cfg.arch == "gemma3"
+    n = 0
+    for block in model.blk:
+        a = block.attn
+        if all(isinstance(m, QLinear) for m in (a.attn_q, a.attn_k, a.attn_v, a.attn_output, block.ffn_gate,
+                                                  block.ffn_up, block.ffn_down)):
+            block.fused = FusedDecode(block, gemma, ops)
+            n += 1
+    return n
