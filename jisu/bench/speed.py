@@ -30,7 +30,8 @@ def _median_rate(n: int, times: list[float]) -> float:
 def bench_jisu(path: str, prompt_ids: list[int], n_decode: int, repeats: int, threads: int) -> SpeedResult:
     from jisu import LLM, SamplingParams
     t0 = time.perf_counter()
-    llm = LLM(path, num_threads=threads, progress=False)
+    # no prefix caching: every repeat must prefill the same prompt from scratch
+    llm = LLM(path, num_threads=threads, progress=False, enable_prefix_caching=False)
     load = time.perf_counter() - t0
     step = llm.engine.step
     prefill, decode = [], []
