@@ -206,15 +206,23 @@ def perplexity(file, model, threads, ctx):
 @click.option("--decode-tokens", type=click.IntRange(min=2), default=64, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
-def bench(model, compare, prompt_tokens, decode_tokens, repeats, threads):
+@click.option("--chart", default=None, help="PNG chart path [default: bench-MODEL.png]")
+@click.option("--no-chart", is_flag=True)
+def bench(model, compare, prompt_tokens, decode_tokens, repeats, threads, chart, no_chart):
     """Decode and prefill tokens/s of jisu next to llama.cpp and transformers (medians, ratios)."""
     from jisu.bench import speed
     from jisu.registry import resolve
     path = str(resolve(model))
+    chart = None if no_chart else chart or f"bench-{model or DEFAULT_MODEL}.png".replace("/", "_")
     results = speed.run(path, [c.strip() for c in compare.split(",") if c.strip()], prompt_tokens,
                         decode_tokens, repeats, threads, echo=lambda m: click.echo(m, err=True))
-    click.echo(speed.table(results, f"{model or DEFAULT_MODEL}: {prompt_tokens}-token prompt, "
-                                    f"{decode_tokens} decoded tokens, median of {repeats}"))
+    title = f"{model or DEFAULT_MODEL}: {prompt_tokens}-token prompt, {decode_tokens} decoded tokens, median of {repeats}"
+    click.echo(speed.table(results, title))
+    if chart:
+        if speed.chart(results, title, chart):
+            click.echo(f"chart written to {chart}", err=True)
+        else:
+            click.echo("matplotlib is not installed: no chart (pip install matplotlib)", err=True)
 
 
 if __name__ == "__main__":

@@ -55,3 +55,16 @@ def test_models_and_help(home):
     assert res.returncode == 0 and "smollm2-135m-instruct" in res.stdout and "gemma3-270m" in res.stdout
     for cmd in ["run", "chat", "pull", "perplexity", "bench", "models"]:
         assert jisu([cmd, "--help"], home).returncode == 0
+
+
+def test_bench_reports_ttft_rss_and_writes_chart(tiny_llama_path, home, tmp_path):
+    png = tmp_path / "bench.png"
+    r = jisu(["bench", "-m", str(tiny_llama_path), "--compare", "", "--repeats", "1", "--prompt-tokens", "32",
+              "--decode-tokens", "4", "--chart", str(png)], home)
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| jisu |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    decode, prefill, ttft_ms, rss_mb = (float(c) for c in cells[1:5])
+    assert decode > 0 and prefill > 0 and ttft_ms > 0
+    assert 50 < rss_mb < 4000                      # the child process's own peak, in MB
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

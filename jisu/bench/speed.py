@@ -1,5 +1,6 @@
 """Decode and prefill speed of jisu, llama.cpp (llama-cpp-python) and transformers, on the same
-token ids in one process, with medians over repeats and ratios."""
+token ids, with medians over repeats and ratios. Each engine runs in a child process of its
+own, so its peak RSS is its own; energy comes from RAPL where the machine exposes it."""
 
 from __future__ import annotations
 
@@ -21,6 +22,21 @@ class SpeedResult:
     prefill_tok_s: float      # prompt tokens per second (time to first token)
     load_s: float
     detail: str = ""
+    ttft_s: float = 0.0       # median time from the prompt to its first token
+    peak_rss_mb: float = 0.0  # the engine's process, model loaded and run
+    joules_per_token: float | None = None   # RAPL package energy / tokens processed, if exposed
+
+
+RAPL = Path("/sys/class/powercap")
+
+
+def rapl_joules() -> float | None:
+    """Package energy counters summed, in joules; None where RAPL is not readable."""
+    files = sorted(RAPL.glob("intel-rapl:[0-9]*/energy_uj")) if RAPL.is_dir() else []
+    try:
+        return sum(int(f.read_text()) for f in files) / 1e6 if files else None
+    except (OSError, ValueError):
+        return None
 
 
 def _median_rate(n: int, times: list[float]) -> float:
@@ -51,7 +67,7 @@ def bench_jisu(path: str, prompt_ids: list[int], n_decode: int, repeats: int, th
         llm.engine.release("bench")
     how = "GGUF blocks + C++ kernels" if llm.kernels else "dense fp32 (PyTorch path)"
     return SpeedResult("jisu", _median_rate(n_decode - 1, decode), _median_rate(len(prompt_ids), prefill), load,
-                       f"{how}, fp32 activations, {threads} threads")
+                       f"{how}, fp32 activations, {threads} threads", statistics.median(prefill))
 
 
 def bench_llama_cpp(path: str, prompt_ids: list[int], n_decode: int, repeats: int, threads: int) -> SpeedResult:
@@ -75,7 +91,7 @@ def bench_llama_cpp(path: str, prompt_ids: list[int], n_decode: int, repeats: in
             tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         decode.append(time.perf_counter() - t)
     return SpeedResult("llama.cpp", _median_rate(n_decode - 1, decode), _median_rate(len(prompt_ids), prefill), load,
-                       f"llama-cpp-python {llama_cpp.__version__}, {threads} threads")
+                       f"llama-cpp-python {llama_cpp.__version__}, {threads} threads", statistics.median(prefill))
 
 
 def bench_transformers(path: str, prompt_ids: list[int], n_decode: int, repeats: int, threads: int) -> SpeedResult:
@@ -104,22 +120,39 @@ def bench_transformers(path: str, prompt_ids: list[int], n_decode: int, repeats:
                 tok = out.logits[0, -1].argmax()
             decode.append(time.perf_counter() - t)
     return SpeedResult("transformers", _median_rate(n_decode - 1, decode), _median_rate(len(prompt_ids), prefill), load,
-                       f"transformers {transformers.__version__}, fp32, {threads} threads")
+                       f"transformers {transformers.__version__}, fp32, {threads} threads", statistics.median(prefill))
 
 
 BENCHES = {"jisu": bench_jisu, "llama.cpp": bench_llama_cpp, "transformers": bench_transformers}
 MODULES = {"llama.cpp": "llama_cpp", "transformers": "transformers"}
 
 
+def _child(name: str, args: tuple, out) -> None:
+    import resource
+    try:
+        e0 = rapl_joules()
+        res = BENCHES[name](*args)
+        e1 = rapl_joules()
+        _, ids, n_decode, repeats, _ = args
+        if e0 is not None and e1 is not None and e1 >= e0:
+            res.joules_per_token = (e1 - e0) / (repeats * (len(ids) + n_decode + 16))
+        res.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out.put(res)
+    except BaseException as e:   # reported by the parent
+        out.put(f"{type(e).__name__}: {e}")
+
+
 def run(path: str, compare: list[str], prompt_tokens: int = 512, n_decode: int = 64, repeats: int = 5,
         threads: int = 2, echo=print) -> list[SpeedResult]:
     import importlib.util
+    import multiprocessing as mp
 
     from jisu.loader import read_gguf
     from jisu.tokenizer import Tokenizer
     text = PROMPT_FILE.read_text() if PROMPT_FILE.exists() else FALLBACK_TEXT
     tok = Tokenizer.from_gguf(read_gguf(path))
     ids = tok.encode(text * 4, add_special=True)[:prompt_tokens]
+    ctx = mp.get_context("spawn")        # a fresh process per engine: its own memory, no shared threads
     results = []
     for name in ["jisu"] + [c for c in compare if c != "jisu"]:
         if name not in BENCHES:
@@ -129,16 +162,54 @@ def run(path: str, compare: list[str], prompt_tokens: int = 512, n_decode: int =
             echo(f"skipping {name}: python module '{MODULES[name]}' is not installed")
             continue
         echo(f"running {name} ...")
-        results.append(BENCHES[name](path, ids, n_decode, repeats, threads))
+        out = ctx.Queue()
+        proc = ctx.Process(target=_child, args=(name, (path, ids, n_decode, repeats, threads), out))
+        proc.start()
+        res = out.get()
+        proc.join()
+        if isinstance(res, str):
+            if name == "jisu":
+                raise RuntimeError(f"jisu benchmark failed: {res}")
+            echo(f"skipping {name}: it failed: {res}")
+            continue
+        results.append(res)
+    if rapl_joules() is None:
+        echo("energy: RAPL (/sys/class/powercap) is not exposed on this machine; J/token not measured")
     return results
 
 
 def table(results: list[SpeedResult], title: str) -> str:
     base = results[0]
     lines = [f"### {title}", "",
-             "| engine | decode tok/s | prefill tok/s | load s | jisu decode ratio | jisu prefill ratio | notes |",
-             "|---|---|---|---|---|---|---|"]
+             "| engine | decode tok/s | prefill tok/s | TTFT ms | peak RSS MB | J/token | load s | "
+             "jisu decode ratio | jisu prefill ratio | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r.engine} | {r.decode_tok_s:.1f} | {r.prefill_tok_s:.1f} | {r.load_s:.2f} | "
-                     f"{base.decode_tok_s / r.decode_tok_s:.2f}x | {base.prefill_tok_s / r.prefill_tok_s:.2f}x | {r.detail} |")
+        energy = "n/a" if r.joules_per_token is None else f"{r.joules_per_token:.3f}"
+        lines.append(f"| {r.engine} | {r.decode_tok_s:.1f} | {r.prefill_tok_s:.1f} | {r.ttft_s * 1e3:.0f} | "
+                     f"{r.peak_rss_mb:.0f} | {energy} | {r.load_s:.2f} | {base.decode_tok_s / r.decode_tok_s:.2f}x | "
+                     f"{base.prefill_tok_s / r.prefill_tok_s:.2f}x | {r.detail} |")
     return "\n".join(lines)
+
+
+def chart(results: list[SpeedResult], title: str, path: str) -> bool:
+    """Bar charts of decode and prefill tok/s per engine, as a PNG. False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    names = [r.engine for r in results]
+    for ax, attr, label in ((axes[0], "decode_tok_s", "decode tok/s"), (axes[1], "prefill_tok_s", "prefill tok/s")):
+        vals = [getattr(r, attr) for r in results]
+        bars = ax.bar(names, vals, color=["#c0392b"] + ["#7f8c8d"] * (len(vals) - 1))
+        ax.bar_label(bars, fmt="%.0f")
+        ax.set_title(label)
+        ax.set_ylim(0, max(vals) * 1.2)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

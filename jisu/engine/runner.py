@@ -21,7 +21,11 @@ class ModelRunner:
         # a page holds block_size tokens for the layers of one group: layer j of every group
         # shares kv_cache[j], each group writing only the pages its block tables own
         shape = (len(groups[0][0]), 2, num_slots + 1, cfg.n_kv_heads, cfg.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=torch.float32)
+        # empty, not zeros: the pool's pages stay unmapped until a sequence writes them, so memory
+        # follows use rather than the budget. Only the scratch slot is ever read unwritten (padding
+        # and freed window blocks, always masked out); it is zeroed so masked keys are not NaN.
+        self.kv_cache = torch.empty(shape, dtype=torch.float32)
+        self.kv_cache[:, :, self.scratch_slot] = 0
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         assert len(layers) == cfg.n_layers
         for g, (members, _window) in enumerate(groups):

@@ -7,8 +7,8 @@ QEmbedding); everything else is dequantized to dense float32 (or `dtype`).
 from __future__ import annotations
 
 import re
+import warnings
 
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 from torch import nn
@@ -32,8 +32,13 @@ def _module_name(gguf_name: str) -> str:
 
 
 def _qlinear(t: GGUFTensor, ops) -> QLinear:
-    blocks = torch.from_numpy(np.array(t.data)).view(t.shape[0], -1)   # copy out of the mmap
-    return QLinear(blocks, int(t.qtype), t.shape[1], ops)
+    # the blocks stay in the file's read-only mmap: no copy, and the page cache holds them once
+    # (a copy doubled the resident size: file pages touched while copying + the copy). Nothing
+    # ever writes to a weight.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        blocks = torch.from_numpy(t.data)
+    return QLinear(blocks.view(t.shape[0], -1), int(t.qtype), t.shape[1], ops)
 
 
 def load_model(g: GGUFFile, cfg: ModelConfig, max_len: int, dtype: torch.dtype = torch.float32,
