@@ -14,6 +14,10 @@ a token holding half of a UTF-8 character streams correctly.
 from __future__ import annotations
 
 import codecs
+import hashlib
+import json
+import os
+from pathlib import Path
 
 import jinja2
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer
@@ -80,6 +84,38 @@ def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> lis
     return [(m[3], m[4]) for m in merges]
 
 
+def _add_special(hf: HFTokenizer, tokens: list[str], types: list[int]) -> None:
+    hf.add_tokens([AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)
+                   for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)])
+
+
+def _cached(build, *inputs) -> HFTokenizer:
+    """build() once per distinct vocabulary, then from a JSON copy under $JISU_HOME/tokenizers.
+
+    A SentencePiece-style vocab has no merges: generating them from 262k scores (Gemma) takes
+    seconds, while loading the serialized tokenizer takes about a third of that. The key hashes
+    everything build() reads plus this file's source, so a changed vocab or a changed recipe
+    never meets a stale copy."""
+    from jisu.registry import jisu_home
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    for x in inputs:
+        h.update(json.dumps(x, separators=(",", ":")).encode())
+    path = jisu_home() / "tokenizers" / f"{h.hexdigest()[:32]}.json"
+    try:
+        return HFTokenizer.from_str(path.read_text())
+    except Exception:                # missing, unreadable or corrupt: rebuild
+        pass
+    hf = build()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(hf.to_str())
+        os.replace(tmp, path)
+    except OSError:
+        pass                         # a read-only cache only costs speed
+    return hf
+
+
 class Tokenizer:
     def __init__(self, hf: HFTokenizer, token_bytes: list[bytes], types: list[int], *,
                  bos_id: int | None, eos_id: int | None, add_bos: bool, add_eos: bool,
@@ -125,12 +161,18 @@ class Tokenizer:
         elif kind == "llama":
             scores = [float(s) for s in g.require("tokenizer.ggml.scores")]
             unk = g.get("tokenizer.ggml.unknown_token_id")
-            hf = HFTokenizer(models.BPE(vocab, _spm_merges(tokens, scores, types), byte_fallback=True,
-                                        unk_token=tokens[unk] if unk is not None else None))
-            norm = [normalizers.Replace(" ", "▁")]
-            if g.get("tokenizer.ggml.add_space_prefix", True):
-                norm.insert(0, normalizers.Prepend("▁"))
-            hf.normalizer = normalizers.Sequence(norm)
+            space_prefix = bool(g.get("tokenizer.ggml.add_space_prefix", True))
+
+            def build() -> HFTokenizer:
+                hf = HFTokenizer(models.BPE(vocab, _spm_merges(tokens, scores, types), byte_fallback=True,
+                                            unk_token=tokens[unk] if unk is not None else None))
+                norm = [normalizers.Replace(" ", "▁")]
+                if space_prefix:
+                    norm.insert(0, normalizers.Prepend("▁"))
+                hf.normalizer = normalizers.Sequence(norm)
+                _add_special(hf, tokens, types)
+                return hf
+            hf = _cached(build, tokens, scores, types, unk, space_prefix)
 
             def piece_bytes(i: int) -> bytes:
                 if types[i] == BYTE:
@@ -141,8 +183,8 @@ class Tokenizer:
         else:
             raise GGUFError(f"{g.path}: unsupported tokenizer.ggml.model '{kind}' (supported: gpt2, llama)")
 
-        hf.add_tokens([AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)
-                       for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)])
+        if kind == "gpt2":
+            _add_special(hf, tokens, types)
         return cls(hf, [piece_bytes(i) for i in range(len(tokens))], types,
                    bos_id=g.get("tokenizer.ggml.bos_token_id"), eos_id=g.get("tokenizer.ggml.eos_token_id"),
                    add_bos=bool(g.get("tokenizer.ggml.add_bos_token", kind == "llama")),

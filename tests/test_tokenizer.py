@@ -76,3 +76,18 @@ def test_chat_templates(smollm2_path, gemma3_path):
         gem.apply_chat_template([])
     with pytest.raises(ValueError, match="messages\\[0\\]"):
         gem.apply_chat_template([{"role": "user"}])
+
+
+def test_spm_tokenizer_cache_is_used_and_survives_corruption(tiny_gemma3_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("JISU_HOME", str(tmp_path))
+    g = read_gguf(tiny_gemma3_path)
+    texts = ["hello world", "  leading spaces\n\nand newlines", "ünïcödé ✨"]
+    built = Tokenizer.from_gguf(g)
+    files = list((tmp_path / "tokenizers").glob("*.json"))
+    assert len(files) == 1                                   # written on first build
+    cached = Tokenizer.from_gguf(g)
+    assert [cached.encode(t) for t in texts] == [built.encode(t) for t in texts]
+    files[0].write_text("{not json")                          # a corrupt copy is rebuilt, not trusted
+    rebuilt = Tokenizer.from_gguf(g)
+    assert [rebuilt.encode(t) for t in texts] == [built.encode(t) for t in texts]
+    json.loads(files[0].read_text())                          # and rewritten whole
