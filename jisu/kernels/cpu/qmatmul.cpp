@@ -562,11 +562,14 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
     return x + d;
 }
 
+// The ops hold no Python objects while they compute, so they let go of the GIL: the server's
+// event loop (another thread) keeps serving while the engine thread is inside a kernel.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("rope_", &rope_, "rotary embedding, in place on q and k");
-    m.def("decode_block", &decode_block, "one transformer block for decoding sequences");
-    m.def("paged_attention_decode", &paged_attention_decode, "one-token attention through block tables");
-    m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
-    m.def("qmatmul", &qmatmul, "y = x @ dequant(W)^T for GGUF-quantized W");
-    m.def("dequantize", &dequantize, "GGUF blocks -> float32 [N, K]");
+    using release = py::call_guard<py::gil_scoped_release>;
+    m.def("rope_", &rope_, "rotary embedding, in place on q and k", release());
+    m.def("decode_block", &decode_block, "one transformer block for decoding sequences", release());
+    m.def("paged_attention_decode", &paged_attention_decode, "one-token attention through block tables", release());
+    m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension", release());
+    m.def("qmatmul", &qmatmul, "y = x @ dequant(W)^T for GGUF-quantized W", release());
+    m.def("dequantize", &dequantize, "GGUF blocks -> float32 [N, K]", release());
 }
