@@ -226,3 +226,38 @@ def test_window_model_uses_fewer_pages_and_longer_context(tiny_gemma3_path):
     assert 0 < peak <= window_blocks
     eng.release("r")
     assert eng.block_manager.num_used_blocks == 0
+
+
+def test_free_releases_tail_blocks_of_every_group_first():
+    bm = BlockManager(num_blocks=16, block_size=4, windows=[None, None])
+    s = seq_of(range(12))
+    computed(bm, s)
+    heads = {s.block_tables[0][0], s.block_tables[1][0]}
+    bm.free(s)
+    # the least recently freed are evicted first: the heads of both groups must be freed last
+    assert set(list(bm.free_blocks)[-2:]) == heads
+
+
+def test_all_window_model_chunked_on_the_pytorch_path(tmp_path):
+    # every layer sliding: one KV group with a window, and freed pages must map to the
+    # (zeroed) scratch slot, not wrap around the pool
+    import numpy as np
+    from gguf_factory import write_tiny_gemma3
+    path = write_tiny_gemma3(tmp_path / "g4.gguf", n_layers=4)
+    whole = LLM(str(path), progress=False, kernels=False, enable_prefix_caching=False)
+    chunked = LLM(str(path), progress=False, kernels=False, max_num_batched_tokens=5)
+    assert len(whole.config.kv_groups()) == 1 and whole.config.kv_groups()[0][1] == 4
+    ids = list(range(20, 60))
+    a, b = whole.logits(ids), chunked.logits(ids)
+    assert np.isfinite(b).all()
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    prompt = " ".join(["alpha beta"] * 12)
+    assert [o.token_ids for o in chunked.generate([prompt] * 2, greedy(), use_tqdm=False)] == \
+           [whole.generate(prompt, greedy())[0].token_ids] * 2
+
+
+def test_huge_seed_is_fine(tiny_llama):
+    out = tiny_llama.generate("the", SamplingParams(max_tokens=3, temperature=1.0, seed=2**70))[0]
+    assert len(out.token_ids) == 3
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed="7")

@@ -215,6 +215,15 @@ def test_bad_requests_get_openai_errors(base, path, body, status, param):
     assert err["message"] and err["type"] and err["param"] == param
 
 
+def test_huge_seed_and_too_many_sequences(base):
+    r = httpx.post(base + "/v1/completions", headers=auth(),
+                   json={"prompt": "hi", "max_tokens": 2, "seed": 2**62, "temperature": 1.0})
+    assert r.status_code == 200, r.text
+    r = httpx.post(base + "/v1/completions", headers=auth(), json={"prompt": "hi", "max_tokens": 1, "n": 9})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"       # can never fit: not a 429
+    assert httpx.get(base + "/health").json() == {"status": "ok"}
+
+
 def test_prompt_longer_than_context(base):
     ctx = httpx.get(base + "/v1/models", headers=auth()).json()["data"][0]["max_model_len"]
     r = httpx.post(base + "/v1/completions", headers=auth(), json={"prompt": [1] * (ctx + 5), "max_tokens": 1})

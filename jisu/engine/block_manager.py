@@ -104,7 +104,6 @@ class BlockManager:
         cached and whose window groups have their last blocks cached."""
         assert not any(seq.block_tables), "match_prefix: the sequence already holds pages"
         self._init_tables(seq)
-        self.num_queried_tokens += seq.num_tokens
         if not self.enable_prefix_caching:
             return 0
         bs, h, hashes, found = self.block_size, None, [], []
@@ -131,8 +130,13 @@ class BlockManager:
                     seq.block_tables[g].append(found[i][g])
         seq.block_hashes = hashes[:k]
         seq.num_computed_tokens = k * bs
-        self.num_hit_tokens += seq.num_computed_tokens
         return seq.num_computed_tokens
+
+    def record_admission(self, seq: Sequence) -> None:
+        """Prefix-cache statistics, once per request's first admission, over its prompt."""
+        if seq.num_output_tokens == 0:
+            self.num_queried_tokens += seq.num_prompt_tokens
+            self.num_hit_tokens += min(seq.num_computed_tokens, seq.num_prompt_tokens)
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         n = self.blocks_needed(seq, num_tokens)
@@ -182,11 +186,12 @@ class BlockManager:
                     table[i] = NO_BLOCK
 
     def free(self, seq: Sequence) -> None:
-        # the tail goes first: a cached page is only useful while the pages before it are
-        for table in seq.block_tables:
-            for block_id in reversed(table):
-                if block_id != NO_BLOCK:
-                    self._release(block_id)
+        # the tail goes first, across all groups: a cached page is only useful while the pages
+        # before it are, so block i of every group must outlive block i+1 of any group
+        for i in reversed(range(max((len(t) for t in seq.block_tables), default=0))):
+            for table in seq.block_tables:
+                if i < len(table) and table[i] != NO_BLOCK:
+                    self._release(table[i])
         seq.block_tables = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0

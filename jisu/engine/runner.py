@@ -39,7 +39,7 @@ class ModelRunner:
         pos = torch.arange(end)
         pages = torch.tensor(table, dtype=torch.long)[pos // self.block_size]
         slots = pages * self.block_size + pos % self.block_size
-        return slots if self.num_groups == 1 else slots.masked_fill_(pages < 0, self.scratch_slot)
+        return slots.masked_fill_(pages < 0, self.scratch_slot)
 
     def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, AttentionMetadata]:
         """seqs: one-token sequences first, then the multi-token ones (see `order`)."""

@@ -63,6 +63,7 @@ class Scheduler:
                 bm.free(seq)                 # give back the cached blocks it took
                 break
             bm.allocate(seq, seq.num_computed_tokens + n)
+            bm.record_admission(seq)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             seq.num_scheduled_tokens = n

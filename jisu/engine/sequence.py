@@ -41,7 +41,8 @@ class Sequence:
         self.logprobs: list[dict] = []
         self.generator: torch.Generator | None = None
         if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed * 1_000_003 + index)
+            # any integer seed: torch takes at most 64 bits
+            self.generator = torch.Generator().manual_seed((params.seed * 1_000_003 + index) % 2**63)
         self.detokenizer = None                     # set by the engine
 
     @property

@@ -63,6 +63,9 @@ class ServerState:
                            f"model's context of {self.llm.max_model_len} tokens", param="max_tokens")
 
     def submit(self, prompts: list[list[int]], params) -> tuple[list, asyncio.Queue]:
+        if len(prompts) * params.n > self.engine.capacity:
+            raise APIError(400, f"{len(prompts)} prompt(s) x n={params.n} sequences exceed what this server "
+                           f"holds at once ({self.engine.capacity}); split the request", param="n")
         try:
             self.engine.check_capacity(len(prompts) * params.n)
         except EngineOverloaded as e:
@@ -280,7 +283,7 @@ def create_app(llm, model_name: str, api_key: str | None = None, max_queue: int 
                     yield sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
                                "choices": [], "usage": usage(prompts, finished)})
                 yield "data: [DONE]\n\n"
-            return StreamingResponse(guard(stream()), media_type="text/event-stream")
+            return EventStream(guard(stream()), state, streams)
 
         items = await collect(request, state, streams, q)
         if items is None:
@@ -354,7 +357,7 @@ def create_app(llm, model_name: str, api_key: str | None = None, max_queue: int 
                 if include_usage:
                     yield chunk([], usage=usage([ids], finished))
                 yield "data: [DONE]\n\n"
-            return StreamingResponse(guard(stream()), media_type="text/event-stream")
+            return EventStream(guard(stream()), state, streams)
 
         items = await collect(request, state, streams, q)
         if items is None:
@@ -377,6 +380,22 @@ def create_app(llm, model_name: str, api_key: str | None = None, max_queue: int 
         return state.tokenizer.token_bytes(token_id, skip_special=False).decode("utf-8", errors="replace")
 
     return app
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that abort their requests however the response ends: a client that
+    leaves before the first event never enters the generator, so its `finally` cannot."""
+
+    def __init__(self, content, state: ServerState, streams: list):
+        super().__init__(content, media_type="text/event-stream")
+        self._state, self._streams = state, streams
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for s in self._streams:
+                self._state.engine.abort(s.request_id)
 
 
 async def guard(agen):

@@ -101,6 +101,8 @@ class AsyncEngine:
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, out: asyncio.Queue,
                tag: int = 0) -> RequestStream:
         """Queues a request (already validated). Call check_capacity first."""
+        if self.error:       # set by the engine thread before it fails what is registered
+            raise EngineDead(self.error)
         rid = uuid.uuid4().hex
         stream = RequestStream(rid, prompt_token_ids, params, out, tag)
         self.streams[rid] = stream
@@ -134,7 +136,10 @@ class AsyncEngine:
         except Exception as e:   # the engine is in an unknown state: fail everything, refuse more
             log.exception("engine step failed")
             self.error = f"engine failed: {type(e).__name__}: {e}"
-            self._post([(s, Failed(self.error)) for s in self.streams.values()])
+            # on the loop's thread, which owns `streams`: every request registered by then fails,
+            # and submit() refuses new ones once `error` is set
+            self._loop.call_soon_threadsafe(
+                lambda: self._post_now([(s, Failed(self.error)) for s in list(self.streams.values())]))
 
     def _take_inbox(self) -> None:
         while True:
@@ -143,7 +148,11 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                self.engine.add_request(arg.request_id, arg.prompt_token_ids, arg.params)
+                try:
+                    self.engine.add_request(arg.request_id, arg.prompt_token_ids, arg.params)
+                except Exception as e:     # this request only (it was validated; be safe anyway)
+                    self.engine.abort(arg.request_id)
+                    self._post([(arg, Failed(f"request rejected: {type(e).__name__}: {e}"))])
             else:
                 self.engine.abort(arg)
                 self.engine.release(arg)
@@ -181,9 +190,10 @@ class AsyncEngine:
             self._post(items)
 
     def _post(self, items) -> None:
-        def deliver():
-            for stream, item in items:
-                stream.queue.put_nowait((stream.tag, item))
-                if isinstance(item, (Finished, Failed)):
-                    self.streams.pop(stream.request_id, None)
-        self._loop.call_soon_threadsafe(deliver)
+        self._loop.call_soon_threadsafe(self._post_now, items)
+
+    def _post_now(self, items) -> None:    # on the event loop
+        for stream, item in items:
+            stream.queue.put_nowait((stream.tag, item))
+            if isinstance(item, (Finished, Failed)):
+                self.streams.pop(stream.request_id, None)
