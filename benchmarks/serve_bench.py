@@ -157,38 +157,30 @@ def main() -> None:
     prompts, tok = chat_prompts(path)
     rows: dict[str, dict[int, dict]] = {}
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "jisu.cli", "serve", "-m", path, "--served-model-name", "m",
-                             "--port", str(port), "--max-num-seqs", str(max(levels)), "--kv-cache-gb", "2",
-                             "--threads", str(args.threads), *args.jisu_args.split()],
-                            stdout=open(LOG_DIR / "jisu-serve.log", "w"), stderr=subprocess.STDOUT)
-    try:
-        wait_up(base + "/health", proc)
-        rows["jisu"] = {}
-        for c in levels:
-            rows["jisu"][c] = asyncio.run(load_level(base, prompts, c, args.rounds, args.max_tokens, "m"))
-            print(f"jisu       c={c:3d}: {rows['jisu'][c]['tok_s']:7.1f} tok/s", file=sys.stderr)
-        prefix = asyncio.run(prefix_ttft(base, tok, "m"))
-    finally:
-        stop(proc)
-
-    if args.llama_server and Path(args.llama_server).exists():
+    def run_server(name: str, cmd: list[str]) -> dict | None:
+        """Starts one server (its log in LOG_DIR/NAME.log), runs every level against it into
+        rows[name], stops it. For jisu it also measures prefix-cache TTFT and returns it."""
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        np_ = max(levels)
-        proc = subprocess.Popen([args.llama_server, "-m", path, "--port", str(port), "-np", str(np_),
-                                 "-c", str(np_ * 512), "-t", str(args.threads), "-tb", str(args.threads),
-                                 "--no-webui"],
-                                stdout=open(LOG_DIR / "llama-server.log", "w"), stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=open(LOG_DIR / f"{name}.log", "w"),
+                                stderr=subprocess.STDOUT)
         try:
             wait_up(base + "/health", proc)
-            rows["llama-server"] = {}
+            rows[name] = {}
             for c in levels:
-                rows["llama-server"][c] = asyncio.run(load_level(base, prompts, c, args.rounds, args.max_tokens, "m"))
-                print(f"llama.cpp  c={c:3d}: {rows['llama-server'][c]['tok_s']:7.1f} tok/s", file=sys.stderr)
+                rows[name][c] = asyncio.run(load_level(base, prompts, c, args.rounds, args.max_tokens, "m"))
+                print(f"{name:12s} c={c:3d}: {rows[name][c]['tok_s']:7.1f} tok/s", file=sys.stderr)
+            return asyncio.run(prefix_ttft(base, tok, "m")) if name == "jisu" else None
         finally:
             stop(proc)
+
+    prefix = run_server("jisu", [sys.executable, "-m", "jisu.cli", "serve", "-m", path, "--served-model-name", "m",
+                                 "--max-num-seqs", str(max(levels)), "--kv-cache-gb", "2",
+                                 "--threads", str(args.threads), *args.jisu_args.split()])
+    if args.llama_server and Path(args.llama_server).exists():
+        np_ = max(levels)
+        run_server("llama-server", [args.llama_server, "-m", path, "-np", str(np_), "-c", str(np_ * 512),
+                                    "-t", str(args.threads), "-tb", str(args.threads), "--no-webui"])
     else:
         print("llama-server not given (--llama-server or $LLAMA_SERVER): comparison skipped", file=sys.stderr)
 

@@ -180,10 +180,13 @@ class BlockManager:
         for g, table in enumerate(seq.block_tables):
             if self.windows[g] is None:
                 continue
-            for i in range(self._first_needed(g, seq.num_computed_tokens)):
-                if table[i] != NO_BLOCK:
-                    self._release(table[i])
-                    table[i] = NO_BLOCK
+            # freed blocks are always a prefix of the table: walk back from the window's edge
+            # to the last block freed before, so a step costs what it frees, not the length
+            for i in reversed(range(self._first_needed(g, seq.num_computed_tokens))):
+                if table[i] == NO_BLOCK:
+                    break
+                self._release(table[i])
+                table[i] = NO_BLOCK
 
     def free(self, seq: Sequence) -> None:
         # the tail goes first, across all groups: a cached page is only useful while the pages

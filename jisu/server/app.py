@@ -39,6 +39,11 @@ class ServerState:
         self.created = int(time.time())
 
     # ---- request checks -----------------------------------------------------------------
+    def token_text(self, token_id: int) -> tuple[bytes, str]:
+        """A token's bytes, and them as text (a partial UTF-8 character shows as U+FFFD)."""
+        b = self.tokenizer.token_bytes(token_id, skip_special=False)
+        return b, b.decode("utf-8", errors="replace")
+
     def check_auth(self, request: Request) -> None:
         if self.api_key is None:
             return
@@ -157,6 +162,20 @@ def usage(prompts: list[list[int]], finished: list[Finished]) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+def by_choice(items: list, num_choices: int, n: int) -> tuple[list[list[Delta]], list[Finished]]:
+    """A finished request's events: the deltas of each choice (index prompt * n + sample), in
+    order, and the Finished records."""
+    deltas: list[list[Delta]] = [[] for _ in range(num_choices)]
+    for tag, item in items:
+        if isinstance(item, Delta):
+            deltas[tag * n + item.index].append(item)
+    return deltas, [x for _, x in items if isinstance(x, Finished)]
+
+
+def finish_reason(deltas: list[Delta]) -> str | None:
+    return next((d.finish_reason for d in reversed(deltas) if d.finish_reason), None)
+
+
 def create_app(llm, model_name: str, api_key: str | None = None, max_queue: int = 256,
                log_prompts: bool = False) -> FastAPI:
     state = ServerState(llm, model_name, api_key, max_queue, log_prompts)
@@ -255,9 +274,9 @@ def create_app(llm, model_name: str, api_key: str | None = None, max_queue: int 
             for d in deltas:
                 if d.logprob is None:
                     continue
-                tokens.append(token_str(d.token_id))
+                tokens.append(state.token_text(d.token_id)[1])
                 lps.append(d.logprob["logprob"])
-                tops.append({token_str(t): lp for t, lp in d.logprob["top"]} if req.logprobs else None)
+                tops.append({state.token_text(t)[1]: lp for t, lp in d.logprob["top"]} if req.logprobs else None)
                 offsets.append(text_offset)
                 text_offset += len(d.text)
             return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
@@ -288,18 +307,11 @@ def create_app(llm, model_name: str, api_key: str | None = None, max_queue: int 
         items = await collect(request, state, streams, q)
         if items is None:
             return Response(status_code=CLIENT_GONE)
-        deltas: dict[int, list[Delta]] = {}
-        for tag, item in items:
-            if isinstance(item, Delta):
-                deltas.setdefault(tag * n + item.index, []).append(item)
-        choices = []
-        for index in range(len(prompts) * n):
-            ds = deltas.get(index, [])
-            choices.append({"index": index, "text": "".join(d.text for d in ds),
-                            "logprobs": logprobs_of(ds, 0),
-                            "finish_reason": next((d.finish_reason for d in reversed(ds) if d.finish_reason), None)})
+        deltas, finished = by_choice(items, len(prompts) * n, n)
+        choices = [{"index": i, "text": "".join(d.text for d in ds), "logprobs": logprobs_of(ds, 0),
+                    "finish_reason": finish_reason(ds)} for i, ds in enumerate(deltas)]
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": choices, "usage": usage(prompts, [x for _, x in items if isinstance(x, Finished)])}
+                "choices": choices, "usage": usage(prompts, finished)}
 
     # ---- chat ---------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -327,8 +339,8 @@ def create_app(llm, model_name: str, api_key: str | None = None, max_queue: int 
 
         def logprob_entry(d: Delta) -> dict:
             def one(t, lp):
-                b = state.tokenizer.token_bytes(t, skip_special=False)
-                return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
+                b, text = state.token_text(t)
+                return {"token": text, "logprob": lp, "bytes": list(b)}
             return {**one(d.token_id, d.logprob["logprob"]), "top_logprobs": [one(t, lp) for t, lp in d.logprob["top"]]}
 
         if req.stream:
@@ -362,22 +374,12 @@ def create_app(llm, model_name: str, api_key: str | None = None, max_queue: int 
         items = await collect(request, state, streams, q)
         if items is None:
             return Response(status_code=CLIENT_GONE)
-        deltas: dict[int, list[Delta]] = {}
-        for _, item in items:
-            if isinstance(item, Delta):
-                deltas.setdefault(item.index, []).append(item)
-        choices = []
-        for i in range(params.n):
-            ds = deltas.get(i, [])
-            choices.append({
-                "index": i, "message": {"role": "assistant", "content": "".join(d.text for d in ds)},
-                "logprobs": {"content": [logprob_entry(d) for d in ds if d.logprob]} if req.logprobs else None,
-                "finish_reason": next((d.finish_reason for d in reversed(ds) if d.finish_reason), None)})
+        deltas, finished = by_choice(items, params.n, params.n)
+        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(d.text for d in ds)},
+                    "logprobs": {"content": [logprob_entry(d) for d in ds if d.logprob]} if req.logprobs else None,
+                    "finish_reason": finish_reason(ds)} for i, ds in enumerate(deltas)]
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": choices, "usage": usage([ids], [x for _, x in items if isinstance(x, Finished)])}
-
-    def token_str(token_id: int) -> str:
-        return state.tokenizer.token_bytes(token_id, skip_special=False).decode("utf-8", errors="replace")
+                "choices": choices, "usage": usage([ids], finished)}
 
     return app
 
