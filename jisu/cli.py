@@ -11,6 +11,13 @@ from jisu.registry import DEFAULT_MODEL, MODELS
 MODEL_HELP = f"registry name ({', '.join(MODELS)}) or path to a .gguf file [default: {DEFAULT_MODEL}]"
 
 
+def activations_option(f):
+    return click.option(
+        "--activations", type=click.Choice(["int16", "int8", "float32"]), default="int16", show_default=True,
+        help="how decode steps feed activations to the quantized kernels: int16 (fast, matches float32 "
+             "to ~1e-5), int8 (fastest, as llama.cpp; top-1 moves a few %), float32 (exact)")(f)
+
+
 def sampling_options(f):
     opts = [
         click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True),
@@ -38,10 +45,10 @@ def _params(kw):
         raise click.BadParameter(str(e)) from None
 
 
-def _load(model: str | None, threads: int | None, max_model_len: int | None = None):
+def _load(model: str | None, threads: int | None, max_model_len: int | None = None, activations: str = "int16"):
     from jisu import LLM
     try:
-        return LLM(model, num_threads=threads, max_model_len=max_model_len)
+        return LLM(model, num_threads=threads, max_model_len=max_model_len, activations=activations)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
 
@@ -57,11 +64,12 @@ def main():
 @click.option("-m", "--model", default=None, help=MODEL_HELP)
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]")
 @click.option("--stats", is_flag=True, help="print tokens/s to stderr")
+@activations_option
 @sampling_options
-def run(prompt, model, threads, stats, **kw):
+def run(prompt, model, threads, stats, activations, **kw):
     """Complete PROMPT and print the completion as it is generated."""
     params = _params(kw)
-    llm = _load(model, threads)
+    llm = _load(model, threads, activations=activations)
     t0 = time.perf_counter()
     n = 0
     try:
@@ -80,11 +88,12 @@ def run(prompt, model, threads, stats, **kw):
 @click.option("-m", "--model", default=None, help=MODEL_HELP)
 @click.option("--system", default=None, help="system prompt")
 @click.option("--threads", type=int, default=None)
+@activations_option
 @sampling_options
-def chat(model, system, threads, **kw):
+def chat(model, system, threads, activations, **kw):
     """Interactive chat with the model's own template; replies stream. /reset clears, /exit quits."""
     params = _params(kw)
-    llm = _load(model, threads)
+    llm = _load(model, threads, activations=activations)
     history = [{"role": "system", "content": system}] if system else []
     click.echo(f"jisu chat: {llm.config.name} (/reset, /exit, Ctrl-D)", err=True)
     while True:
@@ -137,8 +146,9 @@ def chat(model, system, threads, **kw):
 @click.option("--no-prefix-caching", is_flag=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--log-prompts", is_flag=True, help="log prompt text (off by default)")
+@activations_option
 def serve(model, host, port, api_key, served_model_name, kv_cache_gb, kv_cache_fraction, max_num_seqs,
-          max_num_batched_tokens, max_queue, max_model_len, no_prefix_caching, threads, log_prompts):
+          max_num_batched_tokens, max_queue, max_model_len, no_prefix_caching, threads, log_prompts, activations):
     """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)."""
     import logging
 
@@ -152,7 +162,8 @@ def serve(model, host, port, api_key, served_model_name, kv_cache_gb, kv_cache_f
     try:
         llm = LLM(model, kv_cache_gb=kv_cache_gb, kv_cache_fraction=kv_cache_fraction, num_threads=threads,
                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                  max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching)
+                  max_model_len=max_model_len, enable_prefix_caching=not no_prefix_caching,
+                  activations=activations)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     app = create_app(llm, served_model_name or model or DEFAULT_MODEL, api_key=api_key,
@@ -208,14 +219,16 @@ def perplexity(file, model, threads, ctx):
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--chart", default=None, help="PNG chart path [default: bench-MODEL.png]")
 @click.option("--no-chart", is_flag=True)
-def bench(model, compare, prompt_tokens, decode_tokens, repeats, threads, chart, no_chart):
+@activations_option
+def bench(model, compare, prompt_tokens, decode_tokens, repeats, threads, chart, no_chart, activations):
     """Decode and prefill tokens/s of jisu next to llama.cpp and transformers (medians, ratios)."""
     from jisu.bench import speed
     from jisu.registry import resolve
     path = str(resolve(model))
     chart = None if no_chart else chart or f"bench-{model or DEFAULT_MODEL}.png".replace("/", "_")
     results = speed.run(path, [c.strip() for c in compare.split(",") if c.strip()], prompt_tokens,
-                        decode_tokens, repeats, threads, echo=lambda m: click.echo(m, err=True))
+                        decode_tokens, repeats, threads, echo=lambda m: click.echo(m, err=True),
+                        activations=activations)
     title = f"{model or DEFAULT_MODEL}: {prompt_tokens}-token prompt, {decode_tokens} decoded tokens, median of {repeats}"
     click.echo(speed.table(results, title))
     if chart:

@@ -17,7 +17,7 @@ from jisu.config import EngineConfig, ModelConfig
 from jisu.engine.engine import LLMEngine
 from jisu.engine.sequence import Sequence
 from jisu.loader.gguf import read_gguf
-from jisu.model import load_model
+from jisu.model import ACTIVATIONS, load_model
 from jisu.registry import resolve
 from jisu.sampling_params import SamplingParams
 from jisu.tokenizer import Tokenizer
@@ -64,7 +64,7 @@ class LLM:
                  max_num_seqs: int = 32,
                  max_model_len: int | None = None, max_num_batched_tokens: int = 512,
                  enable_prefix_caching: bool = True, num_threads: int | None = None, progress: bool = True,
-                 dtype: str = "float32", kernels: bool | None = None):
+                 dtype: str = "float32", kernels: bool | None = None, activations: str = "int16"):
         if num_threads or not os.environ.get("OMP_NUM_THREADS"):
             torch.set_num_threads(num_threads or os.cpu_count() or 1)
         t0 = time.perf_counter()
@@ -80,6 +80,8 @@ class LLM:
         max_len = self.engine_config.model_len(self.config.context_length)
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
         # kernels: None = use the compiled CPU kernels when they load, False = PyTorch only
         ops = None
         if kernels is not False:
@@ -88,7 +90,8 @@ class LLM:
             if ops is None and kernels:
                 raise RuntimeError(f"CPU kernels requested but unavailable: {cpu.load_error}")
         self.kernels = ops is not None
-        self.model = load_model(g, self.config, max_len, getattr(torch, dtype), ops)
+        self.activations = activations if ops is not None else "float32"
+        self.model = load_model(g, self.config, max_len, getattr(torch, dtype), ops, activations)
         self.engine = LLMEngine(self.model, self.config, self.tokenizer, self.engine_config)
         self.load_seconds = time.perf_counter() - t0
         self._request_ids = itertools.count()

@@ -158,6 +158,8 @@ def test_engine_config_rejects_nonsense(tiny_llama_path):
         LLM(str(tiny_llama_path), progress=False, max_num_batched_tokens=0)
     with pytest.raises(ValueError, match="kv_cache_gb"):
         LLM(str(tiny_llama_path), progress=False, kv_cache_gb=-1)
+    with pytest.raises(ValueError, match="activations must be one of float32, int8, int16"):
+        LLM(str(tiny_llama_path), progress=False, activations="int4")
 
 
 def test_kv_cache_from_free_memory(tiny_llama_path):

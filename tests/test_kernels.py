@@ -58,6 +58,39 @@ def test_qmatmul_kernel_every_row_count(qtype, m):
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("k", [512, 2048])
+@pytest.mark.parametrize("digits", [1, 2])
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_integer_activations_within_their_rounding_bound(qtype, digits, k):
+    """One row with activations rounded per 32 values to int8 (digits 1) or int16 (digits 2).
+
+    Rounding moves each x_i by at most amax(block of i) / (2 * 127) for int8, and by at most
+    amax / (2 * 127 * 254) for int16; y_n then moves by at most sum_i |w_ni| of that. The test
+    allows exactly that bound plus float32 accumulation noise, so a wrong scale, a wrong nibble
+    order or a dropped offset term fails it."""
+    q, ref_w = random_weight(qtype, n=50, k=k)
+    x = torch.randn(1, k)
+    x[0, 32:64] = 0.0                          # an all-zero block: scale 0
+    x[0, 100] = 40.0                           # an outlier dominating its block
+    want = (x.double() @ ref_w.double().t())[0]
+    got = ops.qmatmul(x, q, int(qtype), k, digits)[0].double()
+    amax = x.abs().view(-1, 32).amax(1).repeat_interleave(32).double()
+    step = amax / (2 * 127 * (254 if digits == 2 else 1))
+    bound = ref_w.double().abs() @ step + 1e-5 * (ref_w.double().abs() @ x[0].double().abs())
+    assert torch.all((got - want).abs() <= bound), float(((got - want).abs() / bound).max())
+    if digits == 2:    # int16 is close to float32 in practice, not just within the bound
+        assert (got - want).norm() <= 1e-4 * want.norm()
+
+
+def test_integer_activations_apply_to_one_row_only():
+    q, _ = random_weight(Q.Q4_1, n=50)
+    x = torch.randn(3, 512)
+    assert torch.equal(ops.qmatmul(x, q, int(Q.Q4_1), 512, 2), ops.qmatmul(x, q, int(Q.Q4_1), 512, 0))
+    assert not torch.equal(ops.qmatmul(x[:1], q, int(Q.Q4_1), 512, 2), ops.qmatmul(x[:1], q, int(Q.Q4_1), 512, 0))
+    with pytest.raises(RuntimeError, match="digits"):
+        ops.qmatmul(x[:1], q, int(Q.Q4_1), 512, 3)
+
+
 def test_qmatmul_rejects_bad_shapes():
     q, _ = random_weight(Q.Q4_0)
     with pytest.raises(RuntimeError, match="expected"):
@@ -123,27 +156,32 @@ def test_rope_equals_torch_path(interleaved):
     torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("activations", ["int16", "int8", "float32"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_fused_decode_block_equals_python_block(tmp_path, arch):
+def test_fused_decode_block_equals_python_block(tmp_path, arch, activations):
     from gguf_factory import write_tiny_gemma3, write_tiny_llama
     from jisu import LLM, SamplingParams
     writer = write_tiny_llama if arch == "llama" else write_tiny_gemma3
     # no prefix caching: the second run must compute its prompts exactly as the first did
     llm = LLM(str(writer(tmp_path / "m.gguf", qtype=Q.Q4_1)), progress=False, kernels=True,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, activations=activations)
     fused = [b.fused for b in llm.model.blk]
     assert all(f is not None for f in fused)
     calls = []
     for f in fused:
         f.ops = type("Counting", (), {"decode_block": lambda self, *a, _o=f.ops: (calls.append(1), _o.decode_block(*a))[1]})()
-    prompts = ["the cat sat on the mat", "a b c", "hello there friend"]
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=3)
-    on = llm.generate(prompts, params, use_tqdm=False)
-    assert len(calls) >= 19 * len(fused)          # every decode step went through the fused blocks
-    for b in llm.model.blk:
-        b.fused = None
-    off = llm.generate(prompts, params, use_tqdm=False)
-    assert [o.token_ids for o in on] == [o.token_ids for o in off]
-    # same kernels in the same order: the same numbers
-    assert [[lp["logprob"] for lp in o.outputs[0].logprobs] for o in on] == \
-           [[lp["logprob"] for lp in o.outputs[0].logprobs] for o in off]
+    # three sequences decode together; one alone takes the one-row (integer activation) path
+    for prompts in (["the cat sat on the mat", "a b c", "hello there friend"], ["the dog"]):
+        calls.clear()
+        for b, f in zip(llm.model.blk, fused):
+            b.fused = f
+        on = llm.generate(prompts, params, use_tqdm=False)
+        assert len(calls) >= 19 * len(fused)          # every decode step went through the fused blocks
+        for b in llm.model.blk:
+            b.fused = None
+        off = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.token_ids for o in on] == [o.token_ids for o in off]
+        # same kernels in the same order: the same numbers
+        assert [[lp["logprob"] for lp in o.outputs[0].logprobs] for o in on] == \
+               [[lp["logprob"] for lp in o.outputs[0].logprobs] for o in off]

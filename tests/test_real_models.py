@@ -51,6 +51,23 @@ def test_logits_match_transformers(ours_and_reference):
     assert kl.mean().item() <= 0.005
 
 
+def test_one_row_steps_match_transformers(ours_and_reference):
+    """Decode-shaped steps (one row each) go through the integer-activation kernels (the default,
+    int16): fed the text one token at a time, the logits must still meet the same bars."""
+    from jisu import LLM
+    name, llm, ids, ref, _ = ours_and_reference
+    one = LLM(llm.path, max_num_batched_tokens=1, enable_prefix_caching=False, progress=False)
+    assert one.model.output.act_digits == 2
+    n = 200
+    ours = torch.from_numpy(one.logits(ids[:n]))
+    ref_lp, our_lp = ref[:n].log_softmax(-1), ours.log_softmax(-1)
+    kl = (ref_lp.exp() * (ref_lp - our_lp)).sum(-1)
+    top1 = (ref[:n].argmax(-1) == ours.argmax(-1)).float().mean().item()
+    print(f"{name} one row at a time: mean KL {kl.mean().item():.2e}, top-1 agreement {top1:.4f}")
+    assert top1 >= 0.99
+    assert kl.mean().item() <= 0.005
+
+
 def test_perplexity_vs_transformers_and_llama_cpp(ours_and_reference):
     name, llm, ids, ref, _ = ours_and_reference
     lp = ref.log_softmax(-1)

@@ -43,11 +43,12 @@ def _median_rate(n: int, times: list[float]) -> float:
     return n / statistics.median(times)
 
 
-def bench_jisu(path: str, prompt_ids: list[int], n_decode: int, repeats: int, threads: int) -> SpeedResult:
+def bench_jisu(path: str, prompt_ids: list[int], n_decode: int, repeats: int, threads: int,
+               activations: str = "int16") -> SpeedResult:
     from jisu import LLM, SamplingParams
     t0 = time.perf_counter()
     # no prefix caching: every repeat must prefill the same prompt from scratch
-    llm = LLM(path, num_threads=threads, progress=False, enable_prefix_caching=False)
+    llm = LLM(path, num_threads=threads, progress=False, enable_prefix_caching=False, activations=activations)
     load = time.perf_counter() - t0
     step = llm.engine.step
     prefill, decode = [], []
@@ -67,7 +68,7 @@ def bench_jisu(path: str, prompt_ids: list[int], n_decode: int, repeats: int, th
         llm.engine.release("bench")
     how = "GGUF blocks + C++ kernels" if llm.kernels else "dense fp32 (PyTorch path)"
     return SpeedResult("jisu", _median_rate(n_decode - 1, decode), _median_rate(len(prompt_ids), prefill), load,
-                       f"{how}, fp32 activations, {threads} threads", statistics.median(prefill))
+                       f"{how}, {activations} decode activations, {threads} threads", statistics.median(prefill))
 
 
 def bench_llama_cpp(path: str, prompt_ids: list[int], n_decode: int, repeats: int, threads: int) -> SpeedResult:
@@ -133,7 +134,7 @@ def _child(name: str, args: tuple, out) -> None:
         e0 = rapl_joules()
         res = BENCHES[name](*args)
         e1 = rapl_joules()
-        _, ids, n_decode, repeats, _ = args
+        _, ids, n_decode, repeats = args[:4]
         if e0 is not None and e1 is not None and e1 >= e0:
             res.joules_per_token = (e1 - e0) / (repeats * (len(ids) + n_decode + 16))
         res.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -143,7 +144,7 @@ def _child(name: str, args: tuple, out) -> None:
 
 
 def run(path: str, compare: list[str], prompt_tokens: int = 512, n_decode: int = 64, repeats: int = 5,
-        threads: int = 2, echo=print) -> list[SpeedResult]:
+        threads: int = 2, echo=print, activations: str = "int16") -> list[SpeedResult]:
     import importlib.util
     import multiprocessing as mp
 
@@ -163,7 +164,8 @@ def run(path: str, compare: list[str], prompt_tokens: int = 512, n_decode: int =
             continue
         echo(f"running {name} ...")
         out = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(name, (path, ids, n_decode, repeats, threads), out))
+        args = (path, ids, n_decode, repeats, threads) + ((activations,) if name == "jisu" else ())
+        proc = ctx.Process(target=_child, args=(name, args, out))
         proc.start()
         res = out.get()
         proc.join()

@@ -26,6 +26,7 @@ class FusedDecode:
             norms += [a.attn_q_norm, a.attn_k_norm, block.post_attention_norm, block.post_ffw_norm]
         self.norms = [n.weight for n in norms]
         self.eps = block.attn_norm.eps
+        self.act_digits = block.ffn_up.act_digits
 
     def applies(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
         # the Python path hands more than QLinear.small_m rows to MKL: stay on it there
@@ -37,7 +38,7 @@ class FusedDecode:
         out = self.ops.decode_block(
             x[0], self.weights, self.qtypes, self.norms, a.n_heads, a.n_kv_heads, a.head_dim, self.eps,
             a.k_cache, a.v_cache, slots.slot_mapping, slots.decode_slots, meta.decode_lens, meta.positions,
-            a.rotary.cos, a.rotary.sin, a.rotary.interleaved, a.scale, a.window or 0, self.gemma)
+            a.rotary.cos, a.rotary.sin, a.rotary.interleaved, a.scale, a.window or 0, self.gemma, self.act_digits)
         return out[None]
 
 

@@ -46,10 +46,11 @@ class QLinear(nn.Module):
         self.register_buffer("qweight", qweight, persistent=False)
         self.qtype, self.in_features, self.out_features = qtype, in_features, qweight.shape[0]
         self.ops = ops
+        self.act_digits = 0   # one-row calls: 0 float32 activations, 1 int8, 2 int16 (per 32 values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= self.small_m * self.in_features:
-            return self.ops.qmatmul(x, self.qweight, self.qtype, self.in_features)
+            return self.ops.qmatmul(x, self.qweight, self.qtype, self.in_features, self.act_digits)
         x2 = x.reshape(-1, self.in_features)
         y = torch.empty(x2.shape[0], self.out_features)
         for n in range(0, self.out_features, self.chunk):

@@ -250,6 +250,275 @@ void matvec(const float* x, const uint8_t* w, float* y, int64_t N, int64_t K) {
     });
 }
 
+// ---- int8 activations: the activation row is quantized per 32 values to int8 (as ggml's Q8_0
+// does for its own dot products), and each weight block is dotted with it in integers: AVX2's
+// maddubs multiplies 32 unsigned weight bytes by 32 signed activation bytes in one instruction,
+// where float32 needs four FMAs plus the conversions. Per 32-value block b the row carries the
+// scale d[b] (x ~ d q), the integer sum s[b] = sum q and the exact float sum f[b] = sum x.
+// Unsigned weight codes u with a midpoint (Q4: 8, Q5: 16) are dotted as sum u q - mid * s, so
+// the rounding error of q is weighed by the centred u - mid, not by u.
+constexpr int BASE = 254;   // second digit: x = d (q + q2 / BASE), |q2| <= 127
+
+struct XQ {
+    const int8_t* q;
+    const int8_t* q2;   // second digit (16-bit mode only)
+    const float* d;
+    const float* f;
+    const float* g8;    // 8 (f - d s): Q4_1 / Q4_K's midpoint terms
+    const float* c8;    // -8 d s
+    const float* c16;   // -16 d s
+};
+
+struct XQBuffer {
+    int digits = 1;
+    std::vector<int8_t> q, q2;
+    std::vector<float> d, f, g8, c8, c16;
+    XQ view() const { return {q.data(), q2.data(), d.data(), f.data(), g8.data(), c8.data(), c16.data()}; }
+};
+
+inline int32_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+inline __m256i pack_i8(const __m256i qi[4]) {
+    const __m256i p16a = _mm256_packs_epi32(qi[0], qi[1]), p16b = _mm256_packs_epi32(qi[2], qi[3]);
+    return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// K must be a multiple of 32. digits 1: x ~ d q (8 bits); 2: x ~ d (q + q2 / BASE) (~16 bits),
+// stored as the integer code BASE q + q2 with scale d / BASE.
+void quantize_x8(const float* x, int64_t K, XQBuffer& out, int digits) {
+    const int64_t nb = K / 32;
+    out.digits = digits;
+    out.q.resize(K);
+    if (digits == 2) out.q2.resize(K);
+    for (auto* v : {&out.d, &out.f, &out.g8, &out.c8, &out.c16}) v->resize(nb);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < nb; ++b) {
+        const float* xb = x + 32 * b;
+        __m256 v[4];
+        __m256 mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+        for (int i = 0; i < 4; ++i) {
+            v[i] = _mm256_loadu_ps(xb + 8 * i);
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+            sum = _mm256_add_ps(sum, v[i]);
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        const __m256 vid = _mm256_set1_ps(id);
+        __m256i qi[4], ri[4];
+        __m256i codes = _mm256_setzero_si256();
+        for (int i = 0; i < 4; ++i) {
+            const __m256 t = _mm256_mul_ps(v[i], vid);
+            const __m256 r = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            qi[i] = _mm256_cvtps_epi32(r);
+            if (digits == 2) {
+                ri[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(t, r), _mm256_set1_ps(float(BASE))),
+                                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                codes = _mm256_add_epi32(codes, _mm256_add_epi32(_mm256_mullo_epi32(qi[i], _mm256_set1_epi32(BASE)), ri[i]));
+            } else {
+                codes = _mm256_add_epi32(codes, qi[i]);
+            }
+        }
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + 32 * b), pack_i8(qi));
+        if (digits == 2) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q2.data() + 32 * b), pack_i8(ri));
+        const float unit = digits == 2 ? d / float(BASE) : d;
+        const float ds = unit * float(hsum_i32(codes));
+        out.d[b] = unit;
+        out.f[b] = hsum(sum);
+        out.g8[b] = 8.f * (out.f[b] - ds);
+        out.c8[b] = -8.f * ds;
+        out.c16[b] = -16.f * ds;
+    }
+}
+
+inline __m256i load32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// unsigned weight bytes u (<= 63) against activation block i: int32 x 8 in units of x.d[i]
+template <int DIG>
+inline __m256i xdot_u(__m256i u, const XQ& x, int64_t i) {
+    const __m256i p = _mm256_maddubs_epi16(u, load32(x.q + 32 * i));
+    if constexpr (DIG == 1) {
+        return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+    } else {
+        const __m256i p2 = _mm256_maddubs_epi16(u, load32(x.q2 + 32 * i));
+        return _mm256_add_epi32(_mm256_madd_epi16(p, _mm256_set1_epi16(BASE)), _mm256_madd_epi16(p2, _mm256_set1_epi16(1)));
+    }
+}
+
+// signed weight bytes w against activation block i, int16 lanes weighted by sc (and BASE sc)
+template <int DIG>
+inline __m256i xdot_s(__m256i w, const XQ& x, int64_t i, __m256i sc, __m256i sc_base) {
+    const __m256i aw = _mm256_sign_epi8(w, w);
+    const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(load32(x.q + 32 * i), w));
+    if constexpr (DIG == 1) {
+        return _mm256_madd_epi16(p, sc);
+    } else {
+        const __m256i p2 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(load32(x.q2 + 32 * i), w));
+        return _mm256_add_epi32(_mm256_madd_epi16(p, sc_base), _mm256_madd_epi16(p2, sc));
+    }
+}
+
+// 16 bytes of nibbles -> 32 bytes: low nibbles first (values 0..15), then the high ones
+inline __m256i nibbles32(const uint8_t* p) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+// bit i of a 32-bit field -> byte i = 0x10 where set (Q5_0's fifth bit)
+inline __m256i bit5_32(uint32_t bits) {
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(int(bits)),
+        _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+    const __m256i mask = _mm256_set1_epi64x(int64_t(0x8040201008040201ULL));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask), _mm256_set1_epi8(0x10));
+}
+
+struct Q8_0x8 {
+    static constexpr int N = 32, BYTES = 34;
+    template <int DIG>
+    static inline void dot(const uint8_t* b, const XQ& x, int64_t i, __m256& acc, float&) {
+        const __m256i w = load32(reinterpret_cast<const int8_t*>(b + 2));
+        const __m256i p = xdot_s<DIG>(w, x, i, _mm256_set1_epi16(1), _mm256_set1_epi16(BASE));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(f16(b) * x.d[i]), acc);
+    }
+};
+
+struct Q4_1x8 {
+    static constexpr int N = 32, BYTES = 20;
+    // d u + m = d (u - 8) + (m + 8 d)
+    template <int DIG>
+    static inline void dot(const uint8_t* b, const XQ& x, int64_t i, __m256& acc, float& accm) {
+        const float d = f16(b), m = f16(b + 2), s = d * x.d[i];
+        const __m256i p = xdot_u<DIG>(nibbles32(b + 4), x, i);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc);
+        accm += m * x.f[i] + d * x.g8[i];
+    }
+};
+
+template <int BYTES_, int MID, bool FIFTH>
+struct MidBlockx8 {   // Q4_0 (MID 8) and Q5_0 (MID 16, fifth bits in a 32-bit field): d (u - MID)
+    static constexpr int N = 32, BYTES = BYTES_;
+    template <int DIG>
+    static inline void dot(const uint8_t* b, const XQ& x, int64_t i, __m256& acc, float& accm) {
+        const float d = f16(b), s = d * x.d[i];
+        __m256i u;
+        if constexpr (FIFTH) {
+            uint32_t qh;
+            std::memcpy(&qh, b + 2, 4);
+            u = _mm256_or_si256(nibbles32(b + 6), bit5_32(qh));
+        } else {
+            u = nibbles32(b + 2);
+        }
+        const __m256i p = xdot_u<DIG>(u, x, i);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc);
+        accm += d * (MID == 8 ? x.c8[i] : x.c16[i]);
+    }
+};
+using Q4_0x8 = MidBlockx8<18, 8, false>;
+using Q5_0x8 = MidBlockx8<22, 16, true>;
+
+struct Q4_Kx8 {
+    static constexpr int N = 256, BYTES = 144;
+    // sub-block j: d sc_j u - dmin m_j = d sc_j (u - 8) + (8 d sc_j - dmin m_j)
+    template <int DIG>
+    static inline void dot(const uint8_t* b, const XQ& x, int64_t i, __m256& acc, float& accm) {
+        const float d = f16(b), dmin = f16(b + 2);
+        const uint8_t* scales = b + 4;
+        const uint8_t* qs = b + 16;
+        const int64_t x0 = 8 * i;    // first 32-value activation block of this super-block
+        const __m256i lo4 = _mm256_set1_epi8(0x0F);
+        for (int j = 0; j < 4; ++j, qs += 32) {
+            const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
+            const __m256i ul = _mm256_and_si256(raw, lo4), uh = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lo4);
+            for (int h = 0; h < 2; ++h) {
+                const int sub = 2 * j + h;
+                const int64_t xb = x0 + sub;
+                uint8_t sc, m;
+                scale_min_k4(sub, scales, sc, m);
+                const float ds = d * sc, s = ds * x.d[xb];
+                const __m256i p = xdot_u<DIG>(h ? uh : ul, x, xb);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc);
+                accm += ds * x.g8[xb] - dmin * m * x.f[xb];
+            }
+        }
+    }
+};
+
+struct Q6_Kx8 {
+    static constexpr int N = 256, BYTES = 210;
+    // q = u - 32 in [-32, 31], scales per 16 values; int16 madd applies the two scales of a
+    // 32-value block (lanes 0-7: first 16 values, lanes 8-15: the next 16)
+    template <int DIG>
+    static inline void dot(const uint8_t* b, const XQ& x, int64_t i, __m256& acc, float&) {
+        const uint8_t* ql = b;
+        const uint8_t* qh = b + 128;
+        const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+        const float d = f16(b + 208);
+        const __m256i lo4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
+        int64_t xb = 8 * i;
+        for (int half = 0; half < 2; ++half, ql += 64, qh += 32, sc += 8) {
+            const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+            const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+            const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+            __m256i u[4];
+            u[0] = _mm256_or_si256(_mm256_and_si256(a, lo4), _mm256_slli_epi16(_mm256_and_si256(h, three), 4));
+            u[1] = _mm256_or_si256(_mm256_and_si256(c, lo4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), three), 4));
+            u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), lo4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), three), 4));
+            u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), lo4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), three), 4));
+            for (int k = 0; k < 4; ++k, ++xb) {
+                const __m256i w = _mm256_sub_epi8(u[k], off);
+                const int16_t s0 = sc[2 * k], s1 = sc[2 * k + 1];
+                const __m256i scv = _mm256_setr_m128i(_mm_set1_epi16(s0), _mm_set1_epi16(s1));
+                const __m256i scb = _mm256_setr_m128i(_mm_set1_epi16(int16_t(BASE * s0)), _mm_set1_epi16(int16_t(BASE * s1)));
+                const __m256i p = xdot_s<DIG>(w, x, xb, scv, scb);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x.d[xb]), acc);
+            }
+        }
+    }
+};
+
+constexpr int PREFETCH_ROWS = 4;   // rows ahead whose bytes are requested from memory early
+
+inline void prefetch_row(const uint8_t* p, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T0);
+}
+
+// Two weight rows per pass: they share the activation loads and give two independent chains.
+template <typename B, int DIG>
+void matvec8(const XQ& x, const uint8_t* w, float* y, int64_t N, int64_t K) {
+    const int64_t nb = K / B::N, row_bytes = nb * B::BYTES;
+    at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+        int64_t n = n0;
+        for (; n + 1 < n1; n += 2) {
+            const uint8_t* r0 = w + n * row_bytes;
+            const uint8_t* r1 = r0 + row_bytes;
+            if (n + PREFETCH_ROWS + 1 < n1) prefetch_row(r0 + PREFETCH_ROWS * row_bytes, 2 * row_bytes);
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+            float accm0 = 0.f, accm1 = 0.f;
+            for (int64_t blk = 0; blk < nb; ++blk) {
+                B::template dot<DIG>(r0 + blk * B::BYTES, x, blk, acc0, accm0);
+                B::template dot<DIG>(r1 + blk * B::BYTES, x, blk, acc1, accm1);
+            }
+            y[n] = hsum(acc0) + accm0;
+            y[n + 1] = hsum(acc1) + accm1;
+        }
+        if (n < n1) {
+            const uint8_t* r0 = w + n * row_bytes;
+            __m256 acc0 = _mm256_setzero_ps();
+            float accm0 = 0.f;
+            for (int64_t blk = 0; blk < nb; ++blk) B::template dot<DIG>(r0 + blk * B::BYTES, x, blk, acc0, accm0);
+            y[n] = hsum(acc0) + accm0;
+        }
+    });
+}
+
 // ---- batched decode: dequantize a panel of weight rows once, reuse it for every row ---------
 // R activation rows x C panel rows: R*C accumulators (12 of AVX2's 16 registers at 4x3), each
 // loaded vector feeding several FMAs. The panel stays in L1/L2 while all M rows pass over it.
@@ -351,15 +620,22 @@ void dequant_rows(const uint8_t* w, float* y, int64_t N, int64_t K) {
 // ggml type ids
 enum : int64_t { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
 
+// f(Kernels<...>{}): `Float` dots float32 activations, `Int` integer ones (XQ)
+template <typename F_, typename I_>
+struct Kernels {
+    using Float = F_;
+    using Int = I_;
+};
+
 template <typename F>
 void dispatch(int64_t qtype, F&& f) {
     switch (qtype) {
-        case T_Q4_0: f(Q4_0{}); break;
-        case T_Q4_1: f(Q4_1{}); break;
-        case T_Q5_0: f(Q5_0{}); break;
-        case T_Q8_0: f(Q8_0{}); break;
-        case T_Q4_K: f(Q4_K{}); break;
-        case T_Q6_K: f(Q6_K{}); break;
+        case T_Q4_0: f(Kernels<Q4_0, Q4_0x8>{}); break;
+        case T_Q4_1: f(Kernels<Q4_1, Q4_1x8>{}); break;
+        case T_Q5_0: f(Kernels<Q5_0, Q5_0x8>{}); break;
+        case T_Q8_0: f(Kernels<Q8_0, Q8_0x8>{}); break;
+        case T_Q4_K: f(Kernels<Q4_K, Q4_Kx8>{}); break;
+        case T_Q6_K: f(Kernels<Q6_K, Q6_Kx8>{}); break;
         default: TORCH_CHECK(false, "qmatmul: unsupported ggml type id ", qtype);
     }
 }
@@ -371,17 +647,36 @@ void check_weight(const torch::Tensor& w, int64_t K, int64_t block, int64_t byte
 
 }  // namespace
 
+// One activation row already rounded to int8 (xq) against W: y [N].
+torch::Tensor matvec_i8(const XQBuffer& xq, const torch::Tensor& w, int64_t qtype, int64_t K) {
+    auto y = torch::empty({w.size(0)}, torch::dtype(torch::kFloat32));
+    dispatch(qtype, [&](auto k) {
+        using B = typename decltype(k)::Int;
+        check_weight(w, K, B::N, B::BYTES);
+        if (xq.digits == 2) matvec8<B, 2>(xq.view(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), w.size(0), K);
+        else matvec8<B, 1>(xq.view(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), w.size(0), K);
+    });
+    return y;
+}
+
 // x: float32 [..., K] -> [..., N]; the leading dimensions are flattened here rather than in
-// Python, to save dispatches on the decode path.
-torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K) {
+// Python, to save dispatches on the decode path. digits 1 (int8) or 2 (int16): a single row
+// (M == 1) has its activations rounded per 32 values (see XQ); 0, or more rows: float32.
+torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K, int64_t digits) {
     TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.size(-1) == K, "x must be float32 [..., K] with K=", K);
     x = x.contiguous();
     const int64_t M = x.numel() / K, N = w.size(0);
     auto out_shape = x.sizes().vec();
     out_shape.back() = N;
+    TORCH_CHECK(digits >= 0 && digits <= 2, "qmatmul: digits must be 0 (float32), 1 (int8) or 2 (int16)");
+    if (digits > 0 && M == 1 && K % 32 == 0) {
+        XQBuffer xq;
+        quantize_x8(x.data_ptr<float>(), K, xq, int(digits));
+        return matvec_i8(xq, w, qtype, K).view(out_shape);
+    }
     auto y = torch::empty(out_shape, x.options());
-    dispatch(qtype, [&](auto b) {
-        using B = decltype(b);
+    dispatch(qtype, [&](auto k) {
+        using B = typename decltype(k)::Float;
         check_weight(w, K, B::N, B::BYTES);
         matmul<B>(x.data_ptr<float>(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), M, N, K);
     });
@@ -391,8 +686,8 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K
 torch::Tensor dequantize(torch::Tensor w, int64_t qtype, int64_t K) {
     const int64_t N = w.size(0);
     auto y = torch::empty({N, K}, torch::dtype(torch::kFloat32));
-    dispatch(qtype, [&](auto b) {
-        using B = decltype(b);
+    dispatch(qtype, [&](auto k) {
+        using B = typename decltype(k)::Float;
         check_weight(w, K, B::N, B::BYTES);
         dequant_rows<B>(w.data_ptr<uint8_t>(), y.data_ptr<float>(), N, K);
     });
@@ -431,9 +726,25 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     return y;
 }
 
+// e^x for x <= 0 .. 88, 8 lanes: x = n ln2 + r with |r| <= ln2/2, e^r by its Taylor series to
+// r^7 (relative error < 1e-8 before float rounding), times 2^n built in the exponent bits.
+inline __m256 exp_ps(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);      // ln2 split in two
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.f / 5040.f);
+    for (float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
 // Decode attention (one new token per sequence) reading keys and values through the paged
 // cache: for sequence b, key j lives in slot gather_slots[b, j]. Query head h uses KV head
 // h / (H / KVH) (grouped-query attention). A window > 0 keeps only the last `window` keys.
+// One task per (sequence, KV head): each key and value row is read once for all the query
+// heads sharing it. Small steps run on the calling thread (waking the pool costs more).
 torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor gather_slots, torch::Tensor context_lens,
                                      double scale, int64_t window) {
@@ -451,38 +762,80 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
     const int64_t* slots = gather_slots.data_ptr<int64_t>();
     const int64_t* lens = context_lens.data_ptr<int64_t>();
     float* op = out.data_ptr<float>();
-    const int64_t group = H / KVH;
-    at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<float> scores(L);
-        std::vector<float> acc(D);
+    const int64_t G = H / KVH;
+    auto body = [&](int64_t t0, int64_t t1) {
+        std::vector<float> scores(G * (L + 8));
+        const int64_t stride = L + 8;
         for (int64_t t = t0; t < t1; ++t) {
-            const int64_t b = t / H, h = t % H, kvh = h / group;
+            const int64_t b = t / KVH, kvh = t % KVH;
             const int64_t n = lens[b], start = window > 0 ? std::max<int64_t>(0, n - window) : 0;
-            const float* qv = qp + (b * H + h) * D;
-            float mx = -INFINITY;
-            for (int64_t j = start; j < n; ++j) {
+            const float* qv = qp + (b * H + kvh * G) * D;     // the G query heads of this KV head
+            float* ov = op + (b * H + kvh * G) * D;
+            int64_t j = start;
+            for (; j + 4 <= n; j += 4) {     // four keys at a time: four independent FMA chains
+                const float* kv[4];
+                for (int r = 0; r < 4; ++r) kv[r] = kp + (slots[b * L + j + r] * KVH + kvh) * D;
+                for (int64_t g = 0; g < G; ++g) {
+                    __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+                    for (int64_t i = 0; i < D; i += 8) {
+                        const __m256 qq = _mm256_loadu_ps(qv + g * D + i);
+                        for (int r = 0; r < 4; ++r) s[r] = _mm256_fmadd_ps(qq, _mm256_loadu_ps(kv[r] + i), s[r]);
+                    }
+                    for (int r = 0; r < 4; ++r) scores[g * stride + j + r - start] = hsum(s[r]) * float(scale);
+                }
+            }
+            for (; j < n; ++j) {
                 const float* kv = kp + (slots[b * L + j] * KVH + kvh) * D;
-                __m256 s = _mm256_setzero_ps();
-                for (int64_t i = 0; i < D; i += 8)
-                    s = _mm256_fmadd_ps(_mm256_loadu_ps(qv + i), _mm256_loadu_ps(kv + i), s);
-                scores[j] = hsum(s) * float(scale);
-                mx = std::max(mx, scores[j]);
+                for (int64_t g = 0; g < G; ++g) {
+                    __m256 s = _mm256_setzero_ps();
+                    for (int64_t i = 0; i < D; i += 8)
+                        s = _mm256_fmadd_ps(_mm256_loadu_ps(qv + g * D + i), _mm256_loadu_ps(kv + i), s);
+                    scores[g * stride + j - start] = hsum(s) * float(scale);
+                }
             }
-            float denom = 0.f;
-            for (int64_t j = start; j < n; ++j) {
-                scores[j] = std::exp(scores[j] - mx);
-                denom += scores[j];
+            const int64_t len = n - start;
+            for (int64_t g = 0; g < G; ++g) {
+                float* sc = scores.data() + g * stride;
+                float mx = -INFINITY;
+                for (int64_t j = 0; j < len; ++j) mx = std::max(mx, sc[j]);
+                __m256 sum = _mm256_setzero_ps();
+                j = 0;
+                for (; j + 8 <= len; j += 8) {
+                    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sc + j), _mm256_set1_ps(mx)));
+                    _mm256_storeu_ps(sc + j, e);
+                    sum = _mm256_add_ps(sum, e);
+                }
+                float denom = hsum(sum);
+                if (j < len) {
+                    alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                    for (int64_t k = j; k < len; ++k) tail[k - j] = sc[k] - mx;
+                    alignas(32) float e[8];
+                    _mm256_store_ps(e, exp_ps(_mm256_load_ps(tail)));
+                    for (int64_t k = j; k < len; ++k) { sc[k] = e[k - j]; denom += e[k - j]; }
+                }
+                const float inv = 1.f / denom;
+                for (j = 0; j < len; ++j) sc[j] *= inv;
             }
-            std::fill(acc.begin(), acc.end(), 0.f);
-            for (int64_t j = start; j < n; ++j) {
-                const float* vv = vp + (slots[b * L + j] * KVH + kvh) * D;
-                const __m256 p = _mm256_set1_ps(scores[j] / denom);
-                for (int64_t i = 0; i < D; i += 8)
-                    _mm256_storeu_ps(acc.data() + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vv + i), _mm256_loadu_ps(acc.data() + i)));
+            // out_g = sum_j p_gj v_j, 32 output values at a time held in registers over all keys
+            for (int64_t g = 0; g < G; ++g) {
+                const float* pg = scores.data() + g * stride - start;
+                for (int64_t i0 = 0; i0 < D; i0 += 32) {
+                    const int nv = int(std::min<int64_t>(4, (D - i0) / 8));
+                    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+                    for (int64_t jj = start; jj < n; ++jj) {
+                        const float* vv = vp + (slots[b * L + jj] * KVH + kvh) * D + i0;
+                        const __m256 p = _mm256_set1_ps(pg[jj]);
+                        for (int v = 0; v < nv; ++v) acc[v] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vv + 8 * v), acc[v]);
+                    }
+                    for (int v = 0; v < nv; ++v) _mm256_storeu_ps(ov + g * D + i0 + 8 * v, acc[v]);
+                }
             }
-            std::copy(acc.begin(), acc.end(), op + (b * H + h) * D);
         }
-    });
+    };
+    int64_t work = 0;   // key rows read
+    for (int64_t b = 0; b < B; ++b) work += lens[b];
+    if (work * KVH * G * D < (1 << 18)) body(0, B * KVH);
+    else at::parallel_for(0, B * KVH, 1, body);
     return out;
 }
 
@@ -533,14 +886,22 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
                            double eps, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping,
                            torch::Tensor decode_slots, torch::Tensor decode_lens, torch::Tensor positions,
                            torch::Tensor cos, torch::Tensor sin, bool interleaved, double scale, int64_t window,
-                           bool gemma) {
+                           bool gemma, int64_t digits) {
     TORCH_CHECK(x.dim() == 2 && w.size() == 7 && qtypes.size() == 7 && norms.size() == (gemma ? 6u : 2u),
                 "decode_block: x [B, D], 7 weights, 2 (llama) or 6 (gemma) norms");
     const int64_t B = x.size(0), D = x.size(1), HD = n_heads * head_dim;
+    // one row with integer activations: each vector is rounded once for all the matrices reading it
+    const bool one8 = digits > 0 && B == 1;
+    XQBuffer xq;
+    auto lin = [&](const torch::Tensor& in, int i, int64_t K, bool requantize) {
+        if (!one8 || K % 32 != 0) return qmatmul(in, w[i], qtypes[i], K, digits).view({B, -1});
+        if (requantize) quantize_x8(in.data_ptr<float>(), K, xq, int(digits));
+        return matvec_i8(xq, w[i], qtypes[i], K).view({1, -1});
+    };
     auto h = rms_norm(x, norms[0], eps);
-    auto q = qmatmul(h, w[0], qtypes[0], D).view({1, B, n_heads, head_dim});
-    auto k = qmatmul(h, w[1], qtypes[1], D).view({1, B, n_kv_heads, head_dim});
-    auto v = qmatmul(h, w[2], qtypes[2], D).view({B, n_kv_heads, head_dim});
+    auto q = lin(h, 0, D, true).view({1, B, n_heads, head_dim});
+    auto k = lin(h, 1, D, false).view({1, B, n_kv_heads, head_dim});
+    auto v = lin(h, 2, D, false).view({B, n_kv_heads, head_dim});
     if (gemma) {
         q = rms_norm(q, norms[2], eps);
         k = rms_norm(k, norms[3], eps);
@@ -550,14 +911,14 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
     v_cache.index_copy_(0, slot_mapping, v);
     auto a = paged_attention_decode(q.view({B, n_heads, head_dim}), k_cache, v_cache, decode_slots, decode_lens,
                                     scale, window);
-    auto o = qmatmul(a.view({B, HD}), w[3], qtypes[3], HD);
+    auto o = lin(a.view({B, HD}), 3, HD, true);
     if (gemma) o = rms_norm(o, norms[4], eps);
     x = x + o;
     h = rms_norm(x, norms[1], eps);
-    auto g = qmatmul(h, w[4], qtypes[4], D);
-    auto u = qmatmul(h, w[5], qtypes[5], D);
+    auto g = lin(h, 4, D, true);
+    auto u = lin(h, 5, D, false);
     g = (gemma ? at::gelu(g, "tanh") : at::silu(g)) * u;
-    auto d = qmatmul(g, w[6], qtypes[6], g.size(1));
+    auto d = lin(g, 6, g.size(1), true);
     if (gemma) d = rms_norm(d, norms[5], eps);
     return x + d;
 }
@@ -570,6 +931,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("decode_block", &decode_block, "one transformer block for decoding sequences", release());
     m.def("paged_attention_decode", &paged_attention_decode, "one-token attention through block tables", release());
     m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension", release());
-    m.def("qmatmul", &qmatmul, "y = x @ dequant(W)^T for GGUF-quantized W", release());
+    m.def("qmatmul", &qmatmul, "y = x @ dequant(W)^T for GGUF-quantized W", py::arg("x"), py::arg("w"),
+          py::arg("qtype"), py::arg("K"), py::arg("digits") = 0, release());
     m.def("dequantize", &dequantize, "GGUF blocks -> float32 [N, K]", release());
 }
