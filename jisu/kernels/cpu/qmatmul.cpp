@@ -380,25 +380,29 @@ inline __m256i bit5_32(uint32_t bits) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask), _mm256_set1_epi8(0x10));
 }
 
+// 32-value block types: B::idot is the block's integer dot with activation block i, B::mid1 /
+// B::mid8 its offset terms for one block (scalar) or eight (vector, given the eight scales d).
 struct Q8_0x8 {
     static constexpr int N = 32, BYTES = 34;
     template <int DIG>
-    static inline void dot(const uint8_t* b, const XQ& x, int64_t i, __m256& acc, float&) {
-        const __m256i w = load32(reinterpret_cast<const int8_t*>(b + 2));
-        const __m256i p = xdot_s<DIG>(w, x, i, _mm256_set1_epi16(1), _mm256_set1_epi16(BASE));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(f16(b) * x.d[i]), acc);
+    static inline __m256i idot(const uint8_t* b, const XQ& x, int64_t i) {
+        return xdot_s<DIG>(load32(reinterpret_cast<const int8_t*>(b + 2)), x, i, _mm256_set1_epi16(1), _mm256_set1_epi16(BASE));
     }
+    static inline float mid1(const uint8_t*, const XQ&, int64_t, float) { return 0.f; }
+    static inline void mid8(const uint8_t*, const XQ&, int64_t, __m256, __m256&) {}
 };
+
+template <int BYTES>
+inline __m256 halves8(const uint8_t* p);   // the fp16 at p in eight consecutive blocks (below)
 
 struct Q4_1x8 {
     static constexpr int N = 32, BYTES = 20;
     // d u + m = d (u - 8) + (m + 8 d)
     template <int DIG>
-    static inline void dot(const uint8_t* b, const XQ& x, int64_t i, __m256& acc, float& accm) {
-        const float d = f16(b), m = f16(b + 2), s = d * x.d[i];
-        const __m256i p = xdot_u<DIG>(nibbles32(b + 4), x, i);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc);
-        accm += m * x.f[i] + d * x.g8[i];
+    static inline __m256i idot(const uint8_t* b, const XQ& x, int64_t i) { return xdot_u<DIG>(nibbles32(b + 4), x, i); }
+    static inline float mid1(const uint8_t* b, const XQ& x, int64_t i, float d) { return f16(b + 2) * x.f[i] + d * x.g8[i]; }
+    static inline void mid8(const uint8_t* b, const XQ& x, int64_t i, __m256 d, __m256& accm) {
+        accm = _mm256_fmadd_ps(halves8<BYTES>(b + 2), _mm256_loadu_ps(x.f + i), _mm256_fmadd_ps(d, _mm256_loadu_ps(x.g8 + i), accm));
     }
 };
 
@@ -406,23 +410,59 @@ template <int BYTES_, int MID, bool FIFTH>
 struct MidBlockx8 {   // Q4_0 (MID 8) and Q5_0 (MID 16, fifth bits in a 32-bit field): d (u - MID)
     static constexpr int N = 32, BYTES = BYTES_;
     template <int DIG>
-    static inline void dot(const uint8_t* b, const XQ& x, int64_t i, __m256& acc, float& accm) {
-        const float d = f16(b), s = d * x.d[i];
-        __m256i u;
+    static inline __m256i idot(const uint8_t* b, const XQ& x, int64_t i) {
         if constexpr (FIFTH) {
             uint32_t qh;
             std::memcpy(&qh, b + 2, 4);
-            u = _mm256_or_si256(nibbles32(b + 6), bit5_32(qh));
+            return xdot_u<DIG>(_mm256_or_si256(nibbles32(b + 6), bit5_32(qh)), x, i);
         } else {
-            u = nibbles32(b + 2);
+            return xdot_u<DIG>(nibbles32(b + 2), x, i);
         }
-        const __m256i p = xdot_u<DIG>(u, x, i);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc);
-        accm += d * (MID == 8 ? x.c8[i] : x.c16[i]);
+    }
+    static inline const float* c(const XQ& x) { return MID == 8 ? x.c8 : x.c16; }
+    static inline float mid1(const uint8_t*, const XQ& x, int64_t i, float d) { return d * c(x)[i]; }
+    static inline void mid8(const uint8_t*, const XQ& x, int64_t i, __m256 d, __m256& accm) {
+        accm = _mm256_fmadd_ps(d, _mm256_loadu_ps(c(x) + i), accm);
     }
 };
 using Q4_0x8 = MidBlockx8<18, 8, false>;
 using Q5_0x8 = MidBlockx8<22, 16, true>;
+
+template <int BYTES>
+inline __m256 halves8(const uint8_t* p) {
+    auto u16 = [](const uint8_t* q) { uint16_t h; std::memcpy(&h, q, 2); return int(h); };
+    __m128i v = _mm_cvtsi32_si128(u16(p));
+    v = _mm_insert_epi16(v, u16(p + BYTES), 1);
+    v = _mm_insert_epi16(v, u16(p + 2 * BYTES), 2);
+    v = _mm_insert_epi16(v, u16(p + 3 * BYTES), 3);
+    v = _mm_insert_epi16(v, u16(p + 4 * BYTES), 4);
+    v = _mm_insert_epi16(v, u16(p + 5 * BYTES), 5);
+    v = _mm_insert_epi16(v, u16(p + 6 * BYTES), 6);
+    v = _mm_insert_epi16(v, u16(p + 7 * BYTES), 7);
+    return _mm256_cvtph_ps(v);
+}
+
+// One 32-value block (row tails).
+template <typename B, int DIG>
+inline void dot1(const uint8_t* b, const XQ& x, int64_t i, __m256& acc, float& accm) {
+    const float d = f16(b);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(B::template idot<DIG>(b, x, i)), _mm256_set1_ps(d * x.d[i]), acc);
+    accm += B::mid1(b, x, i, d);
+}
+
+// Eight 32-value blocks: their scales are converted and multiplied as one vector, and the
+// offset terms accumulate as a vector, where one block at a time spends more instructions on
+// these scalars than on its 32 products.
+template <typename B, int DIG>
+inline void dot8(const uint8_t* b, const XQ& x, int64_t i, __m256 acc[2], __m256& accm) {
+    const __m256 d = halves8<B::BYTES>(b);
+    const __m256 s = _mm256_mul_ps(d, _mm256_loadu_ps(x.d + i));
+    B::mid8(b, x, i, d, accm);
+    for (int j = 0; j < 8; ++j) {     // two chains: an FMA waits on the one before it
+        const __m256 sj = _mm256_permutevar8x32_ps(s, _mm256_set1_epi32(j));
+        acc[j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(B::template idot<DIG>(b + j * B::BYTES, x, i + j)), sj, acc[j & 1]);
+    }
+}
 
 struct Q4_Kx8 {
     static constexpr int N = 256, BYTES = 144;
@@ -490,31 +530,32 @@ inline void prefetch_row(const uint8_t* p, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T0);
 }
 
-// Two weight rows per pass: they share the activation loads and give two independent chains.
+// One row: 32-value types in groups of eight blocks (dot8) then single blocks; super-block
+// types (Q4_K, Q6_K) one super-block at a time.
+template <typename B, int DIG>
+inline float row8(const uint8_t* row, const XQ& x, int64_t nb) {
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, accv = _mm256_setzero_ps();
+    float accm = 0.f;
+    int64_t blk = 0;
+    if constexpr (B::N == 32) {
+        for (; blk + 8 <= nb; blk += 8) dot8<B, DIG>(row + blk * B::BYTES, x, blk, acc, accv);
+        for (; blk < nb; ++blk) dot1<B, DIG>(row + blk * B::BYTES, x, blk, acc[blk & 1], accm);
+    } else {
+        for (; blk < nb; ++blk) B::template dot<DIG>(row + blk * B::BYTES, x, blk, acc[blk & 1], accm);
+    }
+    return hsum(_mm256_add_ps(acc[0], acc[1])) + hsum(accv) + accm;
+}
+
+// Rows in pairs, the pair PREFETCH_ROWS ahead requested from memory early.
 template <typename B, int DIG>
 void matvec8(const XQ& x, const uint8_t* w, float* y, int64_t N, int64_t K) {
     const int64_t nb = K / B::N, row_bytes = nb * B::BYTES;
     at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-        int64_t n = n0;
-        for (; n + 1 < n1; n += 2) {
+        for (int64_t n = n0; n < n1; n += 2) {
+            const int rows = int(std::min<int64_t>(2, n1 - n));
             const uint8_t* r0 = w + n * row_bytes;
-            const uint8_t* r1 = r0 + row_bytes;
-            if (n + PREFETCH_ROWS + 1 < n1) prefetch_row(r0 + PREFETCH_ROWS * row_bytes, 2 * row_bytes);
-            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-            float accm0 = 0.f, accm1 = 0.f;
-            for (int64_t blk = 0; blk < nb; ++blk) {
-                B::template dot<DIG>(r0 + blk * B::BYTES, x, blk, acc0, accm0);
-                B::template dot<DIG>(r1 + blk * B::BYTES, x, blk, acc1, accm1);
-            }
-            y[n] = hsum(acc0) + accm0;
-            y[n + 1] = hsum(acc1) + accm1;
-        }
-        if (n < n1) {
-            const uint8_t* r0 = w + n * row_bytes;
-            __m256 acc0 = _mm256_setzero_ps();
-            float accm0 = 0.f;
-            for (int64_t blk = 0; blk < nb; ++blk) B::template dot<DIG>(r0 + blk * B::BYTES, x, blk, acc0, accm0);
-            y[n] = hsum(acc0) + accm0;
+            if (n + PREFETCH_ROWS + 2 <= n1) prefetch_row(r0 + PREFETCH_ROWS * row_bytes, 2 * row_bytes);
+            for (int r = 0; r < rows; ++r) y[n + r] = row8<B, DIG>(r0 + r * row_bytes, x, nb);
         }
     });
 }
