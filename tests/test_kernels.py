@@ -185,3 +185,15 @@ def test_fused_decode_block_equals_python_block(tmp_path, arch, activations):
         # same kernels in the same order: the same numbers
         assert [[lp["logprob"] for lp in o.outputs[0].logprobs] for o in on] == \
                [[lp["logprob"] for lp in o.outputs[0].logprobs] for o in off]
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 262144])
+def test_argmax_equals_torch(n):
+    x = torch.randn(n)
+    assert ops.argmax(x) == int(x.argmax())
+    x[n // 2] = x[n - 1] = x.max() + 1          # ties: the first one wins, as in torch
+    assert ops.argmax(x) == int(x.argmax()) == n // 2
+    x[-1] = float("nan")                         # NaN: -1, the caller asks torch
+    assert ops.argmax(x) == -1
+    from jisu.engine.sampler import argmax
+    assert argmax(x) == int(x.argmax())

@@ -33,11 +33,12 @@ class ModelRunner:
                 layers[i].k_cache, layers[i].v_cache = self.kv_cache[j, 0], self.kv_cache[j, 1]
                 layers[i].kv_group = g
 
-    def _slots(self, table: list[int], end: int) -> torch.Tensor:
-        """Cache slots of tokens 0..end-1 through one block table; freed blocks (NO_BLOCK)
-        map to the scratch slot."""
+    def _slots(self, tables: list[list[int]], end: int) -> torch.Tensor:
+        """Cache slots [groups, end] of tokens 0..end-1 through each group's block table, in one
+        go for all groups; freed blocks (NO_BLOCK) map to the scratch slot."""
         pos = torch.arange(end)
-        pages = torch.tensor(table, dtype=torch.long)[pos // self.block_size]
+        width = max(len(t) for t in tables)
+        pages = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.long)[:, pos // self.block_size]
         slots = pages * self.block_size + pos % self.block_size
         return slots.masked_fill_(pages < 0, self.scratch_slot)
 
@@ -46,21 +47,21 @@ class ModelRunner:
         ids, positions = [], []
         decodes = [s for s in seqs if s.num_scheduled_tokens == 1]
         L = max((s.num_computed_tokens + 1 for s in decodes), default=0)
-        groups = [KVGroupSlots([], torch.full((len(decodes), L), self.scratch_slot, dtype=torch.long), [])
-                  for _ in range(self.num_groups)]
+        decode_slots = torch.full((self.num_groups, len(decodes), L), self.scratch_slot, dtype=torch.long)
+        groups = [KVGroupSlots([], decode_slots[g], []) for g in range(self.num_groups)]
         prefills, row = [], 0
         for b, seq in enumerate(seqs):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
             ids.extend(seq.token_ids[start:end])
             pos = torch.arange(start, end)
             positions.append(pos)
-            for group, table in zip(groups, seq.block_tables):
-                slots = self._slots(table, end)
-                group.slot_mapping.append(slots[start:])
-                if end - start == 1:
-                    group.decode_slots[b, :end] = slots
-                else:
-                    group.prefill_slots.append(slots)
+            slots = self._slots(seq.block_tables, end)
+            if end - start == 1:
+                decode_slots[:, b, :end] = slots
+            for g, group in enumerate(groups):
+                group.slot_mapping.append(slots[g, start:])
+                if end - start > 1:
+                    group.prefill_slots.append(slots[g])
             if end - start > 1:
                 prefills.append(PrefillSegment(row, row + end - start, pos, end))
             row += end - start

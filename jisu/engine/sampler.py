@@ -36,15 +36,31 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return logits
 
 
+def argmax(row: torch.Tensor) -> int:
+    """torch.argmax's answer; the C++ kernel is ~10x faster over a 262k vocabulary."""
+    from jisu.kernels import cpu
+    ops = cpu.load()
+    if ops is not None and row.is_contiguous():
+        i = ops.argmax(row)
+        if i >= 0:
+            return i
+    return int(row.argmax())      # no kernels, or a NaN
+
+
+def _penalized(p) -> bool:
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, dict | None]]:
     """Returns (token id, logprob info or None) for each row of logits [B, vocab]."""
     out = []
     for row, seq in zip(logits, seqs):
         p = seq.params
         raw = row
-        row = apply_penalties(row.clone(), seq)
+        if _penalized(p):
+            row = apply_penalties(row.clone(), seq)
         if p.greedy:
-            token = int(row.argmax())
+            token = argmax(row)
         else:
             row = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p)
             probs = row.softmax(-1)

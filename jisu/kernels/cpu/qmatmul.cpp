@@ -964,10 +964,40 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
     return x + d;
 }
 
+// Index of the first maximum of a float32 vector (torch.argmax's answer), -1 if there is a
+// NaN (the caller then asks torch). torch's own argmax takes ~0.28 ms over Gemma's 262k
+// logits here, a max pass plus a find pass ~0.03 ms.
+int64_t argmax(torch::Tensor x) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 1 && x.is_contiguous() && x.numel() > 0,
+                "argmax: x must be a non-empty contiguous float32 vector");
+    const float* p = x.data_ptr<float>();
+    const int64_t n = x.numel();
+    __m256 mv = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(p + i);
+        mv = _mm256_max_ps(mv, v);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    if (_mm256_movemask_ps(nan)) return -1;
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, mv);
+    float m = lanes[0];
+    for (int j = 1; j < 8; ++j) m = std::max(m, lanes[j]);
+    for (; i < n; ++i) {
+        if (std::isnan(p[i])) return -1;
+        m = std::max(m, p[i]);
+    }
+    for (i = 0; i < n; ++i)
+        if (p[i] == m) return i;
+    return -1;
+}
+
 // The ops hold no Python objects while they compute, so they let go of the GIL: the server's
 // event loop (another thread) keeps serving while the engine thread is inside a kernel.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     using release = py::call_guard<py::gil_scoped_release>;
+    m.def("argmax", &argmax, "index of the first maximum (-1: NaN)", release());
     m.def("rope_", &rope_, "rotary embedding, in place on q and k", release());
     m.def("decode_block", &decode_block, "one transformer block for decoding sequences", release());
     m.def("paged_attention_decode", &paged_attention_decode, "one-token attention through block tables", release());
