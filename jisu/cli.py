@@ -217,10 +217,12 @@ def perplexity(file, model, threads, ctx):
 @click.option("--decode-tokens", type=click.IntRange(min=2), default=64, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="run every engine this many times, in turn, and report medians over rounds")
 @click.option("--chart", default=None, help="PNG chart path [default: bench-MODEL.png]")
 @click.option("--no-chart", is_flag=True)
 @activations_option
-def bench(model, compare, prompt_tokens, decode_tokens, repeats, threads, chart, no_chart, activations):
+def bench(model, compare, prompt_tokens, decode_tokens, repeats, threads, rounds, chart, no_chart, activations):
     """Decode and prefill tokens/s of jisu next to llama.cpp and transformers (medians, ratios)."""
     from jisu.bench import speed
     from jisu.registry import resolve
@@ -228,8 +230,9 @@ def bench(model, compare, prompt_tokens, decode_tokens, repeats, threads, chart,
     chart = None if no_chart else chart or f"bench-{model or DEFAULT_MODEL}.png".replace("/", "_")
     results = speed.run(path, [c.strip() for c in compare.split(",") if c.strip()], prompt_tokens,
                         decode_tokens, repeats, threads, echo=lambda m: click.echo(m, err=True),
-                        activations=activations)
-    title = f"{model or DEFAULT_MODEL}: {prompt_tokens}-token prompt, {decode_tokens} decoded tokens, median of {repeats}"
+                        activations=activations, rounds=rounds)
+    title = (f"{model or DEFAULT_MODEL}: {prompt_tokens}-token prompt, {decode_tokens} decoded tokens, median of {repeats}"
+             + (f" x {rounds} rounds" if rounds > 1 else ""))
     click.echo(speed.table(results, title))
     if chart:
         if speed.chart(results, title, chart):

@@ -68,3 +68,13 @@ def test_bench_reports_ttft_rss_and_writes_chart(tiny_llama_path, home, tmp_path
     assert decode > 0 and prefill > 0 and ttft_ms > 0
     assert 50 < rss_mb < 4000                      # the child process's own peak, in MB
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rounds_take_medians(tiny_llama_path, home):
+    r = jisu(["bench", "-m", str(tiny_llama_path), "--compare", "", "--repeats", "1", "--prompt-tokens", "16",
+              "--decode-tokens", "3", "--rounds", "2", "--no-chart", "--activations", "int8"], home)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("running jisu (round") == 2
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| jisu |"))
+    assert "int8 decode activations" in row and "median of 2 rounds" in row
+    assert "x 2 rounds" in r.stdout

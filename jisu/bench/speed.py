@@ -143,8 +143,18 @@ def _child(name: str, args: tuple, out) -> None:
         out.put(f"{type(e).__name__}: {e}")
 
 
+def _merge(rs: list[SpeedResult]) -> SpeedResult:
+    """One engine's rounds: medians of the rates and times, the largest peak RSS."""
+    med = lambda f: statistics.median(getattr(r, f) for r in rs)   # noqa: E731
+    joules = [r.joules_per_token for r in rs]
+    return SpeedResult(rs[0].engine, med("decode_tok_s"), med("prefill_tok_s"), med("load_s"),
+                       rs[0].detail + (f", median of {len(rs)} rounds" if len(rs) > 1 else ""),
+                       med("ttft_s"), max(r.peak_rss_mb for r in rs),
+                       None if None in joules else statistics.median(joules))
+
+
 def run(path: str, compare: list[str], prompt_tokens: int = 512, n_decode: int = 64, repeats: int = 5,
-        threads: int = 2, echo=print, activations: str = "int16") -> list[SpeedResult]:
+        threads: int = 2, echo=print, activations: str = "int16", rounds: int = 1) -> list[SpeedResult]:
     import importlib.util
     import multiprocessing as mp
 
@@ -154,27 +164,36 @@ def run(path: str, compare: list[str], prompt_tokens: int = 512, n_decode: int =
     tok = Tokenizer.from_gguf(read_gguf(path))
     ids = tok.encode(text * 4, add_special=True)[:prompt_tokens]
     ctx = mp.get_context("spawn")        # a fresh process per engine: its own memory, no shared threads
-    results = []
+    names = []
     for name in ["jisu"] + [c for c in compare if c != "jisu"]:
         if name not in BENCHES:
             echo(f"skipping unknown comparator '{name}' (known: {', '.join(BENCHES)})")
-            continue
-        if name in MODULES and importlib.util.find_spec(MODULES[name]) is None:
+        elif name in MODULES and importlib.util.find_spec(MODULES[name]) is None:
             echo(f"skipping {name}: python module '{MODULES[name]}' is not installed")
-            continue
-        echo(f"running {name} ...")
-        out = ctx.Queue()
-        args = (path, ids, n_decode, repeats, threads) + ((activations,) if name == "jisu" else ())
-        proc = ctx.Process(target=_child, args=(name, args, out))
-        proc.start()
-        res = out.get()
-        proc.join()
-        if isinstance(res, str):
-            if name == "jisu":
-                raise RuntimeError(f"jisu benchmark failed: {res}")
-            echo(f"skipping {name}: it failed: {res}")
-            continue
-        results.append(res)
+        else:
+            names.append(name)
+    # rounds: every engine once per round, in turn, so a slow spell of a shared machine lands on
+    # all of them rather than on whichever ran then; each figure is the median over rounds
+    runs: dict[str, list[SpeedResult]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names:
+            if name != "jisu" and r and not runs[name]:
+                continue                  # it failed in an earlier round
+            echo(f"running {name}" + (f" (round {r + 1} of {rounds})" if rounds > 1 else "") + " ...")
+            out = ctx.Queue()
+            args = (path, ids, n_decode, repeats, threads) + ((activations,) if name == "jisu" else ())
+            proc = ctx.Process(target=_child, args=(name, args, out))
+            proc.start()
+            res = out.get()
+            proc.join()
+            if isinstance(res, str):
+                if name == "jisu":
+                    raise RuntimeError(f"jisu benchmark failed: {res}")
+                echo(f"skipping {name}: it failed: {res}")
+                runs[name] = []
+                continue
+            runs[name].append(res)
+    results = [_merge(rs) for rs in runs.values() if rs]
     if rapl_joules() is None:
         echo("energy: RAPL (/sys/class/powercap) is not exposed on this machine; J/token not measured")
     return results
