@@ -131,6 +131,36 @@ def test_absurd_string_length(tmp_path, tiny_llama_path):
         read_gguf(bad)
 
 
+def _vocab_entry_offset(data: bytes, token: bytes) -> int:
+    """Offset of the u64 length before `token` inside tokenizer.ggml.tokens."""
+    i = data.index(struct.pack("<Q", len(token)) + token)
+    assert i > data.index(b"tokenizer.ggml.tokens")
+    return i
+
+
+def test_vocab_string_length_past_the_end(tmp_path, tiny_llama_path):
+    data = tiny_llama_path.read_bytes()
+    g = read_gguf(tiny_llama_path)
+    tok = g.metadata["tokenizer.ggml.tokens"][5].encode()
+    i = _vocab_entry_offset(data, tok)
+    bad = tmp_path / "vocab.gguf"
+    bad.write_bytes(data[:i] + struct.pack("<Q", 1 << 40) + data[i + 8:])
+    with pytest.raises(GGUFError, match=r"vocab\.gguf: file truncated or corrupt while reading metadata field 'tokenizer\.ggml\.tokens'\[5\]"):
+        read_gguf(bad)
+
+
+def test_vocab_string_not_utf8(tmp_path, tiny_llama_path):
+    data = tiny_llama_path.read_bytes()
+    g = read_gguf(tiny_llama_path)
+    k = next(k for k, t in enumerate(g.metadata["tokenizer.ggml.tokens"]) if len(t.encode()) >= 2)
+    tok = g.metadata["tokenizer.ggml.tokens"][k].encode()
+    i = _vocab_entry_offset(data, tok) + 8
+    bad = tmp_path / "utf.gguf"
+    bad.write_bytes(data[:i] + b"\xff" + data[i + 1:])
+    with pytest.raises(GGUFError, match=r"utf\.gguf: metadata field 'tokenizer\.ggml\.tokens'\[\d+\] is not valid UTF-8"):
+        read_gguf(bad)
+
+
 def test_unknown_architecture(tmp_path):
     path = tmp_path / "arch.gguf"
     w = GGUFWriter(str(path), "mamba9")
