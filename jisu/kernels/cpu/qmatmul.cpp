@@ -916,6 +916,21 @@ void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Ten
     }
 }
 
+// cache[slots[b]] = rows[b] (index_copy_ without its dispatch and checks, on contiguous rows)
+void write_slots(torch::Tensor& cache, const torch::Tensor& slots, const torch::Tensor& rows) {
+    TORCH_CHECK(cache.is_contiguous() && rows.is_contiguous() && slots.dtype() == torch::kLong &&
+                rows.size(1) == cache.numel() / cache.size(0) && slots.numel() == rows.size(0),
+                "write_slots: shape mismatch");
+    const int64_t width = rows.size(1), S = cache.size(0);
+    const int64_t* sp = slots.contiguous().data_ptr<int64_t>();
+    float* cp = cache.data_ptr<float>();
+    const float* rp = rows.data_ptr<float>();
+    for (int64_t b = 0; b < rows.size(0); ++b) {
+        TORCH_CHECK(sp[b] >= 0 && sp[b] < S, "write_slots: slot ", sp[b], " outside the cache");
+        std::memcpy(cp + sp[b] * width, rp + b * width, sizeof(float) * width);
+    }
+}
+
 // One transformer block for B decoding sequences (one new token each) in a single call. The
 // same kernels the Python block calls, in the same order (so the same numbers), without the
 // ~15 Python-level dispatches per block that dominate a small model's decode step otherwise.
@@ -948,8 +963,8 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
         k = rms_norm(k, norms[3], eps);
     }
     rope_(q, k, positions, cos, sin, interleaved);
-    k_cache.index_copy_(0, slot_mapping, k.view({B, n_kv_heads, head_dim}));
-    v_cache.index_copy_(0, slot_mapping, v);
+    write_slots(k_cache, slot_mapping, k.view({B, n_kv_heads * head_dim}));
+    write_slots(v_cache, slot_mapping, v.view({B, n_kv_heads * head_dim}));
     auto a = paged_attention_decode(q.view({B, n_heads, head_dim}), k_cache, v_cache, decode_slots, decode_lens,
                                     scale, window);
     auto o = lin(a.view({B, HD}), 3, HD, true);
@@ -958,7 +973,7 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
     h = rms_norm(x, norms[1], eps);
     auto g = lin(h, 4, D, true);
     auto u = lin(h, 5, D, false);
-    g = (gemma ? at::gelu(g, "tanh") : at::silu(g)) * u;
+    (gemma ? at::gelu_(g, "tanh") : at::silu_(g)).mul_(u);     // in place: the same numbers, no copies
     auto d = lin(g, 6, g.size(1), true);
     if (gemma) d = rms_norm(d, norms[5], eps);
     return x + d;
