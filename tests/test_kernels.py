@@ -58,35 +58,38 @@ def test_qmatmul_kernel_every_row_count(qtype, m):
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("k", [512, 2048])
 @pytest.mark.parametrize("digits", [1, 2])
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
-def test_integer_activations_within_their_rounding_bound(qtype, digits, k):
-    """One row with activations rounded per 32 values to int8 (digits 1) or int16 (digits 2).
+def test_integer_activations_within_their_rounding_bound(qtype, digits, k, m):
+    """One or two rows with activations rounded per 32 values to int8 (digits 1) or int16 (2).
 
     Rounding moves each x_i by at most amax(block of i) / (2 * 127) for int8, and by at most
     amax / (2 * 127 * 254) for int16; y_n then moves by at most sum_i |w_ni| of that. The test
     allows exactly that bound plus float32 accumulation noise, so a wrong scale, a wrong nibble
     order or a dropped offset term fails it."""
     q, ref_w = random_weight(qtype, n=50, k=k)
-    x = torch.randn(1, k)
+    x = torch.randn(m, k)
     x[0, 32:64] = 0.0                          # an all-zero block: scale 0
-    x[0, 100] = 40.0                           # an outlier dominating its block
-    want = (x.double() @ ref_w.double().t())[0]
-    got = ops.qmatmul(x, q, int(qtype), k, digits)[0].double()
-    amax = x.abs().view(-1, 32).amax(1).repeat_interleave(32).double()
-    step = amax / (2 * 127 * (254 if digits == 2 else 1))
-    bound = ref_w.double().abs() @ step + 1e-5 * (ref_w.double().abs() @ x[0].double().abs())
-    assert torch.all((got - want).abs() <= bound), float(((got - want).abs() / bound).max())
-    if digits == 2:    # int16 is close to float32 in practice, not just within the bound
-        assert (got - want).norm() <= 1e-4 * want.norm()
+    x[-1, 100] = 40.0                          # an outlier dominating its block
+    wants = x.double() @ ref_w.double().t()
+    gots = ops.qmatmul(x, q, int(qtype), k, digits).double()
+    for xr, want, got in zip(x, wants, gots):
+        amax = xr.abs().view(-1, 32).amax(1).repeat_interleave(32).double()
+        step = amax / (2 * 127 * (254 if digits == 2 else 1))
+        bound = ref_w.double().abs() @ step + 1e-5 * (ref_w.double().abs() @ xr.double().abs())
+        assert torch.all((got - want).abs() <= bound), float(((got - want).abs() / bound).max())
+        if digits == 2:    # int16 is close to float32 in practice, not just within the bound
+            assert (got - want).norm() <= 1e-4 * want.norm()
 
 
-def test_integer_activations_apply_to_one_row_only():
+def test_integer_activations_apply_to_one_or_two_rows_only():
     q, _ = random_weight(Q.Q4_1, n=50)
     x = torch.randn(3, 512)
     assert torch.equal(ops.qmatmul(x, q, int(Q.Q4_1), 512, 2), ops.qmatmul(x, q, int(Q.Q4_1), 512, 0))
-    assert not torch.equal(ops.qmatmul(x[:1], q, int(Q.Q4_1), 512, 2), ops.qmatmul(x[:1], q, int(Q.Q4_1), 512, 0))
+    for m in (1, 2):
+        assert not torch.equal(ops.qmatmul(x[:m], q, int(Q.Q4_1), 512, 2), ops.qmatmul(x[:m], q, int(Q.Q4_1), 512, 0))
     with pytest.raises(RuntimeError, match="digits"):
         ops.qmatmul(x[:1], q, int(Q.Q4_1), 512, 3)
 
@@ -171,8 +174,8 @@ def test_fused_decode_block_equals_python_block(tmp_path, arch, activations):
     for f in fused:
         f.ops = type("Counting", (), {"decode_block": lambda self, *a, _o=f.ops: (calls.append(1), _o.decode_block(*a))[1]})()
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=3)
-    # three sequences decode together; one alone takes the one-row (integer activation) path
-    for prompts in (["the cat sat on the mat", "a b c", "hello there friend"], ["the dog"]):
+    # three sequences decode together (float32 rows); one or two take the integer path
+    for prompts in (["the cat sat on the mat", "a b c", "hello there friend"], ["the dog"], ["a b", "the dog"]):
         calls.clear()
         for b, f in zip(llm.model.blk, fused):
             b.fused = f
