@@ -17,15 +17,16 @@ def main() -> None:
     ap.add_argument("-m", "--model", default="smollm2-135m-instruct")
     ap.add_argument("--batch", default="1,8,32,64")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--activations", default="int16", choices=["int16", "int8", "float32"])
     args = ap.parse_args()
     sizes = [int(b) for b in args.batch.split(",")]
-    llm = LLM(args.model, progress=False, max_num_seqs=max(sizes))
+    llm = LLM(args.model, progress=False, max_num_seqs=max(sizes), activations=args.activations)
     eng = llm.engine
     prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": f"Question {i}: why is the sky blue?"}])
                for i in range(max(sizes))]
     params = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)    # warm-up
-    print("| sequences | decode tok/s (aggregate) |\n|---|---|")
+    print(f"| sequences | decode tok/s (aggregate, {args.activations} activations) |\n|---|---|")
     for b in sizes:
         rids = [f"{b}-{i}" for i in range(b)]
         for rid, prompt in zip(rids, prompts):
