@@ -93,14 +93,15 @@ def _cached(build, *inputs) -> HFTokenizer:
     """build() once per distinct vocabulary, then from a JSON copy under $JISU_HOME/tokenizers.
 
     A SentencePiece-style vocab has no merges: generating them from 262k scores (Gemma) takes
-    seconds, while loading the serialized tokenizer takes about a third of that. The key hashes
-    everything build() reads plus this file's source, so a changed vocab or a changed recipe
-    never meets a stale copy."""
+    seconds, while loading the serialized tokenizer takes about a third of that. The name hashes
+    everything build() reads, then this file's source, so a changed vocab or a changed recipe
+    never meets a stale copy; a new copy replaces the same vocab's copies by older recipes."""
     from jisu.registry import jisu_home
-    h = hashlib.sha256(Path(__file__).read_bytes())
+    h = hashlib.sha256()
     for x in inputs:
         h.update(json.dumps(x, separators=(",", ":")).encode())
-    path = jisu_home() / "tokenizers" / f"{h.hexdigest()[:32]}.json"
+    vocab, recipe = h.hexdigest()[:32], hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    path = jisu_home() / "tokenizers" / f"{vocab}-{recipe}.json"
     try:
         return HFTokenizer.from_str(path.read_text())
     except Exception:                # missing, unreadable or corrupt: rebuild
@@ -111,6 +112,9 @@ def _cached(build, *inputs) -> HFTokenizer:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(hf.to_str())
         os.replace(tmp, path)
+        for stale in path.parent.glob("*.json"):    # this vocab by an older recipe, or the old naming
+            if stale != path and (stale.name.startswith(f"{vocab}-") or "-" not in stale.name):
+                stale.unlink(missing_ok=True)
     except OSError:
         pass                         # a read-only cache only costs speed
     return hf

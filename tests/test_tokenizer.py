@@ -91,3 +91,13 @@ def test_spm_tokenizer_cache_is_used_and_survives_corruption(tiny_gemma3_path, t
     rebuilt = Tokenizer.from_gguf(g)
     assert [rebuilt.encode(t) for t in texts] == [built.encode(t) for t in texts]
     json.loads(files[0].read_text())                          # and rewritten whole
+    vocab = files[0].name.split("-")[0]
+    old = files[0].with_name(f"{vocab}-0123456789abcdef.json")   # this vocab, an older recipe
+    old.write_text("{}")
+    other = files[0].with_name("f" * 32 + "-0123456789abcdef.json")   # another vocab: kept
+    other.write_text("{}")
+    unnamed = files[0].with_name("0" * 32 + ".json")                 # the old naming: removed
+    unnamed.write_text("{}")
+    files[0].unlink()
+    Tokenizer.from_gguf(g)                                    # rebuilt: the older copy goes
+    assert sorted(f.name for f in (tmp_path / "tokenizers").glob("*.json")) == sorted([files[0].name, other.name])
