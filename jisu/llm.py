@@ -17,7 +17,7 @@ from jisu.config import EngineConfig, ModelConfig
 from jisu.engine.engine import LLMEngine
 from jisu.engine.sequence import Sequence
 from jisu.loader.gguf import read_gguf
-from jisu.model import ACTIVATIONS, load_model
+from jisu.model import activation_digits, load_model
 from jisu.registry import resolve
 from jisu.sampling_params import SamplingParams
 from jisu.tokenizer import Tokenizer
@@ -80,8 +80,7 @@ class LLM:
         max_len = self.engine_config.model_len(self.config.context_length)
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
-        if activations not in ACTIVATIONS:
-            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+        activation_digits(activations)      # checked before anything loads
         # kernels: None = use the compiled CPU kernels when they load, False = PyTorch only
         ops = None
         if kernels is not False:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from jisu.config import ModelConfig
+from jisu.engine.block_manager import NO_BLOCK
 from jisu.engine.sequence import Sequence
 from jisu.model.layers import Attention, AttentionMetadata, KVGroupSlots, PrefillSegment
 
@@ -38,7 +39,7 @@ class ModelRunner:
         go for all groups; freed blocks (NO_BLOCK) map to the scratch slot."""
         pos = torch.arange(end)
         width = max(len(t) for t in tables)
-        pages = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.long)[:, pos // self.block_size]
+        pages = torch.tensor([t + [NO_BLOCK] * (width - len(t)) for t in tables], dtype=torch.long)[:, pos // self.block_size]
         slots = pages * self.block_size + pos % self.block_size
         return slots.masked_fill_(pages < 0, self.scratch_slot)
 

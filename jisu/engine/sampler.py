@@ -8,14 +8,17 @@ from jisu.engine.sequence import Sequence
 
 
 def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """The logits with seq's penalties applied: a new tensor where one applies, else `logits`
+    itself (no copy of a 262k-entry row on every step that has none)."""
     p = seq.params
     if p.repetition_penalty != 1.0:
+        logits = logits.clone()
         seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
         vals = logits[seen]
         logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
         counts = torch.bincount(torch.tensor(seq.output_token_ids), minlength=logits.shape[-1]).float()
-        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        logits = logits - (p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float())
     return logits
 
 
@@ -47,18 +50,13 @@ def argmax(row: torch.Tensor) -> int:
     return int(row.argmax())      # no kernels, or a NaN
 
 
-def _penalized(p) -> bool:
-    return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
-
-
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, dict | None]]:
     """Returns (token id, logprob info or None) for each row of logits [B, vocab]."""
     out = []
     for row, seq in zip(logits, seqs):
         p = seq.params
         raw = row
-        if _penalized(p):
-            row = apply_penalties(row.clone(), seq)
+        row = apply_penalties(row, seq)
         if p.greedy:
             token = argmax(row)
         else:

@@ -44,14 +44,19 @@ def _qlinear(t: GGUFTensor, ops) -> QLinear:
 ACTIVATIONS = {"float32": 0, "int8": 1, "int16": 2}   # -> the kernels' digits
 
 
+def activation_digits(activations: str) -> int:
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    return ACTIVATIONS[activations]
+
+
 def load_model(g: GGUFFile, cfg: ModelConfig, max_len: int, dtype: torch.dtype = torch.float32,
                ops=None, activations: str = "float32") -> nn.Module:
     """`ops`: the compiled kernel module, or None for dense weights only. `activations`: how
     one-row (decode) calls to quantized matrices see their input:
     "int16" or "int8" round it per 32 values and dot it in integers (faster), "float32" keeps it
     exact (see kernels/cpu/qmatmul.cpp, XQ)."""
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    digits = activation_digits(activations)
     with torch.device("meta"):
         model = ARCHITECTURES[cfg.arch](cfg, max_len)
     expected = {n: p.shape for n, p in model.named_parameters()}
@@ -83,7 +88,7 @@ def load_model(g: GGUFFile, cfg: ModelConfig, max_len: int, dtype: torch.dtype =
         parent, _, attr = path.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, attr, QEmbedding(qlinear) if attr == "token_embd" else qlinear)
-        qlinear.act_digits = ACTIVATIONS[activations]
+        qlinear.act_digits = digits
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         if isinstance(model.token_embd, QEmbedding):

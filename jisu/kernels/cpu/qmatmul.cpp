@@ -254,9 +254,10 @@ void matvec(const float* x, const uint8_t* w, float* y, int64_t N, int64_t K) {
 // does for its own dot products), and each weight block is dotted with it in integers: AVX2's
 // maddubs multiplies 32 unsigned weight bytes by 32 signed activation bytes in one instruction,
 // where float32 needs four FMAs plus the conversions. Per 32-value block b the row carries the
-// scale d[b] (x ~ d q), the integer sum s[b] = sum q and the exact float sum f[b] = sum x.
-// Unsigned weight codes u with a midpoint (Q4: 8, Q5: 16) are dotted as sum u q - mid * s, so
-// the rounding error of q is weighed by the centred u - mid, not by u.
+// scale d[b] (x ~ d q), the exact float sum f[b] = sum x, and with s = sum q the offset terms
+// the weight types need (g8, c8, c16 below). Unsigned weight codes u with a midpoint (Q4: 8,
+// Q5: 16) are dotted as sum u q - mid * s, so the rounding error of q is weighed by the
+// centred u - mid, not by u.
 constexpr int BASE = 254;   // second digit: x = d (q + q2 / BASE), |q2| <= 127
 
 struct XQ {
@@ -564,10 +565,13 @@ void matvec8(const XQ& x, const uint8_t* w, float* y, int64_t N, int64_t K) {
     });
 }
 
-// R (1..2) activation rows against every weight row, 32-value types: each block is unpacked
-// and its eight-block scales converted once for all R rows.
-template <typename B, int DIG, int R>
-void rows8(const XQ* xs, const uint8_t* w, float* y, int64_t N, int64_t K) {
+// Two activation rows against every weight row, 32-value types: each block is unpacked and its
+// eight-block scales converted once for both rows. Measured on SmolLM2's matrices: 1.2x the
+// float kernel at two rows; three or four rows were slower (the per-row registers spill), so
+// qmatmul sends only two rows here.
+template <typename B, int DIG>
+void rows2(const XQ* xs, const uint8_t* w, float* y, int64_t N, int64_t K) {
+    constexpr int R = 2;
     const int64_t nb = K / 32, row_bytes = nb * B::BYTES;
     at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; ++n) {
@@ -599,28 +603,15 @@ void rows8(const XQ* xs, const uint8_t* w, float* y, int64_t N, int64_t K) {
     });
 }
 
-// M rows (32-value types) through rows8, two at a time, each row rounded to integers first.
-// Measured on SmolLM2's matrices: 2 rows 1.2x faster than the float kernel, 3-4 rows slower
-// (the per-row registers spill), hence INT_ROWS_MAX.
+// x [2, K] -> y [2, N] through rows2, each row rounded to integers first.
 template <typename B>
-void int_rows(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t K, int digits) {
+void two_rows(const float* x, const uint8_t* w, float* y, int64_t N, int64_t K, int digits) {
     XQBuffer buf[2];
-    XQ xs[2];
-    for (int64_t m0 = 0; m0 < M; m0 += 2) {
-        const int r = int(std::min<int64_t>(2, M - m0));
-        for (int i = 0; i < r; ++i) {
-            quantize_x8(x + (m0 + i) * K, K, buf[i], digits);
-            xs[i] = buf[i].view();
-        }
-        float* ym = y + m0 * N;
-        auto go = [&](auto rr) {
-            constexpr int R = decltype(rr)::value;
-            if (digits == 2) rows8<B, 2, R>(xs, w, ym, N, K);
-            else rows8<B, 1, R>(xs, w, ym, N, K);
-        };
-        if (r == 2) go(std::integral_constant<int, 2>{});
-        else go(std::integral_constant<int, 1>{});
-    }
+    quantize_x8(x, K, buf[0], digits);
+    quantize_x8(x + K, K, buf[1], digits);
+    const XQ xs[2] = {buf[0].view(), buf[1].view()};
+    if (digits == 2) rows2<B, 2>(xs, w, y, N, K);
+    else rows2<B, 1>(xs, w, y, N, K);
 }
 
 // ---- batched decode: dequantize a panel of weight rows once, reuse it for every row ---------
@@ -764,10 +755,9 @@ torch::Tensor matvec_i8(const XQBuffer& xq, const torch::Tensor& w, int64_t qtyp
 }
 
 // x: float32 [..., K] -> [..., N]; the leading dimensions are flattened here rather than in
-// Python, to save dispatches on the decode path. digits 1 (int8) or 2 (int16): a single row
-// (M == 1), and two rows of the 32-value types, have their activations rounded per 32 values
-// (see XQ); 0, or more rows: float32 (each dequantized weight block is reused enough to win).
-constexpr int64_t INT_ROWS_MAX = 3;
+// Python, to save dispatches on the decode path. digits 1 (int8) or 2 (int16): one row, and
+// two rows of the 32-value types, have their activations rounded per 32 values (see XQ);
+// 0, or more rows: float32 (each dequantized weight block is reused enough to win).
 torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K, int64_t digits) {
     TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.size(-1) == K, "x must be float32 [..., K] with K=", K);
     x = x.contiguous();
@@ -781,20 +771,14 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K
         return matvec_i8(xq, w, qtype, K).view(out_shape);
     }
     auto y = torch::empty(out_shape, x.options());
-    if (digits > 0 && M < INT_ROWS_MAX && K % 32 == 0 && qtype != T_Q4_K && qtype != T_Q6_K) {
-        dispatch(qtype, [&](auto k) {
-            using B = typename decltype(k)::Int;
-            if constexpr (B::N == 32) {
-                check_weight(w, K, B::N, B::BYTES);
-                int_rows<B>(x.data_ptr<float>(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), M, N, K, int(digits));
-            }
-        });
-        return y;
-    }
     dispatch(qtype, [&](auto k) {
-        using B = typename decltype(k)::Float;
-        check_weight(w, K, B::N, B::BYTES);
-        matmul<B>(x.data_ptr<float>(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), M, N, K);
+        using F = typename decltype(k)::Float;
+        using I = typename decltype(k)::Int;
+        check_weight(w, K, F::N, F::BYTES);
+        if constexpr (I::N == 32) {
+            if (digits > 0 && M == 2) return two_rows<I>(x.data_ptr<float>(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), N, K, int(digits));
+        }
+        matmul<F>(x.data_ptr<float>(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), M, N, K);
     });
     return y;
 }
@@ -887,28 +871,24 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
             const int64_t n = lens[b], start = window > 0 ? std::max<int64_t>(0, n - window) : 0;
             const float* qv = qp + (b * H + kvh * G) * D;     // the G query heads of this KV head
             float* ov = op + (b * H + kvh * G) * D;
-            int64_t j = start;
-            for (; j + 4 <= n; j += 4) {     // four keys at a time: four independent FMA chains
-                const float* kv[4];
-                for (int r = 0; r < 4; ++r) kv[r] = kp + (slots[b * L + j + r] * KVH + kvh) * D;
+            // scores of keys j..j+R-1 for every query head: R independent FMA chains
+            auto score = [&](auto keys, int64_t j) {
+                constexpr int R = decltype(keys)::value;
+                const float* kv[R];
+                for (int r = 0; r < R; ++r) kv[r] = kp + (slots[b * L + j + r] * KVH + kvh) * D;
                 for (int64_t g = 0; g < G; ++g) {
-                    __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+                    __m256 s[R];
+                    for (int r = 0; r < R; ++r) s[r] = _mm256_setzero_ps();
                     for (int64_t i = 0; i < D; i += 8) {
                         const __m256 qq = _mm256_loadu_ps(qv + g * D + i);
-                        for (int r = 0; r < 4; ++r) s[r] = _mm256_fmadd_ps(qq, _mm256_loadu_ps(kv[r] + i), s[r]);
+                        for (int r = 0; r < R; ++r) s[r] = _mm256_fmadd_ps(qq, _mm256_loadu_ps(kv[r] + i), s[r]);
                     }
-                    for (int r = 0; r < 4; ++r) scores[g * stride + j + r - start] = hsum(s[r]) * float(scale);
+                    for (int r = 0; r < R; ++r) scores[g * stride + j + r - start] = hsum(s[r]) * float(scale);
                 }
-            }
-            for (; j < n; ++j) {
-                const float* kv = kp + (slots[b * L + j] * KVH + kvh) * D;
-                for (int64_t g = 0; g < G; ++g) {
-                    __m256 s = _mm256_setzero_ps();
-                    for (int64_t i = 0; i < D; i += 8)
-                        s = _mm256_fmadd_ps(_mm256_loadu_ps(qv + g * D + i), _mm256_loadu_ps(kv + i), s);
-                    scores[g * stride + j - start] = hsum(s) * float(scale);
-                }
-            }
+            };
+            int64_t j = start;
+            for (; j + 4 <= n; j += 4) score(std::integral_constant<int, 4>{}, j);
+            for (; j < n; ++j) score(std::integral_constant<int, 1>{}, j);
             const int64_t len = n - start;
             for (int64_t g = 0; g < G; ++g) {
                 float* sc = scores.data() + g * stride;
