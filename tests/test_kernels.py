@@ -84,14 +84,76 @@ def test_integer_activations_within_their_rounding_bound(qtype, digits, k, m):
             assert (got - want).norm() <= 1e-4 * want.norm()
 
 
-def test_integer_activations_apply_to_one_or_two_rows_only():
+def test_integer_activations_by_row_count_and_isa():
+    """One or two rows: integer activations on any build. Three or more: the int16 GEMM on
+    AVX-512 builds, float32 on AVX2 ones."""
+    assert ops.isa == cpu.isa() and ops.isa in ("avx2", "avx512")
     q, _ = random_weight(Q.Q4_1, n=50)
     x = torch.randn(3, 512)
-    assert torch.equal(ops.qmatmul(x, q, int(Q.Q4_1), 512, 2), ops.qmatmul(x, q, int(Q.Q4_1), 512, 0))
+    many_int = not torch.equal(ops.qmatmul(x, q, int(Q.Q4_1), 512, 2), ops.qmatmul(x, q, int(Q.Q4_1), 512, 0))
+    assert many_int == (ops.isa == "avx512")
     for m in (1, 2):
         assert not torch.equal(ops.qmatmul(x[:m], q, int(Q.Q4_1), 512, 2), ops.qmatmul(x[:m], q, int(Q.Q4_1), 512, 0))
     with pytest.raises(RuntimeError, match="digits"):
         ops.qmatmul(x[:1], q, int(Q.Q4_1), 512, 3)
+
+
+@pytest.mark.parametrize("m", [3, 4, 5, 17, 64, 130])
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_int16_gemm_within_its_rounding_bound(qtype, m):
+    """Many rows with integer activations (AVX-512 builds: the int16 GEMM; AVX2: float32).
+
+    int16 rounding moves x_i by at most amax(block of i) / (2 * 32767); y_n then moves by at
+    most sum_i |w_ni| of that, plus float32 accumulation noise. 45 weight rows: one full panel
+    of 32 and a part-full one; m not a multiple of the 4-row tile."""
+    k = 2048 if qtype in (Q.Q4_K, Q.Q6_K) else 640
+    q, ref_w = random_weight(qtype, n=45, k=k)
+    x = torch.randn(m, k)
+    x[0, 32:64] = 0.0                          # an all-zero block: scale 0
+    x[-1, 100] = 40.0                          # an outlier dominating its block
+    wants = x.double() @ ref_w.double().t()
+    for digits in (1, 2):
+        gots = ops.qmatmul(x, q, int(qtype), k, digits).double()
+        assert gots.shape == (m, 45)
+        for xr, want, got in zip(x, wants, gots):
+            amax = xr.abs().view(-1, 32).amax(1).repeat_interleave(32).double()
+            bound = ref_w.double().abs() @ (amax / (2 * 32767)) + 1e-5 * (ref_w.double().abs() @ xr.double().abs())
+            assert torch.all((got - want).abs() <= bound), float(((got - want).abs() / bound).max())
+            assert (got - want).norm() <= 1e-4 * want.norm()
+
+
+def test_avx2_build_gives_the_same_numbers(tmp_path):
+    """The AVX2 variant (JISU_ISA=avx2, built in a child process) against this build: float32
+    paths equal to rounding, integer one-row paths equal bit for bit (same integer sums)."""
+    if ops.isa != "avx512":
+        pytest.skip("this build is the AVX2 one: nothing to compare it with on this CPU")
+    import os
+    import subprocess
+    import sys
+    rng_inputs = {}
+    for qtype in KERNEL_TYPES:
+        q, _ = random_weight(qtype, n=40, k=512)
+        rng_inputs[qtype.name] = (q, torch.randn(5, 512))
+    torch.save(rng_inputs, tmp_path / "in.pt")
+    code = (
+        "import sys, torch\n"
+        "from gguf import GGMLQuantizationType as Q\n"
+        "from jisu.kernels import cpu\n"
+        "ops = cpu.load(); assert ops.isa == 'avx2', ops\n"
+        "inp = torch.load(sys.argv[1])\n"
+        "out = {n: [ops.qmatmul(x[:m], q, int(Q[n]), 512, d) for m in (1, 2, 5) for d in (0, 1, 2)] for n, (q, x) in inp.items()}\n"
+        "torch.save(out, sys.argv[2])\n")
+    env = {**os.environ, "JISU_ISA": "avx2"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], env=env, check=True)
+    theirs = torch.load(tmp_path / "out.pt")
+    for name, (q, x) in rng_inputs.items():
+        ours = [ops.qmatmul(x[:m], q, int(Q[name]), 512, d) for m in (1, 2, 5) for d in (0, 1, 2)]
+        for i, (a, b) in enumerate(zip(ours, theirs[name])):
+            m, d = (1, 2, 5)[i // 3], i % 3
+            if d and m <= 2:
+                torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} m={m} digits={d}")
+            else:   # float32 kernels (summation order may differ), and 5 rows int16 vs float32
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item(), msg=f"{name} m={m} digits={d}")
 
 
 def test_qmatmul_rejects_bad_shapes():

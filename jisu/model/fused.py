@@ -27,10 +27,11 @@ class FusedDecode:
         self.norms = [n.weight for n in norms]
         self.eps = block.attn_norm.eps
         self.act_digits = block.ffn_up.act_digits
+        self.int_gemm = bool(self.act_digits) and getattr(ops, "isa", "avx2") == "avx512"   # any row count
 
     def applies(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
-        # the Python path hands more than QLinear.small_m rows to MKL: stay on it there
-        return meta.num_decode == x.shape[1] <= QLinear.small_m
+        # the Python path hands more than QLinear.small_m rows to MKL (AVX2 builds): stay on it there
+        return meta.num_decode == x.shape[1] and (x.shape[1] <= QLinear.small_m or self.int_gemm)
 
     def __call__(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         a = self.attn

@@ -2,6 +2,11 @@
 
 `load()` returns the compiled module, or None where it cannot be used (no AVX2/FMA/F16C, no
 compiler, JISU_KERNELS=torch); callers then fall back to the pure-PyTorch path.
+
+The source is compiled for the CPU it runs on: AVX2 + FMA + F16C always, and AVX-512 (F, BW,
+VL, DQ) with VNNI where the CPU has them, which adds the integer GEMM for many rows and VNNI dot
+products for one or two. `JISU_ISA=avx2` builds the AVX2 variant on any CPU (tests compare the
+two). The ISA is part of the cache key, so a home directory shared by machines keeps both.
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
+AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+ISA_CFLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"],
+              "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                         "-mavx512vnni"]}
 _module = None
 _tried = False
 load_error: str | None = None
@@ -27,6 +36,18 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def isa() -> str:
+    """The instruction set the kernels are built for here: "avx512" (with VNNI) or "avx2"."""
+    forced = os.environ.get("JISU_ISA", "auto")
+    if forced not in ("auto", "avx2", "avx512"):
+        raise ValueError(f"JISU_ISA must be auto, avx2 or avx512, got {forced!r}")
+    flags = cpu_flags()
+    has512 = all(f in flags for f in AVX512_FLAGS)
+    if forced == "avx512" and not has512:
+        raise RuntimeError(f"JISU_ISA=avx512, but this CPU lacks {', '.join(f for f in AVX512_FLAGS if f not in flags)}")
+    return "avx512" if has512 and forced != "avx2" else "avx2"
 
 
 def load():
@@ -45,8 +66,9 @@ def load():
 
     from jisu.registry import jisu_home
     src = SOURCE.read_text()
-    tag = hashlib.sha256((src + torch.__version__ + sys.version).encode()).hexdigest()[:16]
-    build_dir = jisu_home() / "kernels" / f"qmatmul-{tag}"
+    target = isa()
+    tag = hashlib.sha256((src + torch.__version__ + sys.version + target).encode()).hexdigest()[:16]
+    build_dir = jisu_home() / "kernels" / f"qmatmul-{target}-{tag}"
     build_dir.mkdir(parents=True, exist_ok=True)
     built = build_dir / "jisu_qmatmul.so"
     if built.is_file():
@@ -60,12 +82,12 @@ def load():
             return _module
         except ImportError:
             _module = None
-    print("jisu: compiling CPU kernels (first use only, ~30 s) ...", file=sys.stderr, flush=True)
+    print(f"jisu: compiling CPU kernels for {target} (first use only, ~40 s) ...", file=sys.stderr, flush=True)
     try:
         from torch.utils import cpp_extension
         _module = cpp_extension.load(
             name="jisu_qmatmul", sources=[str(SOURCE)], build_directory=str(build_dir),
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            extra_cflags=["-O3", *ISA_CFLAGS[target], "-fopenmp"], extra_ldflags=["-fopenmp"],
             verbose=False)
     except Exception as e:   # no compiler, no ninja, ...: the torch path still works
         lines = str(e).strip().splitlines() or [""]

@@ -14,6 +14,12 @@
 #include <cstdlib>
 #include <vector>
 
+// Built with -mavx512f/bw/vl/dq -mavx512vnni on CPUs that have them (see __init__.py): integer
+// dot products then use VNNI, and many rows take the int16 GEMM below.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
+#define JISU_AVX512 1
+#endif
+
 namespace {
 
 inline float f16(const uint8_t* p) {
@@ -342,8 +348,16 @@ void quantize_x8(const float* x, int64_t K, XQBuffer& out, int digits) {
 inline __m256i load32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
 // unsigned weight bytes u (<= 63) against activation block i: int32 x 8 in units of x.d[i]
+// Lane j of the int32 results below sums the products of bytes 4j..4j+3. AVX2 gets there in two
+// steps (maddubs: byte pairs -> int16, madd: int16 pairs -> int32); VNNI's dpbusd in one, and
+// it accumulates, so the second digit is added onto BASE times the first.
 template <int DIG>
 inline __m256i xdot_u(__m256i u, const XQ& x, int64_t i) {
+#ifdef JISU_AVX512
+    __m256i r = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, load32(x.q + 32 * i));
+    if constexpr (DIG == 2) r = _mm256_dpbusd_epi32(_mm256_mullo_epi32(r, _mm256_set1_epi32(BASE)), u, load32(x.q2 + 32 * i));
+    return r;
+#else
     const __m256i p = _mm256_maddubs_epi16(u, load32(x.q + 32 * i));
     if constexpr (DIG == 1) {
         return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
@@ -351,19 +365,32 @@ inline __m256i xdot_u(__m256i u, const XQ& x, int64_t i) {
         const __m256i p2 = _mm256_maddubs_epi16(u, load32(x.q2 + 32 * i));
         return _mm256_add_epi32(_mm256_madd_epi16(p, _mm256_set1_epi16(BASE)), _mm256_madd_epi16(p2, _mm256_set1_epi16(1)));
     }
+#endif
 }
 
-// signed weight bytes w against activation block i, int16 lanes weighted by sc (and BASE sc)
-template <int DIG>
-inline __m256i xdot_s(__m256i w, const XQ& x, int64_t i, __m256i sc, __m256i sc_base) {
+// signed weight bytes w against activation block i; SCALED: the first 16 products weighted by
+// s0, the next 16 by s1 (Q6_K's scales per 16 values)
+template <int DIG, bool SCALED>
+inline __m256i xdot_s(__m256i w, const XQ& x, int64_t i, int s0 = 1, int s1 = 1) {
     const __m256i aw = _mm256_sign_epi8(w, w);
+#ifdef JISU_AVX512
+    __m256i r = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(load32(x.q + 32 * i), w));
+    if constexpr (DIG == 2)
+        r = _mm256_dpbusd_epi32(_mm256_mullo_epi32(r, _mm256_set1_epi32(BASE)), aw, _mm256_sign_epi8(load32(x.q2 + 32 * i), w));
+    if constexpr (SCALED) r = _mm256_mullo_epi32(r, _mm256_setr_m128i(_mm_set1_epi32(s0), _mm_set1_epi32(s1)));
+    return r;
+#else
+    const __m256i sc = SCALED ? _mm256_setr_m128i(_mm_set1_epi16(int16_t(s0)), _mm_set1_epi16(int16_t(s1))) : _mm256_set1_epi16(1);
     const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(load32(x.q + 32 * i), w));
     if constexpr (DIG == 1) {
         return _mm256_madd_epi16(p, sc);
     } else {
+        const __m256i sc_base = SCALED ? _mm256_setr_m128i(_mm_set1_epi16(int16_t(BASE * s0)), _mm_set1_epi16(int16_t(BASE * s1)))
+                                       : _mm256_set1_epi16(BASE);
         const __m256i p2 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(load32(x.q2 + 32 * i), w));
         return _mm256_add_epi32(_mm256_madd_epi16(p, sc_base), _mm256_madd_epi16(p2, sc));
     }
+#endif
 }
 
 // 16 bytes of nibbles -> 32 bytes: low nibbles first (values 0..15), then the high ones
@@ -389,7 +416,7 @@ struct Q8_0x8 {
     static inline __m256i unpack(const uint8_t* b) { return load32(reinterpret_cast<const int8_t*>(b + 2)); }
     template <int DIG>
     static inline __m256i dotu(__m256i w, const XQ& x, int64_t i) {
-        return xdot_s<DIG>(w, x, i, _mm256_set1_epi16(1), _mm256_set1_epi16(BASE));
+        return xdot_s<DIG, false>(w, x, i);
     }
     static inline float mid1(const uint8_t*, const XQ&, int64_t, float) { return 0.f; }
     static inline void mid8(const uint8_t*, const XQ&, int64_t, __m256, __m256&) {}
@@ -519,10 +546,7 @@ struct Q6_Kx8 {
             u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), lo4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), three), 4));
             for (int k = 0; k < 4; ++k, ++xb) {
                 const __m256i w = _mm256_sub_epi8(u[k], off);
-                const int16_t s0 = sc[2 * k], s1 = sc[2 * k + 1];
-                const __m256i scv = _mm256_setr_m128i(_mm_set1_epi16(s0), _mm_set1_epi16(s1));
-                const __m256i scb = _mm256_setr_m128i(_mm_set1_epi16(int16_t(BASE * s0)), _mm_set1_epi16(int16_t(BASE * s1)));
-                const __m256i p = xdot_s<DIG>(w, x, xb, scv, scb);
+                const __m256i p = xdot_s<DIG, true>(w, x, xb, sc[2 * k], sc[2 * k + 1]);
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x.d[xb]), acc);
             }
         }
@@ -712,25 +736,271 @@ void dequant_rows(const uint8_t* w, float* y, int64_t N, int64_t K) {
     });
 }
 
+#ifdef JISU_AVX512
+// ---- many rows (batched decode, prefill), AVX-512 VNNI: int16 activations x int16 weights ----
+// Each activation row is rounded per 32 values to int16, x ~ dx q with |q| <= 32767 (about as
+// exact as the two-digit decode path), and each weight to the small integer its block stores,
+// W = s w + mn per block of KB values (exact). Then
+//     y[m, n] = sum_b s[n, b] dx[m, b] sum_k w q  +  mn[n, b] f[m, b]      (f: exact sum of x)
+// vpdpwssd multiplies 32 int16 pairs and adds them into 16 int32 lanes in one instruction; the
+// integer sums are exact, and once per block each (row, 16 columns) converts its int32 vector
+// and adds it with one FMA. Columns are the vector lanes: a panel of 32 weight rows is
+// unpacked once per call into [k pair][column] int16 pairs, and each row's pair of activations
+// is broadcast to all lanes. Measured against float32 weights (dequantize + MKL or the panel
+// kernel): see RESULTS.md.
+
+struct XQ16 {
+    std::vector<int16_t> q;   // [M, K]
+    std::vector<float> d, f;  // [M, K / 32]: scale and exact sum of each 32-value block
+};
+
+void quantize_x16(const float* x, int64_t M, int64_t K, XQ16& out) {
+    const int64_t nb = K / 32;
+    out.q.resize(M * K);
+    out.d.resize(M * nb);
+    out.f.resize(M * nb);
+    auto body = [&](int64_t m0, int64_t m1) {
+        for (int64_t i = m0 * nb; i < m1 * nb; ++i) {
+            const __m512 a = _mm512_loadu_ps(x + 32 * i), b = _mm512_loadu_ps(x + 32 * i + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+            const __m512 id = _mm512_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+            const __m256i qa = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a, id)));
+            const __m256i qb = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(b, id)));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + 32 * i), qa);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + 32 * i + 16), qb);
+            out.d[i] = amax / 32767.f;
+            out.f[i] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+        }
+    };
+    if (M < 4) body(0, M); else at::parallel_for(0, M, 4, body);
+}
+
+// Per type: the 32 weights of 32-value block j of a row as int8 (ints), with KB values per
+// scale; s[t] and mn[t] for the 32 / KB scale blocks in it. Integers are centred where the
+// type has an offset (Q4: u - 8), so activation rounding is weighed by small numbers.
+struct G_Q4_0 {
+    static constexpr int KB = 32;
+    static constexpr bool MINS = false;
+    static inline __m256i ints(const uint8_t* row, int64_t j, float* s, float*) {
+        const uint8_t* b = row + j * 18;
+        s[0] = f16(b);
+        return _mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8));
+    }
+};
+struct G_Q4_1 {
+    static constexpr int KB = 32;
+    static constexpr bool MINS = true;
+    static inline __m256i ints(const uint8_t* row, int64_t j, float* s, float* mn) {
+        const uint8_t* b = row + j * 20;
+        s[0] = f16(b);
+        mn[0] = f16(b + 2) + 8.f * s[0];     // d u + m = d (u - 8) + (m + 8 d)
+        return _mm256_sub_epi8(nibbles32(b + 4), _mm256_set1_epi8(8));
+    }
+};
+struct G_Q5_0 {
+    static constexpr int KB = 32;
+    static constexpr bool MINS = false;
+    static inline __m256i ints(const uint8_t* row, int64_t j, float* s, float*) {
+        const uint8_t* b = row + j * 22;
+        uint32_t qh;
+        std::memcpy(&qh, b + 2, 4);
+        s[0] = f16(b);
+        return _mm256_sub_epi8(_mm256_or_si256(nibbles32(b + 6), bit5_32(qh)), _mm256_set1_epi8(16));
+    }
+};
+struct G_Q8_0 {
+    static constexpr int KB = 32;
+    static constexpr bool MINS = false;
+    static inline __m256i ints(const uint8_t* row, int64_t j, float* s, float*) {
+        const uint8_t* b = row + j * 34;
+        s[0] = f16(b);
+        return load32(reinterpret_cast<const int8_t*>(b + 2));
+    }
+};
+struct G_Q4_K {
+    static constexpr int KB = 32;
+    static constexpr bool MINS = true;
+    static inline __m256i ints(const uint8_t* row, int64_t j, float* s, float* mn) {
+        const uint8_t* b = row + (j / 8) * 144;
+        const int sub = int(j % 8);
+        uint8_t sc, m;
+        scale_min_k4(sub, b + 4, sc, m);
+        s[0] = f16(b) * sc;
+        mn[0] = 8.f * s[0] - f16(b + 2) * m;   // d sc u - dmin m = d sc (u - 8) + (8 d sc - dmin m)
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + (sub / 2) * 32));
+        const __m256i u = _mm256_and_si256(sub & 1 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
+        return _mm256_sub_epi8(u, _mm256_set1_epi8(8));
+    }
+};
+struct G_Q6_K {
+    static constexpr int KB = 16;
+    static constexpr bool MINS = false;
+    static inline __m256i ints(const uint8_t* row, int64_t j, float* s, float*) {
+        const uint8_t* b = row + (j / 8) * 210;
+        const int sub = int(j % 8), half = sub / 4, k = sub % 4;
+        const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + half * 64 + (k & 1) * 32));
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + half * 32));
+        const __m256i lo = _mm256_and_si256(k < 2 ? ql : _mm256_srli_epi16(ql, 4), _mm256_set1_epi8(0x0F));
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), _mm256_set1_epi8(3));
+        const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192 + half * 8 + 2 * k);
+        const float d = f16(b + 208);
+        s[0] = d * sc[0];
+        s[1] = d * sc[1];
+        return _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
+    }
+};
+
+// 16 rows of 16 int32 -> their transpose (row i of the result: element i of every row)
+inline void transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {      // u[4a + c], 128-bit lane L: element 4L + c of rows 4a..4a+3
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {
+        const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+        const __m512i w0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD), w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
+        r[c] = _mm512_shuffle_i32x4(v0, v1, 0x88);
+        r[8 + c] = _mm512_shuffle_i32x4(v0, v1, 0xDD);
+        r[4 + c] = _mm512_shuffle_i32x4(w0, w1, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(w0, w1, 0xDD);
+    }
+}
+
+constexpr int GP = 32;   // weight rows (output columns) per panel: two vectors of 16 lanes
+
+// Weight rows n0 .. n0 + np of W unpacked into a panel: pw [K / 2][GP] int16 pairs, ps and pm
+// [K / KB][GP] scales and offsets (zero beyond np, so a part-full panel computes zeros).
+template <typename G>
+void pack_panel(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int64_t K,
+                int32_t* pw, float* ps, float* pm) {
+    constexpr int SUB = 32 / G::KB;
+    const int64_t nb = K / 32;
+    for (int h = 0; h < GP / 16; ++h) {
+        for (int64_t j = 0; j < nb; ++j) {
+            __m512i r[16];
+            for (int c = 0; c < 16; ++c) {
+                const int64_t col = h * 16 + c;
+                float s[SUB] = {}, mn[SUB] = {};
+                r[c] = col < np ? _mm512_cvtepi8_epi16(G::ints(w + (n0 + col) * row_bytes, j, s, mn)) : _mm512_setzero_si512();
+                for (int t = 0; t < SUB; ++t) {
+                    ps[(j * SUB + t) * GP + col] = s[t];
+                    if constexpr (G::MINS) pm[(j * SUB + t) * GP + col] = mn[t];
+                }
+            }
+            transpose16(r);
+            for (int g = 0; g < 16; ++g) _mm512_store_si512(pw + ((j * 16 + g) * GP + h * 16), r[g]);
+        }
+    }
+}
+
+// R activation rows against one packed panel: R x 2 vectors of int32 sums per scale block,
+// folded into R x 2 float accumulators.
+template <typename G, int R>
+inline void gemm_tile(const XQ16& x, int64_t m0, int64_t K, const int32_t* pw, const float* ps, const float* pm,
+                      float* y, int64_t N, int64_t np) {
+    constexpr int KB = G::KB, SUB = 32 / KB;
+    const int64_t nb = K / KB, xb = K / 32;
+    const int16_t* xq = x.q.data() + m0 * K;
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        __m512i ai[R][2];
+        for (int r = 0; r < R; ++r) ai[r][0] = ai[r][1] = _mm512_setzero_si512();
+        const int32_t* wp = pw + b * (KB / 2) * GP;
+        for (int g = 0; g < KB / 2; ++g) {
+            const __m512i w0 = _mm512_load_si512(wp + g * GP), w1 = _mm512_load_si512(wp + g * GP + 16);
+            for (int r = 0; r < R; ++r) {
+                int32_t pair;
+                std::memcpy(&pair, xq + r * K + b * KB + 2 * g, 4);
+                const __m512i a = _mm512_set1_epi32(pair);
+                ai[r][0] = _mm512_dpwssd_epi32(ai[r][0], a, w0);
+                ai[r][1] = _mm512_dpwssd_epi32(ai[r][1], a, w1);
+            }
+        }
+        const __m512 s0 = _mm512_loadu_ps(ps + b * GP), s1 = _mm512_loadu_ps(ps + b * GP + 16);
+        for (int r = 0; r < R; ++r) {
+            const __m512 dx = _mm512_set1_ps(x.d[(m0 + r) * xb + b / SUB]);
+            acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][0]), _mm512_mul_ps(s0, dx), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][1]), _mm512_mul_ps(s1, dx), acc[r][1]);
+        }
+        if constexpr (G::MINS) {
+            const __m512 mn0 = _mm512_loadu_ps(pm + b * GP), mn1 = _mm512_loadu_ps(pm + b * GP + 16);
+            for (int r = 0; r < R; ++r) {
+                const __m512 f = _mm512_set1_ps(x.f[(m0 + r) * xb + b]);
+                acc[r][0] = _mm512_fmadd_ps(mn0, f, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(mn1, f, acc[r][1]);
+            }
+        }
+    }
+    const __mmask16 k0 = np >= 16 ? 0xFFFF : __mmask16((1u << np) - 1);
+    const __mmask16 k1 = np >= 32 ? 0xFFFF : np <= 16 ? 0 : __mmask16((1u << (np - 16)) - 1);
+    for (int r = 0; r < R; ++r) {
+        _mm512_mask_storeu_ps(y + (m0 + r) * N, k0, acc[r][0]);
+        _mm512_mask_storeu_ps(y + (m0 + r) * N + 16, k1, acc[r][1]);
+    }
+}
+
+constexpr int GR = 4;   // activation rows per tile
+
+// y [M, N] = x [M, K] W^T, any M (K a multiple of 32): panels of GP weight rows split over
+// threads, each unpacked once and passed over by every row.
+template <typename G>
+void gemm_i16(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t K, int64_t row_bytes) {
+    XQ16 xq;
+    quantize_x16(x, M, K, xq);
+    const int64_t panels = (N + GP - 1) / GP;
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+        int32_t* pw = static_cast<int32_t*>(std::aligned_alloc(64, sizeof(int32_t) * (K / 2) * GP));
+        std::vector<float> ps(K / G::KB * GP), pm(G::MINS ? K / G::KB * GP : 0);
+        for (int64_t p = p0; p < p1; ++p) {
+            const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
+            pack_panel<G>(w, row_bytes, n0, np, K, pw, ps.data(), pm.data());
+            float* yp = y + n0;
+            int64_t m = 0;
+            for (; m + GR <= M; m += GR) gemm_tile<G, GR>(xq, m, K, pw, ps.data(), pm.data(), yp, N, np);
+            switch (M - m) {
+                case 3: gemm_tile<G, 3>(xq, m, K, pw, ps.data(), pm.data(), yp, N, np); break;
+                case 2: gemm_tile<G, 2>(xq, m, K, pw, ps.data(), pm.data(), yp, N, np); break;
+                case 1: gemm_tile<G, 1>(xq, m, K, pw, ps.data(), pm.data(), yp, N, np); break;
+                default: break;
+            }
+        }
+        std::free(pw);
+    });
+}
+#else
+// AVX2 builds have no integer GEMM: many rows take the float32 kernels (Kernels::Gemm unused).
+struct G_Q4_0 {}; struct G_Q4_1 {}; struct G_Q5_0 {}; struct G_Q8_0 {}; struct G_Q4_K {}; struct G_Q6_K {};
+#endif
+
 // ggml type ids
 enum : int64_t { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14 };
 
-// f(Kernels<...>{}): `Float` dots float32 activations, `Int` integer ones (XQ)
-template <typename F_, typename I_>
+// f(Kernels<...>{}): `Float` dots float32 activations, `Int` integer ones (XQ) for one or two
+// rows, `Gemm` int16 ones for many rows (AVX-512 builds)
+template <typename F_, typename I_, typename G_>
 struct Kernels {
     using Float = F_;
     using Int = I_;
+    using Gemm = G_;
 };
 
 template <typename F>
 void dispatch(int64_t qtype, F&& f) {
     switch (qtype) {
-        case T_Q4_0: f(Kernels<Q4_0, Q4_0x8>{}); break;
-        case T_Q4_1: f(Kernels<Q4_1, Q4_1x8>{}); break;
-        case T_Q5_0: f(Kernels<Q5_0, Q5_0x8>{}); break;
-        case T_Q8_0: f(Kernels<Q8_0, Q8_0x8>{}); break;
-        case T_Q4_K: f(Kernels<Q4_K, Q4_Kx8>{}); break;
-        case T_Q6_K: f(Kernels<Q6_K, Q6_Kx8>{}); break;
+        case T_Q4_0: f(Kernels<Q4_0, Q4_0x8, G_Q4_0>{}); break;
+        case T_Q4_1: f(Kernels<Q4_1, Q4_1x8, G_Q4_1>{}); break;
+        case T_Q5_0: f(Kernels<Q5_0, Q5_0x8, G_Q5_0>{}); break;
+        case T_Q8_0: f(Kernels<Q8_0, Q8_0x8, G_Q8_0>{}); break;
+        case T_Q4_K: f(Kernels<Q4_K, Q4_Kx8, G_Q4_K>{}); break;
+        case T_Q6_K: f(Kernels<Q6_K, Q6_Kx8, G_Q6_K>{}); break;
         default: TORCH_CHECK(false, "qmatmul: unsupported ggml type id ", qtype);
     }
 }
@@ -754,10 +1024,14 @@ torch::Tensor matvec_i8(const XQBuffer& xq, const torch::Tensor& w, int64_t qtyp
     return y;
 }
 
+constexpr int64_t GEMM_MIN_ROWS = 3;
+
 // x: float32 [..., K] -> [..., N]; the leading dimensions are flattened here rather than in
 // Python, to save dispatches on the decode path. digits 1 (int8) or 2 (int16): one row, and
 // two rows of the 32-value types, have their activations rounded per 32 values (see XQ);
-// 0, or more rows: float32 (each dequantized weight block is reused enough to win).
+// more rows take the int16 GEMM on AVX-512 builds (int16 for either digits setting), and
+// float32 on AVX2 ones (each dequantized weight block is reused enough to win there).
+// digits 0: float32 throughout.
 torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K, int64_t digits) {
     TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.size(-1) == K, "x must be float32 [..., K] with K=", K);
     x = x.contiguous();
@@ -778,6 +1052,10 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K
         if constexpr (I::N == 32) {
             if (digits > 0 && M == 2) return two_rows<I>(x.data_ptr<float>(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), N, K, int(digits));
         }
+#ifdef JISU_AVX512
+        if (digits > 0 && M >= GEMM_MIN_ROWS && K % 32 == 0)
+            return gemm_i16<typename decltype(k)::Gemm>(x.data_ptr<float>(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), M, N, K, w.size(1));
+#endif
         matmul<F>(x.data_ptr<float>(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), M, N, K);
     });
     return y;
@@ -1067,6 +1345,11 @@ int64_t argmax(torch::Tensor x) {
 // event loop (another thread) keeps serving while the engine thread is inside a kernel.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     using release = py::call_guard<py::gil_scoped_release>;
+#ifdef JISU_AVX512
+    m.attr("isa") = "avx512";
+#else
+    m.attr("isa") = "avx2";
+#endif
     m.def("argmax", &argmax, "index of the first maximum (-1: NaN)", release());
     m.def("rope_", &rope_, "rotary embedding, in place on q and k", release());
     m.def("decode_block", &decode_block, "one transformer block for decoding sequences", release());
