@@ -575,18 +575,16 @@ inline float row8(const uint8_t* row, const XQ& x, int64_t nb) {
     return hsum(_mm256_add_ps(acc[0], acc[1])) + hsum(accv) + accm;
 }
 
-// Rows in pairs, the pair PREFETCH_ROWS ahead requested from memory early.
+// Weight rows n0 .. n1 in pairs, the pair PREFETCH_ROWS ahead requested from memory early.
 template <typename B, int DIG>
-void matvec8(const XQ& x, const uint8_t* w, float* y, int64_t N, int64_t K) {
+void matvec8_rows(const XQ& x, const uint8_t* w, float* y, int64_t n0, int64_t n1, int64_t K) {
     const int64_t nb = K / B::N, row_bytes = nb * B::BYTES;
-    at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; n += 2) {
-            const int rows = int(std::min<int64_t>(2, n1 - n));
-            const uint8_t* r0 = w + n * row_bytes;
-            if (n + PREFETCH_ROWS + 2 <= n1) prefetch_row(r0 + PREFETCH_ROWS * row_bytes, 2 * row_bytes);
-            for (int r = 0; r < rows; ++r) y[n + r] = row8<B, DIG>(r0 + r * row_bytes, x, nb);
-        }
-    });
+    for (int64_t n = n0; n < n1; n += 2) {
+        const int rows = int(std::min<int64_t>(2, n1 - n));
+        const uint8_t* r0 = w + n * row_bytes;
+        if (n + PREFETCH_ROWS + 2 <= n1) prefetch_row(r0 + PREFETCH_ROWS * row_bytes, 2 * row_bytes);
+        for (int r = 0; r < rows; ++r) y[n + r] = row8<B, DIG>(r0 + r * row_bytes, x, nb);
+    }
 }
 
 // Two activation rows against every weight row, 32-value types: each block is unpacked and its
@@ -949,31 +947,21 @@ inline void gemm_tile(const XQ16& x, int64_t m0, int64_t K, const int32_t* pw, c
 
 constexpr int GR = 4;   // activation rows per tile
 
-// y [M, N] = x [M, K] W^T, any M (K a multiple of 32): panels of GP weight rows split over
-// threads, each unpacked once and passed over by every row.
+// Panel p of W (weight rows p * GP ..) against every row of x: y [M, N].
 template <typename G>
-void gemm_i16(const float* x, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t K, int64_t row_bytes) {
-    XQ16 xq;
-    quantize_x16(x, M, K, xq);
-    const int64_t panels = (N + GP - 1) / GP;
-    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-        int32_t* pw = static_cast<int32_t*>(std::aligned_alloc(64, sizeof(int32_t) * (K / 2) * GP));
-        std::vector<float> ps(K / G::KB * GP), pm(G::MINS ? K / G::KB * GP : 0);
-        for (int64_t p = p0; p < p1; ++p) {
-            const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
-            pack_panel<G>(w, row_bytes, n0, np, K, pw, ps.data(), pm.data());
-            float* yp = y + n0;
-            int64_t m = 0;
-            for (; m + GR <= M; m += GR) gemm_tile<G, GR>(xq, m, K, pw, ps.data(), pm.data(), yp, N, np);
-            switch (M - m) {
-                case 3: gemm_tile<G, 3>(xq, m, K, pw, ps.data(), pm.data(), yp, N, np); break;
-                case 2: gemm_tile<G, 2>(xq, m, K, pw, ps.data(), pm.data(), yp, N, np); break;
-                case 1: gemm_tile<G, 1>(xq, m, K, pw, ps.data(), pm.data(), yp, N, np); break;
-                default: break;
-            }
-        }
-        std::free(pw);
-    });
+void gemm_panel(const XQ16& xq, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t K, int64_t row_bytes,
+                int64_t p, int32_t* pw, float* ps, float* pm) {
+    const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
+    pack_panel<G>(w, row_bytes, n0, np, K, pw, ps, pm);
+    float* yp = y + n0;
+    int64_t m = 0;
+    for (; m + GR <= M; m += GR) gemm_tile<G, GR>(xq, m, K, pw, ps, pm, yp, N, np);
+    switch (M - m) {
+        case 3: gemm_tile<G, 3>(xq, m, K, pw, ps, pm, yp, N, np); break;
+        case 2: gemm_tile<G, 2>(xq, m, K, pw, ps, pm, yp, N, np); break;
+        case 1: gemm_tile<G, 1>(xq, m, K, pw, ps, pm, yp, N, np); break;
+        default: break;
+    }
 }
 #else
 // AVX2 builds have no integer GEMM: many rows take the float32 kernels (Kernels::Gemm unused).
@@ -1012,19 +1000,76 @@ void check_weight(const torch::Tensor& w, int64_t K, int64_t block, int64_t byte
 
 }  // namespace
 
-// One activation row already rounded to int8 (xq) against W: y [N].
-torch::Tensor matvec_i8(const XQBuffer& xq, const torch::Tensor& w, int64_t qtype, int64_t K) {
-    auto y = torch::empty({w.size(0)}, torch::dtype(torch::kFloat32));
-    dispatch(qtype, [&](auto k) {
-        using B = typename decltype(k)::Int;
-        check_weight(w, K, B::N, B::BYTES);
-        if (xq.digits == 2) matvec8<B, 2>(xq.view(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), w.size(0), K);
-        else matvec8<B, 1>(xq.view(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), w.size(0), K);
+// One activation row already rounded to integers (xq) against several matrices with the same
+// K (q/k/v, gate/up): y_i [N_i]. One parallel region over all their rows: a decode step's
+// small matrices are too short to split well one at a time, and each region costs a fork/join.
+std::vector<torch::Tensor> matvec_i8(const XQBuffer& xq, const std::vector<torch::Tensor>& ws,
+                                     const std::vector<int64_t>& qtypes, int64_t K) {
+    std::vector<torch::Tensor> ys;
+    std::vector<int64_t> first{0};
+    for (size_t i = 0; i < ws.size(); ++i) {
+        dispatch(qtypes[i], [&](auto k) {
+            using B = typename decltype(k)::Int;
+            check_weight(ws[i], K, B::N, B::BYTES);
+        });
+        ys.push_back(torch::empty({ws[i].size(0)}, torch::dtype(torch::kFloat32)));
+        first.push_back(first.back() + ws[i].size(0));
+    }
+    const XQ x = xq.view();
+    at::parallel_for(0, first.back(), 8, [&](int64_t a, int64_t b) {
+        for (size_t i = 0; i < ws.size(); ++i) {
+            const int64_t lo = std::max(a, first[i]) - first[i], hi = std::min(b, first[i + 1]) - first[i];
+            if (lo >= hi) continue;
+            const uint8_t* w = ws[i].data_ptr<uint8_t>();
+            float* y = ys[i].data_ptr<float>();
+            dispatch(qtypes[i], [&](auto k) {
+                using B = typename decltype(k)::Int;
+                if (xq.digits == 2) matvec8_rows<B, 2>(x, w, y, lo, hi, K);
+                else matvec8_rows<B, 1>(x, w, y, lo, hi, K);
+            });
+        }
     });
-    return y;
+    return ys;
 }
 
 constexpr int64_t GEMM_MIN_ROWS = 3;
+
+#ifdef JISU_AVX512
+// y_i [M, N_i] = x [M, K] W_i^T for several matrices reading the same x (q/k/v, gate/up): x is
+// rounded once, and the panels of all of them (GP weight rows each, unpacked once, passed over
+// by every row of x) are split over the threads in one parallel region.
+std::vector<torch::Tensor> gemm_i16(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
+                                    const std::vector<int64_t>& qtypes, int64_t K) {
+    const int64_t M = x.numel() / K;
+    std::vector<torch::Tensor> ys;
+    std::vector<int64_t> first{0};
+    for (size_t i = 0; i < ws.size(); ++i) {
+        dispatch(qtypes[i], [&](auto k) {
+            using F = typename decltype(k)::Float;
+            check_weight(ws[i], K, F::N, F::BYTES);
+        });
+        ys.push_back(torch::empty({M, ws[i].size(0)}, torch::dtype(torch::kFloat32)));
+        first.push_back(first.back() + (ws[i].size(0) + GP - 1) / GP);
+    }
+    XQ16 xq;
+    quantize_x16(x.data_ptr<float>(), M, K, xq);
+    at::parallel_for(0, first.back(), 1, [&](int64_t p0, int64_t p1) {
+        int32_t* pw = static_cast<int32_t*>(std::aligned_alloc(64, sizeof(int32_t) * (K / 2) * GP));
+        std::vector<float> ps(K / 16 * GP), pm(K / 16 * GP);    // room for the smallest scale block
+        for (int64_t p = p0; p < p1; ++p) {
+            size_t i = 0;
+            while (p >= first[i + 1]) ++i;
+            dispatch(qtypes[i], [&](auto k) {
+                using G = typename decltype(k)::Gemm;
+                gemm_panel<G>(xq, ws[i].data_ptr<uint8_t>(), ys[i].data_ptr<float>(), M, ws[i].size(0), K, ws[i].size(1),
+                              p - first[i], pw, ps.data(), pm.data());
+            });
+        }
+        std::free(pw);
+    });
+    return ys;
+}
+#endif
 
 // x: float32 [..., K] -> [..., N]; the leading dimensions are flattened here rather than in
 // Python, to save dispatches on the decode path. digits 1 (int8) or 2 (int16): one row, and
@@ -1042,8 +1087,11 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K
     if (digits > 0 && M == 1 && K % 32 == 0) {
         XQBuffer xq;
         quantize_x8(x.data_ptr<float>(), K, xq, int(digits));
-        return matvec_i8(xq, w, qtype, K).view(out_shape);
+        return matvec_i8(xq, {w}, {qtype}, K)[0].view(out_shape);
     }
+#ifdef JISU_AVX512
+    if (digits > 0 && M >= GEMM_MIN_ROWS && K % 32 == 0) return gemm_i16(x, {w}, {qtype}, K)[0].view(out_shape);
+#endif
     auto y = torch::empty(out_shape, x.options());
     dispatch(qtype, [&](auto k) {
         using F = typename decltype(k)::Float;
@@ -1052,10 +1100,6 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K
         if constexpr (I::N == 32) {
             if (digits > 0 && M == 2) return two_rows<I>(x.data_ptr<float>(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), N, K, int(digits));
         }
-#ifdef JISU_AVX512
-        if (digits > 0 && M >= GEMM_MIN_ROWS && K % 32 == 0)
-            return gemm_i16<typename decltype(k)::Gemm>(x.data_ptr<float>(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), M, N, K, w.size(1));
-#endif
         matmul<F>(x.data_ptr<float>(), w.data_ptr<uint8_t>(), y.data_ptr<float>(), M, N, K);
     });
     return y;
@@ -1281,16 +1325,34 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
     const int64_t B = x.size(0), D = x.size(1), HD = n_heads * head_dim;
     // one row with integer activations: each vector is rounded once for all the matrices reading it
     const bool one8 = digits > 0 && B == 1;
-    XQBuffer xq;
-    auto lin = [&](const torch::Tensor& in, int i, int64_t K, bool requantize) {
-        if (!one8 || K % 32 != 0) return qmatmul(in, w[i], qtypes[i], K, digits).view({B, -1});
-        if (requantize) quantize_x8(in.data_ptr<float>(), K, xq, int(digits));
-        return matvec_i8(xq, w[i], qtypes[i], K).view({1, -1});
+    // matrices `idx` reading the same input: y_i [B, N_i]
+    auto lin = [&](const torch::Tensor& in, std::vector<int> idx, int64_t K) {
+        std::vector<torch::Tensor> ys;
+        if (one8 && K % 32 == 0) {
+            XQBuffer xq;
+            quantize_x8(in.data_ptr<float>(), K, xq, int(digits));
+            std::vector<torch::Tensor> ws;
+            std::vector<int64_t> ts;
+            for (int i : idx) { ws.push_back(w[i]); ts.push_back(qtypes[i]); }
+            for (auto& y : matvec_i8(xq, ws, ts, K)) ys.push_back(y.view({1, -1}));
+        } else {
+#ifdef JISU_AVX512
+            if (digits > 0 && B >= GEMM_MIN_ROWS && K % 32 == 0) {
+                std::vector<torch::Tensor> ws;
+                std::vector<int64_t> ts;
+                for (int i : idx) { ws.push_back(w[i]); ts.push_back(qtypes[i]); }
+                return gemm_i16(in.contiguous(), ws, ts, K);
+            }
+#endif
+            for (int i : idx) ys.push_back(qmatmul(in, w[i], qtypes[i], K, digits).view({B, -1}));
+        }
+        return ys;
     };
     auto h = rms_norm(x, norms[0], eps);
-    auto q = lin(h, 0, D, true).view({1, B, n_heads, head_dim});
-    auto k = lin(h, 1, D, false).view({1, B, n_kv_heads, head_dim});
-    auto v = lin(h, 2, D, false).view({B, n_kv_heads, head_dim});
+    auto qkv = lin(h, {0, 1, 2}, D);
+    auto q = qkv[0].view({1, B, n_heads, head_dim});
+    auto k = qkv[1].view({1, B, n_kv_heads, head_dim});
+    auto v = qkv[2].view({B, n_kv_heads, head_dim});
     if (gemma) {
         q = rms_norm(q, norms[2], eps);
         k = rms_norm(k, norms[3], eps);
@@ -1300,14 +1362,14 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
     write_slots(v_cache, slot_mapping, v.view({B, n_kv_heads * head_dim}));
     auto a = paged_attention_decode(q.view({B, n_heads, head_dim}), k_cache, v_cache, decode_slots, decode_lens,
                                     scale, window);
-    auto o = lin(a.view({B, HD}), 3, HD, true);
+    auto o = lin(a.view({B, HD}), {3}, HD)[0];
     if (gemma) o = rms_norm(o, norms[4], eps);
     x = x + o;
     h = rms_norm(x, norms[1], eps);
-    auto g = lin(h, 4, D, true);
-    auto u = lin(h, 5, D, false);
-    (gemma ? at::gelu_(g, "tanh") : at::silu_(g)).mul_(u);     // in place: the same numbers, no copies
-    auto d = lin(g, 6, g.size(1), true);
+    auto gu = lin(h, {4, 5}, D);
+    auto g = gu[0];
+    (gemma ? at::gelu_(g, "tanh") : at::silu_(g)).mul_(gu[1]);     // in place: the same numbers, no copies
+    auto d = lin(g, {6}, g.size(1))[0];
     if (gemma) d = rms_norm(d, norms[5], eps);
     return x + d;
 }
