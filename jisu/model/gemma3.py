@@ -30,7 +30,7 @@ class Gemma3Block(nn.Module):
             return self.fused(x, meta)
         x = x + self.post_attention_norm(self.attn(self.attn_norm(x), meta))
         h = self.ffn_norm(x)
-        h = self.ffn_down(F.gelu(self.ffn_gate(h), approximate="tanh") * self.ffn_up(h))
+        h = self.ffn_down(F.gelu(self.ffn_gate(h), approximate="tanh").mul_(self.ffn_up(h)))
         return x + self.post_ffw_norm(h)
 
 

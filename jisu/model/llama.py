@@ -27,7 +27,8 @@ class LlamaBlock(nn.Module):
             return self.fused(x, meta)
         x = x + self.attn(self.attn_norm(x), meta)
         h = self.ffn_norm(x)
-        return x + self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
+        # in place: a prompt chunk's [T, 1536] activations would otherwise be allocated twice more
+        return x + self.ffn_down(F.silu(self.ffn_gate(h), inplace=True).mul_(self.ffn_up(h)))
 
 
 class Llama(nn.Module):
