@@ -776,45 +776,23 @@ void quantize_x16(const float* x, int64_t M, int64_t K, XQ16& out) {
 // Per type: the 32 weights of 32-value block j of a row as int8 (ints), with KB values per
 // scale; s[t] and mn[t] for the 32 / KB scale blocks in it. Integers are centred where the
 // type has an offset (Q4: u - 8), so activation rounding is weighed by small numbers.
-struct G_Q4_0 {
+// 32-value types: the decode kernels' unpack (I::unpack) gives the block's bytes u, one fp16
+// scale d first; y = d (u - MID), and Q4_1 (MINS) adds its fp16 offset m: d (u - 8) + (m + 8 d).
+template <typename I, int MID, bool MINS_>
+struct G32 {
     static constexpr int KB = 32;
-    static constexpr bool MINS = false;
-    static inline __m256i ints(const uint8_t* row, int64_t j, float* s, float*) {
-        const uint8_t* b = row + j * 18;
-        s[0] = f16(b);
-        return _mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8));
-    }
-};
-struct G_Q4_1 {
-    static constexpr int KB = 32;
-    static constexpr bool MINS = true;
+    static constexpr bool MINS = MINS_;
     static inline __m256i ints(const uint8_t* row, int64_t j, float* s, float* mn) {
-        const uint8_t* b = row + j * 20;
+        const uint8_t* b = row + j * I::BYTES;
         s[0] = f16(b);
-        mn[0] = f16(b + 2) + 8.f * s[0];     // d u + m = d (u - 8) + (m + 8 d)
-        return _mm256_sub_epi8(nibbles32(b + 4), _mm256_set1_epi8(8));
+        if constexpr (MINS) mn[0] = f16(b + 2) + float(MID) * s[0];
+        return MID ? _mm256_sub_epi8(I::unpack(b), _mm256_set1_epi8(MID)) : I::unpack(b);
     }
 };
-struct G_Q5_0 {
-    static constexpr int KB = 32;
-    static constexpr bool MINS = false;
-    static inline __m256i ints(const uint8_t* row, int64_t j, float* s, float*) {
-        const uint8_t* b = row + j * 22;
-        uint32_t qh;
-        std::memcpy(&qh, b + 2, 4);
-        s[0] = f16(b);
-        return _mm256_sub_epi8(_mm256_or_si256(nibbles32(b + 6), bit5_32(qh)), _mm256_set1_epi8(16));
-    }
-};
-struct G_Q8_0 {
-    static constexpr int KB = 32;
-    static constexpr bool MINS = false;
-    static inline __m256i ints(const uint8_t* row, int64_t j, float* s, float*) {
-        const uint8_t* b = row + j * 34;
-        s[0] = f16(b);
-        return load32(reinterpret_cast<const int8_t*>(b + 2));
-    }
-};
+using G_Q4_0 = G32<Q4_0x8, 8, false>;
+using G_Q4_1 = G32<Q4_1x8, 8, true>;
+using G_Q5_0 = G32<Q5_0x8, 16, false>;
+using G_Q8_0 = G32<Q8_0x8, 0, false>;
 struct G_Q4_K {
     static constexpr int KB = 32;
     static constexpr bool MINS = true;
@@ -1327,25 +1305,19 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
     const bool one8 = digits > 0 && B == 1;
     // matrices `idx` reading the same input: y_i [B, N_i]
     auto lin = [&](const torch::Tensor& in, std::vector<int> idx, int64_t K) {
-        std::vector<torch::Tensor> ys;
+        std::vector<torch::Tensor> ys, ws;
+        std::vector<int64_t> ts;
+        for (int i : idx) { ws.push_back(w[i]); ts.push_back(qtypes[i]); }
         if (one8 && K % 32 == 0) {
             XQBuffer xq;
             quantize_x8(in.data_ptr<float>(), K, xq, int(digits));
-            std::vector<torch::Tensor> ws;
-            std::vector<int64_t> ts;
-            for (int i : idx) { ws.push_back(w[i]); ts.push_back(qtypes[i]); }
             for (auto& y : matvec_i8(xq, ws, ts, K)) ys.push_back(y.view({1, -1}));
-        } else {
-#ifdef JISU_AVX512
-            if (digits > 0 && B >= GEMM_MIN_ROWS && K % 32 == 0) {
-                std::vector<torch::Tensor> ws;
-                std::vector<int64_t> ts;
-                for (int i : idx) { ws.push_back(w[i]); ts.push_back(qtypes[i]); }
-                return gemm_i16(in.contiguous(), ws, ts, K);
-            }
-#endif
-            for (int i : idx) ys.push_back(qmatmul(in, w[i], qtypes[i], K, digits).view({B, -1}));
+            return ys;
         }
+#ifdef JISU_AVX512
+        if (digits > 0 && B >= GEMM_MIN_ROWS && K % 32 == 0) return gemm_i16(in.contiguous(), ws, ts, K);
+#endif
+        for (size_t i = 0; i < ws.size(); ++i) ys.push_back(qmatmul(in, ws[i], ts[i], K, digits).view({B, -1}));
         return ys;
     };
     auto h = rms_norm(x, norms[0], eps);
