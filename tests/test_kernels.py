@@ -59,7 +59,7 @@ def test_qmatmul_kernel_every_row_count(qtype, m):
 
 
 @pytest.mark.parametrize("m", [1, 2])
-@pytest.mark.parametrize("k", [512, 2048])
+@pytest.mark.parametrize("k", [512, 608, 2048])
 @pytest.mark.parametrize("digits", [1, 2])
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
 def test_integer_activations_within_their_rounding_bound(qtype, digits, k, m):
@@ -68,7 +68,10 @@ def test_integer_activations_within_their_rounding_bound(qtype, digits, k, m):
     Rounding moves each x_i by at most amax(block of i) / (2 * 127) for int8, and by at most
     amax / (2 * 127 * 254) for int16; y_n then moves by at most sum_i |w_ni| of that. The test
     allows exactly that bound plus float32 accumulation noise, so a wrong scale, a wrong nibble
-    order or a dropped offset term fails it."""
+    order or a dropped offset term fails it. K = 608 leaves the 512-bit kernel a tail of one
+    block pair and one block (super-block types: 768, an odd number of super-blocks)."""
+    if qtype in (Q.Q4_K, Q.Q6_K):
+        k = -(-k // 256) * 256
     q, ref_w = random_weight(qtype, n=50, k=k)
     x = torch.randn(m, k)
     x[0, 32:64] = 0.0                          # an all-zero block: scale 0
@@ -124,7 +127,8 @@ def test_int16_gemm_within_its_rounding_bound(qtype, m):
 
 def test_avx2_build_gives_the_same_numbers(tmp_path):
     """The AVX2 variant (JISU_ISA=avx2, built in a child process) against this build: float32
-    paths equal to rounding, integer one-row paths equal bit for bit (same integer sums)."""
+    paths equal to rounding, integer one- and two-row paths equal to float32 summation order (the
+    integer sums are the same)."""
     if ops.isa != "avx512":
         pytest.skip("this build is the AVX2 one: nothing to compare it with on this CPU")
     import os
@@ -150,8 +154,8 @@ def test_avx2_build_gives_the_same_numbers(tmp_path):
         ours = [ops.qmatmul(x[:m], q, int(Q[name]), 512, d) for m in (1, 2, 5) for d in (0, 1, 2)]
         for i, (a, b) in enumerate(zip(ours, theirs[name])):
             m, d = (1, 2, 5)[i // 3], i % 3
-            if d and m <= 2:
-                torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} m={m} digits={d}")
+            if d and m <= 2:   # same integer sums; AVX-512 adds the blocks' float terms in another order
+                torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6 * b.abs().max().item(), msg=f"{name} m={m} digits={d}")
             else:   # float32 kernels (summation order may differ), and 5 rows int16 vs float32
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item(), msg=f"{name} m={m} digits={d}")
 

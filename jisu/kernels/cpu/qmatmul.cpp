@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <cstring>
 #include <cstdlib>
+#include <new>
+#include <type_traits>
 #include <vector>
 
 // Built with -mavx512f/bw/vl/dq -mavx512vnni on CPUs that have them (see __init__.py): integer
@@ -276,9 +278,22 @@ struct XQ {
     const float* c16;   // -16 d s
 };
 
+// 64-byte aligned storage: the 512-bit kernels load two activation blocks (64 bytes) at a time,
+// and a load that straddles two cache lines costs two
+template <typename T>
+struct Aligned64 {
+    using value_type = T;
+    Aligned64() = default;
+    template <typename U> Aligned64(const Aligned64<U>&) {}
+    T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+    void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+    template <typename U> bool operator==(const Aligned64<U>&) const { return true; }
+    template <typename U> bool operator!=(const Aligned64<U>&) const { return false; }
+};
+
 struct XQBuffer {
     int digits = 1;
-    std::vector<int8_t> q, q2;
+    std::vector<int8_t, Aligned64<int8_t>> q, q2;
     std::vector<float> d, f, g8, c8, c16;
     XQ view() const { return {q.data(), q2.data(), d.data(), f.data(), g8.data(), c8.data(), c16.data()}; }
 };
@@ -575,6 +590,198 @@ inline float row8(const uint8_t* row, const XQ& x, int64_t nb) {
     return hsum(_mm256_add_ps(acc[0], acc[1])) + hsum(accv) + accm;
 }
 
+#ifdef JISU_AVX512
+// ---- one row on 512-bit registers: two 32-value blocks per integer dot ----------------------
+// Zen 5 (and Intel cores) execute 512-bit integer and float ops at full width, so a zmm dot of
+// two blocks (64 weight bytes against 64 activation bytes, 16 int32 lanes: lanes 0-7 the first
+// block, 8-15 the second) costs what one ymm block costs; the per-block scale is applied lane-wise.
+// Activation blocks i, i+1 are contiguous, so their codes load as one 64-byte vector.
+
+// Unsigned weight bytes u against activation blocks i, i+1 (see xdot_u).
+template <int DIG>
+inline __m512i zdot_u(__m512i u, const XQ& x, int64_t i) {
+    __m512i r = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(x.q + 32 * i));
+    if constexpr (DIG == 2)
+        r = _mm512_dpbusd_epi32(_mm512_mullo_epi32(r, _mm512_set1_epi32(BASE)), u, _mm512_loadu_si512(x.q2 + 32 * i));
+    return r;
+}
+
+// Signed weight bytes w: |w| against x with w's sign (AVX-512 has no sign_epi8: a masked negate).
+template <int DIG>
+inline __m512i zdot_s(__m512i w, const XQ& x, int64_t i) {
+    const __mmask64 neg = _mm512_movepi8_mask(w);
+    const __m512i aw = _mm512_abs_epi8(w), zero = _mm512_setzero_si512();
+    auto signed_x = [&](const int8_t* p) {
+        const __m512i v = _mm512_loadu_si512(p);
+        return _mm512_mask_sub_epi8(v, neg, zero, v);
+    };
+    __m512i r = _mm512_dpbusd_epi32(zero, aw, signed_x(x.q + 32 * i));
+    if constexpr (DIG == 2)
+        r = _mm512_dpbusd_epi32(_mm512_mullo_epi32(r, _mm512_set1_epi32(BASE)), aw, signed_x(x.q2 + 32 * i));
+    return r;
+}
+
+// 16 bytes of nibbles at p0 and at p1 -> [p0 low, p0 high, p1 low, p1 high] nibbles as bytes
+inline __m512i nibbles64(const uint8_t* p0, const uint8_t* p1) {
+    const __m512i dup = _mm512_mask_broadcast_i32x4(_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0))),
+                                                    0xFF00, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p1)));
+    return _mm512_and_si512(_mm512_srlv_epi64(dup, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(0x0F));
+}
+
+// lanes 0-7: v[a], lanes 8-15: v[a + 1]
+inline __m512 pair_lanes(__m512 v, int a) {
+    return _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(a), _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)), v);
+}
+
+// The first four bytes of sixteen consecutive blocks (one gather), and the fp16 in their low or
+// high two bytes as float32.
+template <int BYTES>
+inline __m512i heads16(const uint8_t* p, __mmask16 m) {
+    const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(BYTES));
+    return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, at, p, 1);
+}
+inline __m512 low_halves(__m512i h) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)); }
+inline __m512 high_halves(__m512i h) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16))); }
+
+// Per 32-value type: unpack2 (blocks b and b + BYTES as 64 bytes), dot2 (their integer dot),
+// mid16 (the offset terms of 16 blocks, as mid8 does for 8).
+template <typename B> struct Zmm;
+template <> struct Zmm<Q8_0x8> {
+    static inline __m512i unpack2(const uint8_t* b) {
+        return _mm512_inserti64x4(_mm512_castsi256_si512(Q8_0x8::unpack(b)), Q8_0x8::unpack(b + 34), 1);
+    }
+    template <int DIG> static inline __m512i dot2(__m512i w, const XQ& x, int64_t i) { return zdot_s<DIG>(w, x, i); }
+    static inline void mid16(__m512i, const XQ&, int64_t, __mmask16, __m512, __m512&) {}
+};
+template <> struct Zmm<Q4_1x8> {
+    static inline __m512i unpack2(const uint8_t* b) { return nibbles64(b + 4, b + 24); }
+    template <int DIG> static inline __m512i dot2(__m512i u, const XQ& x, int64_t i) { return zdot_u<DIG>(u, x, i); }
+    static inline void mid16(__m512i heads, const XQ& x, int64_t i, __mmask16 m, __m512 d, __m512& accm) {
+        accm = _mm512_fmadd_ps(high_halves(heads), _mm512_maskz_loadu_ps(m, x.f + i),
+                               _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(m, x.g8 + i), accm));
+    }
+};
+template <int BYTES, int MID, bool FIFTH> struct Zmm<MidBlockx8<BYTES, MID, FIFTH>> {
+    static inline __m512i unpack2(const uint8_t* b) {
+        if constexpr (FIFTH) {   // the 32 fifth bits of each block are a byte mask
+            uint32_t h0, h1;
+            std::memcpy(&h0, b + 2, 4);
+            std::memcpy(&h1, b + BYTES + 2, 4);
+            const __m512i u = nibbles64(b + 6, b + BYTES + 6);
+            return _mm512_mask_add_epi8(u, _cvtu64_mask64(uint64_t(h0) | (uint64_t(h1) << 32)), u, _mm512_set1_epi8(0x10));
+        } else {
+            return nibbles64(b + 2, b + BYTES + 2);
+        }
+    }
+    template <int DIG> static inline __m512i dot2(__m512i u, const XQ& x, int64_t i) { return zdot_u<DIG>(u, x, i); }
+    static inline void mid16(__m512i, const XQ& x, int64_t i, __mmask16 m, __m512 d, __m512& accm) {
+        accm = _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(m, MidBlockx8<BYTES, MID, FIFTH>::c(x) + i), accm);
+    }
+};
+
+// 2P consecutive 32-value blocks (P pair dots, P <= 8), their scales converted as one vector;
+// lanes past the last block are masked off (scale 0, nothing read). P is a compile-time
+// constant so that the loop unrolls and the two accumulators stay in registers.
+template <typename B, int DIG, int P>
+inline void dot16(const uint8_t* b, const XQ& x, int64_t i, __m512& acc0, __m512& acc1, __m512& accm) {
+    constexpr __mmask16 m = __mmask16((1u << (2 * P)) - 1);
+    const __m512i heads = heads16<B::BYTES>(b, m);
+    const __m512 d = low_halves(heads);
+    const __m512 s = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(m, x.d + i));
+    Zmm<B>::mid16(heads, x, i, m, d, accm);
+    for (int j = 0; j < P; ++j) {
+        const __m512i p = Zmm<B>::template dot2<DIG>(Zmm<B>::unpack2(b + 2 * j * B::BYTES), x, i + 2 * j);
+        __m512& acc = j & 1 ? acc1 : acc0;
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_lanes(s, 2 * j), acc);
+    }
+}
+
+// Two blocks, scales converted one at a time (cheaper than a gather for one pair)
+template <typename B, int DIG>
+inline void dot2(const uint8_t* b, const XQ& x, int64_t i, __m512& acc, float& accm) {
+    const float d0 = f16(b), d1 = f16(b + B::BYTES);
+    const __m512 s = _mm512_insertf32x8(_mm512_set1_ps(d0 * x.d[i]), _mm256_set1_ps(d1 * x.d[i + 1]), 1);
+    const __m512i p = Zmm<B>::template dot2<DIG>(Zmm<B>::unpack2(b), x, i);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, acc);
+    accm += B::mid1(b, x, i, d0) + B::mid1(b + B::BYTES, x, i + 1, d1);
+}
+
+// the last group of a row: `pairs` (2..7) pair dots
+template <typename B, int DIG>
+inline void dot16_tail(const uint8_t* b, const XQ& x, int64_t i, int pairs, __m512& acc0, __m512& acc1, __m512& accm) {
+    switch (pairs) {
+        case 2: return dot16<B, DIG, 2>(b, x, i, acc0, acc1, accm);
+        case 3: return dot16<B, DIG, 3>(b, x, i, acc0, acc1, accm);
+        case 4: return dot16<B, DIG, 4>(b, x, i, acc0, acc1, accm);
+        case 5: return dot16<B, DIG, 5>(b, x, i, acc0, acc1, accm);
+        case 6: return dot16<B, DIG, 6>(b, x, i, acc0, acc1, accm);
+        case 7: return dot16<B, DIG, 7>(b, x, i, acc0, acc1, accm);
+        default: return;
+    }
+}
+
+// Q4_K, one super-block: its 32-byte quarter j holds sub-blocks 2j (low nibbles) and 2j + 1
+// (high nibbles), whose activations are contiguous: one zmm dot per quarter.
+template <int DIG>
+inline void q4k_dot(const uint8_t* b, const XQ& x, int64_t i, __m512& acc, __m256& accm) {
+    const __m256 d = _mm256_set1_ps(f16(b)), dmin = _mm256_set1_ps(f16(b + 2));
+    // the eight 6-bit scales and mins (scale_min_k4) as bytes of two 64-bit words, computed
+    // in general registers: byte stores then a vector load would stall on store forwarding
+    uint32_t q0, q1, q2;
+    std::memcpy(&q0, b + 4, 4);
+    std::memcpy(&q1, b + 8, 4);
+    std::memcpy(&q2, b + 12, 4);
+    constexpr uint32_t low6 = 0x3F3F3F3F, low4 = 0x0F0F0F0F, top2 = 0x03030303;
+    const uint64_t sc = (q0 & low6) | uint64_t((q2 & low4) | (((q0 >> 6) & top2) << 4)) << 32;
+    const uint64_t mn = (q1 & low6) | uint64_t(((q2 >> 4) & low4) | (((q1 >> 6) & top2) << 4)) << 32;
+    auto floats8 = [](uint64_t v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(v)))); };
+    const int64_t x0 = 8 * i;
+    const __m256 ds = _mm256_mul_ps(d, floats8(sc));
+    // d sc_j (u - 8) + (8 d sc_j - dmin m_j), as Q4_Kx8
+    accm = _mm256_fmadd_ps(ds, _mm256_loadu_ps(x.g8 + x0),
+                           _mm256_fnmadd_ps(_mm256_mul_ps(dmin, floats8(mn)), _mm256_loadu_ps(x.f + x0), accm));
+    const __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(ds, _mm256_loadu_ps(x.d + x0)));
+    const __m512i shift = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4), lo4 = _mm512_set1_epi8(0x0F);
+    const uint8_t* qs = b + 16;
+    for (int j = 0; j < 4; ++j) {
+        const __m512i raw = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * j)));
+        const __m512i u = _mm512_and_si512(_mm512_srlv_epi64(raw, shift), lo4);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(zdot_u<DIG>(u, x, x0 + 2 * j)), pair_lanes(s, 2 * j), acc);
+    }
+}
+
+// One row: 32-value types sixteen blocks at a time (the last group part-full), then one; Q4_K per super-block;
+// Q6_K through the 256-bit row8 below.
+template <typename B, int DIG>
+inline float row16(const uint8_t* row, const XQ& x, int64_t nb) {
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, accv = _mm512_setzero_ps();
+    float accm = 0.f;
+    if constexpr (B::N == 32) {
+        int64_t blk = 0;
+        for (; blk + 16 <= nb; blk += 16) dot16<B, DIG, 8>(row + blk * B::BYTES, x, blk, acc[0], acc[1], accv);
+        if (nb - blk >= 4) dot16_tail<B, DIG>(row + blk * B::BYTES, x, blk, int((nb - blk) / 2), acc[0], acc[1], accv);
+        else if (nb - blk >= 2) dot2<B, DIG>(row + blk * B::BYTES, x, blk, acc[0], accm);
+        if (nb & 1) {
+            __m256 a1 = _mm256_setzero_ps();
+            dot1<B, DIG>(row + (nb - 1) * B::BYTES, x, nb - 1, a1, accm);
+            accm += hsum(a1);
+        }
+        return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), accv)) + accm;
+    } else if constexpr (std::is_same_v<B, Q4_Kx8>) {
+        __m256 am = _mm256_setzero_ps();
+        int64_t blk = 0;
+        for (; blk + 2 <= nb; blk += 2) {   // two chains, each accumulator in a register
+            q4k_dot<DIG>(row + blk * B::BYTES, x, blk, acc[0], am);
+            q4k_dot<DIG>(row + (blk + 1) * B::BYTES, x, blk + 1, acc[1], am);
+        }
+        if (blk < nb) q4k_dot<DIG>(row + blk * B::BYTES, x, blk, acc[0], am);
+        return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + hsum(am);
+    } else {
+        return row8<B, DIG>(row, x, nb);
+    }
+}
+#endif
+
 // Weight rows n0 .. n1 in pairs, the pair PREFETCH_ROWS ahead requested from memory early.
 template <typename B, int DIG>
 void matvec8_rows(const XQ& x, const uint8_t* w, float* y, int64_t n0, int64_t n1, int64_t K) {
@@ -583,7 +790,11 @@ void matvec8_rows(const XQ& x, const uint8_t* w, float* y, int64_t n0, int64_t n
         const int rows = int(std::min<int64_t>(2, n1 - n));
         const uint8_t* r0 = w + n * row_bytes;
         if (n + PREFETCH_ROWS + 2 <= n1) prefetch_row(r0 + PREFETCH_ROWS * row_bytes, 2 * row_bytes);
+#ifdef JISU_AVX512
+        for (int r = 0; r < rows; ++r) y[n + r] = row16<B, DIG>(r0 + r * row_bytes, x, nb);
+#else
         for (int r = 0; r < rows; ++r) y[n + r] = row8<B, DIG>(r0 + r * row_bytes, x, nb);
+#endif
     }
 }
 
