@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cstring>
 #include <cstdlib>
-#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -278,22 +277,9 @@ struct XQ {
     const float* c16;   // -16 d s
 };
 
-// 64-byte aligned storage: the 512-bit kernels load two activation blocks (64 bytes) at a time,
-// and a load that straddles two cache lines costs two
-template <typename T>
-struct Aligned64 {
-    using value_type = T;
-    Aligned64() = default;
-    template <typename U> Aligned64(const Aligned64<U>&) {}
-    T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
-    void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
-    template <typename U> bool operator==(const Aligned64<U>&) const { return true; }
-    template <typename U> bool operator!=(const Aligned64<U>&) const { return false; }
-};
-
 struct XQBuffer {
     int digits = 1;
-    std::vector<int8_t, Aligned64<int8_t>> q, q2;
+    std::vector<int8_t> q, q2;
     std::vector<float> d, f, g8, c8, c16;
     XQ view() const { return {q.data(), q2.data(), d.data(), f.data(), g8.data(), c8.data(), c16.data()}; }
 };
@@ -648,13 +634,13 @@ inline __m512 high_halves(__m512i h) { return _mm512_cvtph_ps(_mm512_cvtepi32_ep
 template <typename B> struct Zmm;
 template <> struct Zmm<Q8_0x8> {
     static inline __m512i unpack2(const uint8_t* b) {
-        return _mm512_inserti64x4(_mm512_castsi256_si512(Q8_0x8::unpack(b)), Q8_0x8::unpack(b + 34), 1);
+        return _mm512_inserti64x4(_mm512_castsi256_si512(Q8_0x8::unpack(b)), Q8_0x8::unpack(b + Q8_0x8::BYTES), 1);
     }
     template <int DIG> static inline __m512i dot2(__m512i w, const XQ& x, int64_t i) { return zdot_s<DIG>(w, x, i); }
     static inline void mid16(__m512i, const XQ&, int64_t, __mmask16, __m512, __m512&) {}
 };
 template <> struct Zmm<Q4_1x8> {
-    static inline __m512i unpack2(const uint8_t* b) { return nibbles64(b + 4, b + 24); }
+    static inline __m512i unpack2(const uint8_t* b) { return nibbles64(b + 4, b + Q4_1x8::BYTES + 4); }
     template <int DIG> static inline __m512i dot2(__m512i u, const XQ& x, int64_t i) { return zdot_u<DIG>(u, x, i); }
     static inline void mid16(__m512i heads, const XQ& x, int64_t i, __mmask16 m, __m512 d, __m512& accm) {
         accm = _mm512_fmadd_ps(high_halves(heads), _mm512_maskz_loadu_ps(m, x.f + i),
@@ -711,7 +697,6 @@ inline void dot2(const uint8_t* b, const XQ& x, int64_t i, __m512& acc, float& a
 template <typename B, int DIG>
 inline void dot16_tail(const uint8_t* b, const XQ& x, int64_t i, int pairs, __m512& acc0, __m512& acc1, __m512& accm) {
     switch (pairs) {
-        case 2: return dot16<B, DIG, 2>(b, x, i, acc0, acc1, accm);
         case 3: return dot16<B, DIG, 3>(b, x, i, acc0, acc1, accm);
         case 4: return dot16<B, DIG, 4>(b, x, i, acc0, acc1, accm);
         case 5: return dot16<B, DIG, 5>(b, x, i, acc0, acc1, accm);
@@ -751,8 +736,9 @@ inline void q4k_dot(const uint8_t* b, const XQ& x, int64_t i, __m512& acc, __m25
     }
 }
 
-// One row: 32-value types sixteen blocks at a time (the last group part-full), then one; Q4_K per super-block;
-// Q6_K through the 256-bit row8 below.
+// One row: 32-value types sixteen blocks at a time, a tail of three to seven pairs as one
+// part-full group, of one or two pairs through dot2, then an odd last block; Q4_K per
+// super-block; Q6_K through the 256-bit row8 above.
 template <typename B, int DIG>
 inline float row16(const uint8_t* row, const XQ& x, int64_t nb) {
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, accv = _mm512_setzero_ps();
