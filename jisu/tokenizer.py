@@ -3,25 +3,22 @@
 Two vocab types cover our models:
 - "gpt2": byte-level BPE with the merges stored in the file, pre-tokenized by a regex chosen by
   `tokenizer.ggml.pre` (SmolLM2: single digits, then the GPT-2 pattern).
-- "llama": SentencePiece-style vocab with scores and byte-fallback tokens (Gemma 3). llama.cpp
-  merges the adjacent pair whose merged piece has the highest score; a BPE whose merges are all
-  two-piece splits of every vocab entry, ranked by that entry's score, does the same.
-Both run on the Rust `tokenizers` library. Control tokens are split out of the text only when
-asked (parse_special), user-defined ones always, as llama.cpp does. Decoding works on bytes, so
-a token holding half of a UTF-8 character streams correctly.
+- "llama": SentencePiece-style vocab with scores and byte-fallback tokens (Gemma 3): llama.cpp
+  merges the adjacent pair whose merged piece has the highest score (SpmEncoder, ours).
+Control tokens are split out of the text only when asked (parse_special), user-defined ones
+always, as llama.cpp does. Decoding works on bytes, so a token holding half of a UTF-8
+character streams correctly.
 """
 
 from __future__ import annotations
 
 import codecs
-import hashlib
-import json
-import os
-from pathlib import Path
+import heapq
+import re
 
 import jinja2
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer
-from tokenizers import models, normalizers, pre_tokenizers
+from tokenizers import models, pre_tokenizers
 
 from jisu.loader.gguf import GGUFError, GGUFFile
 
@@ -71,58 +68,171 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
-    """Every split of every mergeable piece into two vocab pieces, best-scoring result first."""
-    vocab = {t: i for i, t in enumerate(tokens) if types[i] not in (BYTE, UNKNOWN)}
-    merges = []
-    for piece, i in vocab.items():
-        for k in range(1, len(piece)):
-            left, right = piece[:k], piece[k:]
-            if left in vocab and right in vocab:
-                merges.append((-scores[i], i, vocab[left], left, right))
-    merges.sort()
-    return [(m[3], m[4]) for m in merges]
-
-
 def _add_special(hf: HFTokenizer, tokens: list[str], types: list[int]) -> None:
     hf.add_tokens([AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)
                    for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)])
 
 
-def _cached(build, *inputs) -> HFTokenizer:
-    """build() once per distinct vocabulary, then from a JSON copy under $JISU_HOME/tokenizers.
+class SpmEncoder:
+    """llama.cpp's SentencePiece-style tokenizer ("llama" vocab type), without a merge table.
 
-    A SentencePiece-style vocab has no merges: generating them from 262k scores (Gemma) takes
-    seconds, while loading the serialized tokenizer takes about a third of that. The name hashes
-    everything build() reads, then this file's source, so a changed vocab or a changed recipe
-    never meets a stale copy; a new copy replaces the same vocab's copies by older recipes."""
-    from jisu.registry import jisu_home
-    h = hashlib.sha256()
-    for x in inputs:
-        h.update(json.dumps(x, separators=(",", ":")).encode())
-    vocab, recipe = h.hexdigest()[:32], hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-    path = jisu_home() / "tokenizers" / f"{vocab}-{recipe}.json"
-    try:
-        return HFTokenizer.from_str(path.read_text())
-    except Exception:                # missing, unreadable or corrupt: rebuild
-        pass
-    hf = build()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(hf.to_str())
-        os.replace(tmp, path)
-        for stale in path.parent.glob("*.json"):    # this vocab by an older recipe, or the old naming
-            if stale != path and (stale.name.startswith(f"{vocab}-") or "-" not in stale.name):
-                stale.unlink(missing_ok=True)
-    except OSError:
-        pass                         # a read-only cache only costs speed
-    return hf
+    Each run of text between special tokens starts as one symbol per character; the adjacent
+    pair whose joined text is a vocab piece with the highest score merges first (the leftmost
+    on ties), until no pair joins to a piece. A character that no piece covers becomes its
+    UTF-8 bytes' <0xXX> tokens. A 262k vocab (Gemma 3) needs only a dict of the pieces: as a
+    BPE merge table (every two-piece split of every piece, ~515k merges) it cost ~370 MB at
+    peak and 0.8 s to load.
+
+    Speed: a merge can only join text across a "x▁" boundary (x not ▁) if some vocab piece
+    holds such a boundary (Gemma 3 has one, '>▁</'), so the text is cut before every ▁-run
+    that is not inside such a piece's occurrence, and the cut pieces are merged independently
+    (a merge in one can never change the pairs of another) and memoized."""
+
+    _CHUNK = re.compile("▁*[^▁]+|▁+")
+    _CACHE_MAX = 1 << 16
+
+    def __init__(self, tokens: list[str], scores: list[float], types: list[int], unk: int | None):
+        self.vocab = {t: i for i, t in enumerate(tokens)}
+        self.scores = scores
+        byte_tokens = [self.vocab.get(f"<0x{b:02X}>", self.vocab.get(chr(b)) if b < 128 else None)
+                       for b in range(256)]
+        self.byte_ids = [t if t is not None else unk for t in byte_tokens]
+        # pieces that straddle a "x▁" boundary: text is never cut inside one of their occurrences
+        self.straddling = [t for t in self.vocab if re.search("[^▁]▁", t)]
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    def encode(self, text: str, out: list[int]) -> None:
+        """Append the ids of `text` (spaces already escaped to ▁) to out."""
+        if not text:
+            return
+        chunks = self._CHUNK.findall(text)
+        if len(self.straddling) > 64:          # too many to search for: one chunk, not memoized
+            out.extend(self._merge(text))
+            return
+        if any(p in text for p in self.straddling):
+            chunks = self._rejoin(text, chunks)
+        cache = self._cache
+        for c in chunks:
+            ids = cache.get(c)
+            if ids is None:
+                if len(cache) >= self._CACHE_MAX:
+                    cache.clear()
+                ids = cache[c] = tuple(self._merge(c))
+            out.extend(ids)
+
+    def _rejoin(self, text: str, chunks: list[str]) -> list[str]:
+        inside = set()                          # cut positions inside a straddling piece
+        for p in self.straddling:
+            at = text.find(p)
+            while at >= 0:
+                inside.update(range(at + 1, at + len(p)))
+                at = text.find(p, at + 1)
+        joined, pos = [chunks[0]], len(chunks[0])
+        for c in chunks[1:]:
+            if pos in inside:
+                joined[-1] += c
+            else:
+                joined.append(c)
+            pos += len(c)
+        return joined
+
+    def _merge(self, s: str) -> list[int]:
+        vocab, scores = self.vocab, self.scores
+        n = len(s)
+        # symbol i starts at character i (a merge absorbs the right symbol into the left one)
+        size = [1] * n
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        prv = list(range(-1, n - 1))
+        heap = []
+        for i in range(n - 1):
+            t = vocab.get(s[i:i + 2])
+            if t is not None:
+                heap.append((-scores[t], i, i + 1, 2))
+        heapq.heapify(heap)
+        while heap:
+            _, left, right, joined = heapq.heappop(heap)
+            if size[left] == 0 or size[right] == 0 or size[left] + size[right] != joined:
+                continue                        # one side merged since this pair was queued
+            size[left], size[right] = joined, 0
+            after = nxt[left] = nxt[right]
+            if after >= 0:
+                prv[after] = left
+            before = prv[left]
+            if before >= 0:
+                t = vocab.get(s[before:left + joined])
+                if t is not None:
+                    heapq.heappush(heap, (-scores[t], before, left, size[before] + joined))
+            if after >= 0:
+                t = vocab.get(s[left:after + size[after]])
+                if t is not None:
+                    heapq.heappush(heap, (-scores[t], left, after, joined + size[after]))
+        ids, i = [], 0
+        while i >= 0:
+            t = vocab.get(s[i:i + size[i]])
+            if t is not None:
+                ids.append(t)
+            else:                               # a character no piece covers: its bytes
+                ids.extend(self.byte_ids[b] for b in s[i:i + size[i]].encode())
+            i = nxt[i]
+        return ids
+
+
+class _Specials:
+    """Cuts special-token text out of a string as llama.cpp does: the longest token first, each
+    at all its non-overlapping occurrences, left to right."""
+
+    def __init__(self, tokens: list[str], ids: list[int]):
+        self.ids = {tokens[i]: i for i in ids if tokens[i]}
+        # an occurrence can start only where a token's first two characters (or a one-character
+        # token) appear: those index the lengths to try
+        self.singles = {t for t in self.ids if len(t) == 1}
+        self.lengths: dict[str, list[int]] = {}
+        for t in self.ids:
+            if len(t) > 1:
+                self.lengths.setdefault(t[:2], []).append(len(t))
+        for v in self.lengths.values():
+            v.sort(reverse=True)
+        firsts = {t[0] for t in self.ids}
+        self.starts = re.compile("[" + "".join(re.escape(c) for c in sorted(firsts)) + "]") if firsts else None
+
+    def split(self, text: str) -> list[str | int]:
+        """text as a list of plain-text pieces (str) and special token ids (int)."""
+        if self.starts is None:
+            return [text]
+        found = set()
+        for m in self.starts.finditer(text):
+            at = m.start()
+            if text[at] in self.singles:
+                found.add(text[at])
+            for n in self.lengths.get(text[at:at + 2], ()):
+                if text[at:at + n] in self.ids:
+                    found.add(text[at:at + n])
+        if not found:
+            return [text]
+        parts: list[str | int] = [text]
+        for tok in sorted(found, key=lambda t: (-len(t), self.ids[t])):
+            tid, cut = self.ids[tok], []
+            for p in parts:
+                if isinstance(p, int):
+                    cut.append(p)
+                    continue
+                at, pos = p.find(tok), 0
+                while at >= 0:
+                    if at > pos:
+                        cut.append(p[pos:at])
+                    cut.append(tid)
+                    pos = at + len(tok)
+                    at = p.find(tok, pos)
+                if pos < len(p):
+                    cut.append(p[pos:])
+            parts = cut
+        return parts
 
 
 class Tokenizer:
-    def __init__(self, hf: HFTokenizer, token_bytes: list[bytes], types: list[int], *,
-                 bos_id: int | None, eos_id: int | None, add_bos: bool, add_eos: bool,
+    def __init__(self, hf: HFTokenizer | SpmEncoder, token_bytes: list[bytes], types: list[int], *,
+                 space_prefix: bool = False, bos_id: int | None, eos_id: int | None, add_bos: bool, add_eos: bool,
                  chat_template: str | None, tokens: list[str]):
         self._hf = hf
         self._token_bytes = token_bytes
@@ -135,6 +245,11 @@ class Tokenizer:
         ids = {t: i for i, t in enumerate(tokens) if types[i] == CONTROL}
         self.eog_ids = {i for i in (eos_id,) if i is not None} | {ids[t] for t in _EOG_TEXTS if t in ids}
         self._template = None
+        self._space_prefix = space_prefix
+        if isinstance(hf, SpmEncoder):          # special tokens cut out as llama.cpp does
+            self._specials = {parse: _Specials(tokens, [i for i, t in enumerate(types) if t == USER_DEFINED
+                                                        or (parse and t in (CONTROL, UNKNOWN))])
+                              for parse in (False, True)}
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -164,19 +279,11 @@ class Tokenizer:
                     else tokens[i].encode()
         elif kind == "llama":
             scores = [float(s) for s in g.require("tokenizer.ggml.scores")]
-            unk = g.get("tokenizer.ggml.unknown_token_id")
+            if len(scores) != len(tokens):
+                raise GGUFError(f"{g.path}: tokenizer.ggml.scores has {len(scores)} entries, "
+                                f"tokenizer.ggml.tokens has {len(tokens)}")
+            hf = SpmEncoder(tokens, scores, types, g.get("tokenizer.ggml.unknown_token_id"))
             space_prefix = bool(g.get("tokenizer.ggml.add_space_prefix", True))
-
-            def build() -> HFTokenizer:
-                hf = HFTokenizer(models.BPE(vocab, _spm_merges(tokens, scores, types), byte_fallback=True,
-                                            unk_token=tokens[unk] if unk is not None else None))
-                norm = [normalizers.Replace(" ", "▁")]
-                if space_prefix:
-                    norm.insert(0, normalizers.Prepend("▁"))
-                hf.normalizer = normalizers.Sequence(norm)
-                _add_special(hf, tokens, types)
-                return hf
-            hf = _cached(build, tokens, scores, types, unk, space_prefix)
 
             def piece_bytes(i: int) -> bytes:
                 if types[i] == BYTE:
@@ -189,7 +296,8 @@ class Tokenizer:
 
         if kind == "gpt2":
             _add_special(hf, tokens, types)
-        return cls(hf, [piece_bytes(i) for i in range(len(tokens))], types,
+            space_prefix = False
+        return cls(hf, [piece_bytes(i) for i in range(len(tokens))], types, space_prefix=space_prefix,
                    bos_id=g.get("tokenizer.ggml.bos_token_id"), eos_id=g.get("tokenizer.ggml.eos_token_id"),
                    add_bos=bool(g.get("tokenizer.ggml.add_bos_token", kind == "llama")),
                    add_eos=bool(g.get("tokenizer.ggml.add_eos_token", False)),
@@ -201,8 +309,20 @@ class Tokenizer:
         parse_special turns control-token text such as "<|im_start|>" into that token."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects str, got {type(text).__name__}")
-        self._hf.encode_special_tokens = not parse_special
-        ids = self._hf.encode(text, add_special_tokens=False).ids
+        if isinstance(self._hf, SpmEncoder):
+            ids: list[int] = []
+            after_special = True                # llama.cpp: the space prefix goes after a special token
+            for part in self._specials[parse_special].split(text):
+                if isinstance(part, int):
+                    ids.append(part)
+                    after_special = True
+                else:
+                    self._hf.encode(((" " if self._space_prefix and after_special else "") + part)
+                                    .replace(" ", "▁"), ids)
+                    after_special = False
+        else:
+            self._hf.encode_special_tokens = not parse_special
+            ids = self._hf.encode(text, add_special_tokens=False).ids
         if add_special:
             if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
                 ids = [self.bos_id] + ids

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import DATA
 from jisu.loader import read_gguf
-from jisu.tokenizer import IncrementalDecoder, Tokenizer
+from jisu.tokenizer import IncrementalDecoder, SpmEncoder, Tokenizer
 
 CORPUS = json.loads((DATA / "tokenizer_corpus.json").read_text())
 REFERENCE = json.loads((DATA / "llama_cpp_reference.json").read_text())["models"]
@@ -78,26 +78,31 @@ def test_chat_templates(smollm2_path, gemma3_path):
         gem.apply_chat_template([{"role": "user"}])
 
 
-def test_spm_tokenizer_cache_is_used_and_survives_corruption(tiny_gemma3_path, tmp_path, monkeypatch):
-    monkeypatch.setenv("JISU_HOME", str(tmp_path))
-    g = read_gguf(tiny_gemma3_path)
-    texts = ["hello world", "  leading spaces\n\nand newlines", "ünïcödé ✨"]
-    built = Tokenizer.from_gguf(g)
-    files = list((tmp_path / "tokenizers").glob("*.json"))
-    assert len(files) == 1                                   # written on first build
-    cached = Tokenizer.from_gguf(g)
-    assert [cached.encode(t) for t in texts] == [built.encode(t) for t in texts]
-    files[0].write_text("{not json")                          # a corrupt copy is rebuilt, not trusted
-    rebuilt = Tokenizer.from_gguf(g)
-    assert [rebuilt.encode(t) for t in texts] == [built.encode(t) for t in texts]
-    json.loads(files[0].read_text())                          # and rewritten whole
-    vocab = files[0].name.split("-")[0]
-    old = files[0].with_name(f"{vocab}-0123456789abcdef.json")   # this vocab, an older recipe
-    old.write_text("{}")
-    other = files[0].with_name("f" * 32 + "-0123456789abcdef.json")   # another vocab: kept
-    other.write_text("{}")
-    unnamed = files[0].with_name("0" * 32 + ".json")                 # the old naming: removed
-    unnamed.write_text("{}")
-    files[0].unlink()
-    Tokenizer.from_gguf(g)                                    # rebuilt: the older copy goes
-    assert sorted(f.name for f in (tmp_path / "tokenizers").glob("*.json")) == sorted([files[0].name, other.name])
+def test_spm_cuts_only_where_no_piece_straddles():
+    """The encoder merges ▁-separated chunks independently; that equals merging the whole text
+    only because chunks are rejoined where a piece with an inner "x▁" occurs."""
+    tokens = ["<unk>"] + list("abxy▁") + ["▁b", "a▁", "a▁b", "xa", "▁▁", "▁▁b"]
+    scores = [0.0, -1, -1, -1, -1, -1, -5.0, -4.0, -2.0, -3.0, -6.0, -7.0]
+    enc = SpmEncoder(tokens, scores, [1] * len(tokens), unk=0)
+    assert enc.straddling == ["a▁", "a▁b"]
+    for text in ["xa▁b", "a▁b▁b", "xa▁▁b▁a", "ya▁xa▁▁by", "▁b▁▁b", "bbb▁a▁"]:
+        out: list[int] = []
+        enc.encode(text, out)
+        assert out == enc._merge(text), text
+    out = []
+    enc.encode("ya▁b", out)
+    assert [tokens[i] for i in out] == ["y", "a▁b"]       # cut before ▁, it would be y a ▁b
+    out = []
+    enc.encode("é", out)                                  # no piece: UTF-8 bytes, unk without byte tokens
+    assert out == [0, 0]
+
+
+def test_spm_special_tokens_longest_first(tiny_gemma3_path):
+    tok = Tokenizer.from_gguf(read_gguf(tiny_gemma3_path))
+    nl, nlnl = tok.tokens.index("\n"), tok.tokens.index("\n\n")
+    assert tok.encode("a\n\n\nb")[1:3] == [nlnl, nl]       # user-defined: always cut out, longest first
+    unk, start = tok.tokens.index("<unk>"), tok.tokens.index("<start_of_turn>")
+    assert unk not in tok.encode("<unk>") and tok.encode("<unk>", parse_special=True) == [unk]
+    assert tok.encode("x<start_of_turn><unk>", parse_special=True)[-2:] == [start, unk]
+    with pytest.raises(TypeError):
+        tok.encode(b"bytes")
