@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jisu.config import ModelConfig
-from jisu.model.layers import Attention, AttentionMetadata, Embedding, Linear, RMSNorm, Rotary
+from jisu.model.layers import Attention, AttentionMetadata, Embedding, Linear, RMSNorm, Rotary, reserve_rotaries
 
 
 class Gemma3Block(nn.Module):
@@ -45,11 +45,13 @@ class Gemma3(nn.Module):
             Gemma3Block(cfg, rope_local, cfg.sliding_window) if cfg.is_sliding(i)
             else Gemma3Block(cfg, rope_global, None)
             for i in range(cfg.n_layers))
+        self.rotaries = [rope_global, rope_local]
         self.output_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.output = Linear(cfg.d_model, cfg.vocab_size)
         self.embed_scale = cfg.d_model ** 0.5
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        reserve_rotaries(self.rotaries, meta)
         x = self.token_embd(input_ids).float() * self.embed_scale
         for block in self.blk:
             x = block(x, meta)

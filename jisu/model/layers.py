@@ -101,12 +101,25 @@ class Rotary(nn.Module):
         super().__init__()
         # explicit device: models are built under torch.device("meta") and these are not loaded
         steps = torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu")
-        inv_freq = 1.0 / (base ** (steps / head_dim))
-        angles = torch.arange(max_len, dtype=torch.float64, device="cpu")[:, None] * inv_freq[None, :]
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.inv_freq = 1.0 / (base ** (steps / head_dim))
+        self.max_len = max_len
+        self.register_buffer("cos", torch.empty(0, head_dim // 2, device="cpu"), persistent=False)
+        self.register_buffer("sin", torch.empty(0, head_dim // 2, device="cpu"), persistent=False)
+        self.reserve(min(max_len, 1024))
         self.interleaved = interleaved
         self.ops = None        # compiled kernels, set by the loader
+
+    def reserve(self, n: int) -> None:
+        """Tables for positions 0..n-1 at least. They grow by doubling as contexts get longer:
+        for Gemma 3's 32k context two full tables took 67 MB before any token was seen."""
+        have = self.cos.shape[0]
+        if n <= have:
+            return
+        if n > self.max_len:
+            raise ValueError(f"position {n - 1} is past the rotary tables' {self.max_len} positions")
+        n = min(self.max_len, max(n, 2 * have))
+        angles = torch.arange(n, dtype=torch.float64, device="cpu")[:, None] * self.inv_freq[None, :]
+        self.cos, self.sin = angles.cos().float(), angles.sin().float()
 
     def apply(self, q: torch.Tensor, k: torch.Tensor, meta: "AttentionMetadata") -> tuple[torch.Tensor, torch.Tensor]:
         if self.ops is not None:
@@ -127,6 +140,14 @@ class Rotary(nn.Module):
         cos, sin = meta.cache[key]
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def reserve_rotaries(rotaries: list[Rotary], meta: "AttentionMetadata") -> None:
+    """Once per step, before any layer reads the tables."""
+    if meta.positions.numel():
+        n = int(meta.positions.max()) + 1
+        for r in rotaries:
+            r.reserve(n)
 
 
 @dataclass

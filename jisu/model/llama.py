@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jisu.config import ModelConfig
-from jisu.model.layers import Attention, AttentionMetadata, Embedding, Linear, RMSNorm, Rotary
+from jisu.model.layers import Attention, AttentionMetadata, Embedding, Linear, RMSNorm, Rotary, reserve_rotaries
 
 
 class LlamaBlock(nn.Module):
@@ -38,10 +38,12 @@ class Llama(nn.Module):
         rotary = Rotary(cfg.head_dim, cfg.rope_base, max_len, interleaved=True)
         self.token_embd = Embedding(cfg.vocab_size, cfg.d_model)
         self.blk = nn.ModuleList(LlamaBlock(cfg, rotary) for _ in range(cfg.n_layers))
+        self.rotaries = [rotary]
         self.output_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.output = Linear(cfg.d_model, cfg.vocab_size)   # tied unless the file has one
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        reserve_rotaries(self.rotaries, meta)
         x = self.token_embd(input_ids).float()
         for block in self.blk:
             x = block(x, meta)
