@@ -111,13 +111,13 @@ def add_spm_tokenizer(w: GGUFWriter) -> int:
 
 
 def write_tiny_llama(path: Path, qtype: Q = Q.Q8_0, n_layers: int = 2, seed: int = 0,
-                     d_model: int = 256, d_ff: int = 512, tied: bool = True) -> Path:
+                     d_model: int = 256, d_ff: int = 512, tied: bool = True, context_length: int = 256) -> Path:
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(path), "llama")
     w.add_name("tiny-llama")
     n_heads, n_kv, head_dim = 4, 2, d_model // 4
     w.add_block_count(n_layers)
-    w.add_context_length(256)
+    w.add_context_length(context_length)
     w.add_embedding_length(d_model)
     w.add_feed_forward_length(d_ff)
     w.add_head_count(n_heads)

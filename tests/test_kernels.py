@@ -225,6 +225,8 @@ def test_rope_equals_torch_path(interleaved):
     got_q, got_k = rot.apply(q.clone(), k.clone(), meta)
     torch.testing.assert_close(got_q, want_q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="outside"):
+        ops.rope_(q.clone(), k.clone(), torch.full((2, 3), 100), rot.cos, rot.sin, interleaved)
 
 
 @pytest.mark.parametrize("activations", ["int16", "int8", "float32"])

@@ -36,6 +36,26 @@ def test_logits_match_transformers(tmp_path, writer, qtype):
     np.testing.assert_allclose(default.logits(ids), ref, atol=2e-3, rtol=1e-3)
 
 
+def test_positions_past_the_first_rotary_tables(tmp_path):
+    """The rotary tables start at 1024 positions and grow: prefill chunks and decode steps on
+    both sides of that line match transformers."""
+    path = write_tiny_llama(tmp_path / "m.gguf", context_length=4096)
+    llm = LLM(str(path), progress=False, activations="float32")
+    assert llm.model.rotaries[0].cos.shape[0] == 1024
+    ids = np.random.default_rng().integers(0, llm.config.vocab_size, size=1100).tolist()
+    ref = hf_logits(path, ids)
+    np.testing.assert_allclose(llm.logits(ids)[1000:], ref[1000:], atol=2e-4, rtol=1e-4)
+    # a fresh engine: one-token decode steps from position 1015 to 1034
+    llm = LLM(str(path), progress=False, activations="float32", enable_prefix_caching=False)
+    out = llm.generate(prompt_token_ids=[ids[:1015]],
+                       params=SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=1))[0]
+    full = ids[:1015] + out.token_ids
+    ref = torch.log_softmax(torch.from_numpy(hf_logits(path, full)).double(), -1)
+    want = [float(ref[1014 + i, t]) for i, t in enumerate(out.token_ids)]
+    np.testing.assert_allclose([lp["logprob"] for lp in out.outputs[0].logprobs], want, atol=1e-3)
+    assert llm.model.rotaries[0].cos.shape[0] == 2048
+
+
 def test_untied_output(tmp_path):
     path = write_tiny_llama(tmp_path / "m.gguf", tied=False)
     llm = LLM(str(path), progress=False, activations="float32")

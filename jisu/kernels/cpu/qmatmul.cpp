@@ -1447,7 +1447,11 @@ void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Ten
     positions = positions.contiguous();
     const int64_t B = q.size(0), T = q.size(1), D = q.size(3), half = D / 2;
     TORCH_CHECK(cos.size(1) == half && k.size(3) == D && positions.numel() == B * T, "rope_: shape mismatch");
+    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && sin.sizes() == cos.sizes(), "rope_: bad cos/sin tables");
     const int64_t* pos = positions.data_ptr<int64_t>();
+    for (int64_t r = 0; r < B * T; ++r)       // the tables grow with the context (Rotary.reserve)
+        TORCH_CHECK(pos[r] >= 0 && pos[r] < cos.size(0), "rope_: position ", pos[r], " outside the ",
+                    cos.size(0), "-row cos/sin tables");
     const float* cp = cos.data_ptr<float>();
     const float* sp = sin.data_ptr<float>();
     for (torch::Tensor* x : {&q, &k}) {
