@@ -234,6 +234,9 @@ def bench(model, compare, prompt_tokens, decode_tokens, repeats, threads, rounds
     title = (f"{model or DEFAULT_MODEL}: {prompt_tokens}-token prompt, {decode_tokens} decoded tokens, median of {repeats}"
              + (f" x {rounds} rounds" if rounds > 1 else ""))
     click.echo(speed.table(results, title))
+    click.echo(f"\n\"over runtime\" is peak RSS less the RSS once the engine's libraries were imported "
+               f"(torch and our kernels for jisu). Memory target: 1.5 x the GGUF file + the float32 KV cache "
+               f"of {prompt_tokens + 1} tokens = {speed.memory_budget_mb(path, prompt_tokens + 1):.0f} MB.")
     if chart:
         if speed.chart(results, title, chart):
             click.echo(f"chart written to {chart}", err=True)

@@ -15,8 +15,10 @@ from __future__ import annotations
 import codecs
 import heapq
 import re
+from array import array
 
 import jinja2
+import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
@@ -68,7 +70,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def _add_special(hf: HFTokenizer, tokens: list[str], types: list[int]) -> None:
+def _add_special(hf: HFTokenizer, tokens: list[str], types: bytes) -> None:
     hf.add_tokens([AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)
                    for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)])
 
@@ -91,7 +93,7 @@ class SpmEncoder:
     _CHUNK = re.compile("▁*[^▁]+|▁+")
     _CACHE_MAX = 1 << 16
 
-    def __init__(self, tokens: list[str], scores: list[float], types: list[int], unk: int | None):
+    def __init__(self, tokens: list[str], scores: array, unk: int | None):
         self.vocab = {t: i for i, t in enumerate(tokens)}
         self.scores = scores
         byte_tokens = [self.vocab.get(f"<0x{b:02X}>", self.vocab.get(chr(b)) if b < 128 else None)
@@ -231,11 +233,11 @@ class _Specials:
 
 
 class Tokenizer:
-    def __init__(self, hf: HFTokenizer | SpmEncoder, token_bytes: list[bytes], types: list[int], *,
+    def __init__(self, hf: HFTokenizer | SpmEncoder, piece_bytes, types: bytes, *,
                  space_prefix: bool = False, bos_id: int | None, eos_id: int | None, add_bos: bool, add_eos: bool,
                  chat_template: str | None, tokens: list[str]):
         self._hf = hf
-        self._token_bytes = token_bytes
+        self._piece_bytes = piece_bytes     # id -> bytes, computed per call: a list cost 12 MB for 262k
         self._types = types
         self.tokens = tokens
         self.bos_id, self.eos_id = bos_id, eos_id
@@ -256,11 +258,11 @@ class Tokenizer:
     def from_gguf(cls, g: GGUFFile) -> "Tokenizer":
         kind = g.require("tokenizer.ggml.model")
         tokens = list(g.require("tokenizer.ggml.tokens"))
-        types = [int(t) for t in g.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))]
-        if len(types) != len(tokens):
-            raise GGUFError(f"{g.path}: tokenizer.ggml.token_type has {len(types)} entries, "
+        raw_types = g.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))
+        if len(raw_types) != len(tokens):
+            raise GGUFError(f"{g.path}: tokenizer.ggml.token_type has {len(raw_types)} entries, "
                             f"tokenizer.ggml.tokens has {len(tokens)}")
-        vocab = {t: i for i, t in enumerate(tokens)}
+        types = bytes(int(t) if 0 <= t <= BYTE else 0 for t in raw_types)   # one byte per token
 
         if kind == "gpt2":
             pre = g.get("tokenizer.ggml.pre", "gpt-2")
@@ -268,7 +270,7 @@ class Tokenizer:
                 raise GGUFError(f"{g.path}: unsupported tokenizer.ggml.pre '{pre}' "
                                 f"(supported: {', '.join(_PRE_TOKENIZERS)})")
             merges = [tuple(m.split(" ", 1)) for m in g.require("tokenizer.ggml.merges")]
-            hf = HFTokenizer(models.BPE(vocab, merges, ignore_merges=(pre == "llama-bpe")))
+            hf = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=(pre == "llama-bpe")))
             hf.pre_tokenizer = pre_tokenizers.Sequence(_PRE_TOKENIZERS[pre]())
             decode = {c: b for b, c in _bytes_to_unicode().items()}
 
@@ -278,11 +280,11 @@ class Tokenizer:
                 return bytes(decode[c] for c in tokens[i]) if all(c in decode for c in tokens[i]) \
                     else tokens[i].encode()
         elif kind == "llama":
-            scores = [float(s) for s in g.require("tokenizer.ggml.scores")]
+            scores = array("f", np.asarray(g.require("tokenizer.ggml.scores"), dtype=np.float32).tobytes())
             if len(scores) != len(tokens):
                 raise GGUFError(f"{g.path}: tokenizer.ggml.scores has {len(scores)} entries, "
                                 f"tokenizer.ggml.tokens has {len(tokens)}")
-            hf = SpmEncoder(tokens, scores, types, g.get("tokenizer.ggml.unknown_token_id"))
+            hf = SpmEncoder(tokens, scores, g.get("tokenizer.ggml.unknown_token_id"))
             space_prefix = bool(g.get("tokenizer.ggml.add_space_prefix", True))
 
             def piece_bytes(i: int) -> bytes:
@@ -297,7 +299,7 @@ class Tokenizer:
         if kind == "gpt2":
             _add_special(hf, tokens, types)
             space_prefix = False
-        return cls(hf, [piece_bytes(i) for i in range(len(tokens))], types, space_prefix=space_prefix,
+        return cls(hf, piece_bytes, types, space_prefix=space_prefix,
                    bos_id=g.get("tokenizer.ggml.bos_token_id"), eos_id=g.get("tokenizer.ggml.eos_token_id"),
                    add_bos=bool(g.get("tokenizer.ggml.add_bos_token", kind == "llama")),
                    add_eos=bool(g.get("tokenizer.ggml.add_eos_token", False)),
@@ -333,7 +335,7 @@ class Tokenizer:
     def token_bytes(self, token_id: int, skip_special: bool = True) -> bytes:
         if skip_special and self._types[token_id] == CONTROL:
             return b""
-        return self._token_bytes[token_id]
+        return self._piece_bytes(token_id)
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return b"".join(self.token_bytes(i, skip_special) for i in ids).decode("utf-8", errors="replace")

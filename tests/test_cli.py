@@ -64,9 +64,11 @@ def test_bench_reports_ttft_rss_and_writes_chart(tiny_llama_path, home, tmp_path
     assert r.returncode == 0, r.stderr
     row = next(line for line in r.stdout.splitlines() if line.startswith("| jisu |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    decode, prefill, ttft_ms, rss_mb = (float(c) for c in cells[1:5])
+    decode, prefill, ttft_ms, rss_mb, over_mb = (float(c) for c in cells[1:6])
     assert decode > 0 and prefill > 0 and ttft_ms > 0
     assert 50 < rss_mb < 4000                      # the child process's own peak, in MB
+    assert 0 < over_mb < rss_mb - 50               # less the runtime (torch alone is > 50 MB)
+    assert "Memory target: 1.5 x the GGUF file" in r.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -83,7 +83,7 @@ def test_spm_cuts_only_where_no_piece_straddles():
     only because chunks are rejoined where a piece with an inner "x▁" occurs."""
     tokens = ["<unk>"] + list("abxy▁") + ["▁b", "a▁", "a▁b", "xa", "▁▁", "▁▁b"]
     scores = [0.0, -1, -1, -1, -1, -1, -5.0, -4.0, -2.0, -3.0, -6.0, -7.0]
-    enc = SpmEncoder(tokens, scores, [1] * len(tokens), unk=0)
+    enc = SpmEncoder(tokens, scores, unk=0)
     assert enc.straddling == ["a▁", "a▁b"]
     for text in ["xa▁b", "a▁b▁b", "xa▁▁b▁a", "ya▁xa▁▁by", "▁b▁▁b", "bbb▁a▁"]:
         out: list[int] = []

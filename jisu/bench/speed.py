@@ -25,6 +25,7 @@ class SpeedResult:
     ttft_s: float = 0.0       # median time from the prompt to its first token
     peak_rss_mb: float = 0.0  # the engine's process, model loaded and run
     joules_per_token: float | None = None   # RAPL package energy / tokens processed, if exposed
+    runtime_rss_mb: float = 0.0   # the same process once its libraries were imported, before the model
 
 
 RAPL = Path("/sys/class/powercap")
@@ -37,6 +38,23 @@ def rapl_joules() -> float | None:
         return sum(int(f.read_text()) for f in files) / 1e6 if files else None
     except (OSError, ValueError):
         return None
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return 0.0
+
+
+def memory_budget_mb(path: str, tokens: int) -> float:
+    """Issue 4's memory target: 1.5x the GGUF file + the float32 KV cache of `tokens` tokens."""
+    from jisu.config import ModelConfig
+    from jisu.loader import read_gguf
+    cfg = ModelConfig.from_gguf(read_gguf(path))
+    kv = tokens * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 4
+    return (1.5 * Path(path).stat().st_size + kv) / 2**20
 
 
 def _median_rate(n: int, times: list[float]) -> float:
@@ -128,9 +146,18 @@ BENCHES = {"jisu": bench_jisu, "llama.cpp": bench_llama_cpp, "transformers": ben
 MODULES = {"llama.cpp": "llama_cpp", "transformers": "transformers"}
 
 
+RUNTIMES = {"jisu": ("jisu", "jisu.kernels.cpu"), "llama.cpp": ("llama_cpp",), "transformers": ("torch", "transformers")}
+
+
 def _child(name: str, args: tuple, out) -> None:
+    import importlib
     import resource
     try:
+        for module in RUNTIMES[name]:
+            importlib.import_module(module)
+        if name == "jisu":
+            importlib.import_module("jisu.kernels.cpu").load()      # the compiled kernels' library
+        runtime = _rss_mb()
         e0 = rapl_joules()
         res = BENCHES[name](*args)
         e1 = rapl_joules()
@@ -138,6 +165,7 @@ def _child(name: str, args: tuple, out) -> None:
         if e0 is not None and e1 is not None and e1 >= e0:
             res.joules_per_token = (e1 - e0) / (repeats * (len(ids) + n_decode + 16))
         res.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res.runtime_rss_mb = runtime
         out.put(res)
     except BaseException as e:   # reported by the parent
         out.put(f"{type(e).__name__}: {e}")
@@ -150,7 +178,8 @@ def _merge(rs: list[SpeedResult]) -> SpeedResult:
     return SpeedResult(rs[0].engine, med("decode_tok_s"), med("prefill_tok_s"), med("load_s"),
                        rs[0].detail + (f", median of {len(rs)} rounds" if len(rs) > 1 else ""),
                        med("ttft_s"), max(r.peak_rss_mb for r in rs),
-                       None if None in joules else statistics.median(joules))
+                       None if None in joules else statistics.median(joules),
+                       statistics.median(r.runtime_rss_mb for r in rs))
 
 
 def run(path: str, compare: list[str], prompt_tokens: int = 512, n_decode: int = 64, repeats: int = 5,
@@ -202,13 +231,13 @@ def run(path: str, compare: list[str], prompt_tokens: int = 512, n_decode: int =
 def table(results: list[SpeedResult], title: str) -> str:
     base = results[0]
     lines = [f"### {title}", "",
-             "| engine | decode tok/s | prefill tok/s | TTFT ms | peak RSS MB | J/token | load s | "
+             "| engine | decode tok/s | prefill tok/s | TTFT ms | peak RSS MB | over runtime MB | J/token | load s | "
              "jisu decode ratio | jisu prefill ratio | notes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         energy = "n/a" if r.joules_per_token is None else f"{r.joules_per_token:.3f}"
         lines.append(f"| {r.engine} | {r.decode_tok_s:.1f} | {r.prefill_tok_s:.1f} | {r.ttft_s * 1e3:.0f} | "
-                     f"{r.peak_rss_mb:.0f} | {energy} | {r.load_s:.2f} | {base.decode_tok_s / r.decode_tok_s:.2f}x | "
+                     f"{r.peak_rss_mb:.0f} | {r.peak_rss_mb - r.runtime_rss_mb:.0f} | {energy} | {r.load_s:.2f} | {base.decode_tok_s / r.decode_tok_s:.2f}x | "
                      f"{base.prefill_tok_s / r.prefill_tok_s:.2f}x | {r.detail} |")
     return "\n".join(lines)
 
