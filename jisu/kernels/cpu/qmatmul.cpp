@@ -1055,13 +1055,20 @@ constexpr int GP = 32;   // weight rows (output columns) per panel: two vectors 
 
 // Weight rows n0 .. n0 + np of W unpacked into a panel: pw [K / 2][GP] int16 pairs, ps and pm
 // [K / KB][GP] scales and offsets (zero beyond np, so a part-full panel computes zeros).
+// `next` (`next_bytes` long) is requested from memory meanwhile, a slice per block column:
+// sixteen rows read side by side defeat the hardware prefetcher, and a matrix larger than the
+// last-level cache then packed at a fifth of the rate it does from cache (Gemma's 262k-row
+// output projection: 24 ms at 4 rows, against 3.8 ms for one row).
 template <typename G>
 void pack_panel(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int64_t K,
-                int32_t* pw, float* ps, float* pm) {
+                int32_t* pw, float* ps, float* pm, const uint8_t* next, int64_t next_bytes) {
     constexpr int SUB = 32 / G::KB;
-    const int64_t nb = K / 32;
+    const int64_t nb = K / 32, steps = GP / 16 * nb;
+    const int64_t lines = (next_bytes + 63) / 64, per_step = (lines + steps - 1) / steps;
     for (int h = 0; h < GP / 16; ++h) {
         for (int64_t j = 0; j < nb; ++j) {
+            for (int64_t l = (h * nb + j) * per_step, e = std::min(lines, l + per_step); l < e; ++l)
+                _mm_prefetch(reinterpret_cast<const char*>(next + l * 64), _MM_HINT_T0);
             __m512i r[16];
             for (int c = 0; c < 16; ++c) {
                 const int64_t col = h * 16 + c;
@@ -1132,7 +1139,8 @@ template <typename G>
 void gemm_panel(const XQ16& xq, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t K, int64_t row_bytes,
                 int64_t p, int32_t* pw, float* ps, float* pm) {
     const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
-    pack_panel<G>(w, row_bytes, n0, np, K, pw, ps, pm);
+    const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(GP, N - n0 - GP));
+    pack_panel<G>(w, row_bytes, n0, np, K, pw, ps, pm, w + (n0 + GP) * row_bytes, next_rows * row_bytes);
     float* yp = y + n0;
     int64_t m = 0;
     for (; m + GR <= M; m += GR) gemm_tile<G, GR>(xq, m, K, pw, ps, pm, yp, N, np);
