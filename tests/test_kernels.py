@@ -138,18 +138,23 @@ def test_avx2_build_gives_the_same_numbers(tmp_path):
     for qtype in KERNEL_TYPES:
         q, _ = random_weight(qtype, n=40, k=512)
         rng_inputs[qtype.name] = (q, torch.randn(5, 512))
-    torch.save(rng_inputs, tmp_path / "in.pt")
+    attn = (torch.randn(40, 6, 64), torch.randn(300, 2, 64), torch.randn(300, 2, 64), torch.randperm(300)[:50])
+    torch.save((rng_inputs, attn), tmp_path / "in.pt")
     code = (
         "import sys, torch\n"
         "from gguf import GGMLQuantizationType as Q\n"
         "from jisu.kernels import cpu\n"
         "ops = cpu.load(); assert ops.isa == 'avx2', ops\n"
-        "inp = torch.load(sys.argv[1])\n"
+        "inp, (q, kc, vc, sl) = torch.load(sys.argv[1])\n"
         "out = {n: [ops.qmatmul(x[:m], q, int(Q[n]), 512, d) for m in (1, 2, 5) for d in (0, 1, 2)] for n, (q, x) in inp.items()}\n"
+        "out['attention'] = ops.paged_attention_prefill(q, kc, vc, sl, torch.arange(10, 50), 0.125, 16)\n"
         "torch.save(out, sys.argv[2])\n")
     env = {**os.environ, "JISU_ISA": "avx2"}
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], env=env, check=True)
     theirs = torch.load(tmp_path / "out.pt")
+    q, kc, vc, sl = attn
+    torch.testing.assert_close(ops.paged_attention_prefill(q, kc, vc, sl, torch.arange(10, 50), 0.125, 16),
+                               theirs["attention"], rtol=1e-5, atol=1e-6)
     for name, (q, x) in rng_inputs.items():
         ours = [ops.qmatmul(x[:m], q, int(Q[name]), 512, d) for m in (1, 2, 5) for d in (0, 1, 2)]
         for i, (a, b) in enumerate(zip(ours, theirs[name])):
@@ -210,6 +215,34 @@ def test_paged_attention_decode_equals_sdpa(window):
         vals = v_cache[slots[b, lo:n]].repeat_interleave(H // KVH, dim=1).transpose(0, 1)
         want = torch.softmax((q[b][:, None] @ keys.transpose(1, 2)) * 0.125, -1) @ vals
         torch.testing.assert_close(got[b], want[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def sdpa_prefill(q, k_cache, v_cache, slots, positions, scale, window):
+    """The PyTorch reference: keys gathered, a position mask, torch's attention."""
+    H, KVH = q.shape[1], k_cache.shape[1]
+    key_pos, q_pos = torch.arange(slots.numel())[None, :], positions[:, None]
+    ok = key_pos <= q_pos
+    if window:
+        ok &= key_pos > q_pos - window
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k_cache[slots].transpose(0, 1)[None], v_cache[slots].transpose(0, 1)[None],
+        attn_mask=ok, scale=scale, enable_gqa=H != KVH)
+    return out[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize("heads", [(9, 3, 64), (4, 1, 256), (2, 2, 128)], ids=str)
+@pytest.mark.parametrize("t,prior", [(1, 0), (5, 0), (17, 3), (64, 0), (100, 300), (300, 0)], ids=str)
+@pytest.mark.parametrize("window", [0, 4, 100])
+def test_paged_attention_prefill_equals_sdpa(heads, t, prior, window):
+    H, KVH, D = heads
+    slots = torch.randperm(1000)[:prior + t]          # keys scattered over the cache
+    k_cache, v_cache = torch.randn(1000, KVH, D), torch.randn(1000, KVH, D)
+    q, positions = torch.randn(t, H, D), torch.arange(prior, prior + t)
+    got = ops.paged_attention_prefill(q, k_cache, v_cache, slots, positions, D ** -0.5, window)
+    torch.testing.assert_close(got, sdpa_prefill(q, k_cache, v_cache, slots, positions, D ** -0.5, window),
+                               rtol=1e-5, atol=2e-5)
+    with pytest.raises(RuntimeError, match="has no key"):
+        ops.paged_attention_prefill(q, k_cache, v_cache, slots[:prior + t - 1], positions, 0.1, window)
 
 
 @pytest.mark.parametrize("interleaved", [True, False])

@@ -1445,6 +1445,216 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
     return out;
 }
 
+// ---- prefill attention: one sequence's new tokens against its keys in the paged cache -------
+// Flash-style: per (KV head, block of QB queries) task, the G query heads sharing the KV head
+// are rows of one tile (each key and value row read once for all of them); keys go in blocks
+// of KB with a running max and sum per row (online softmax), so no [T, L] score matrix is
+// made, and key blocks past a query block's last position are never visited: torch's CPU
+// flash attention computed the whole square at T = 512 (causal cost what full did, measured).
+// S = (scale q) K^T runs with keys as vector lanes (the block's keys transposed once into
+// Kt [D][KB]); O += P V with head dimensions as lanes, straight from the cache rows.
+#ifdef JISU_AVX512
+using vf = __m512;
+constexpr int VL = 16;
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf vset1(float x) { return _mm512_set1_ps(x); }
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline float vhmax(vf v) { return _mm512_reduce_max_ps(v); }
+inline float vhsum(vf v) { return _mm512_reduce_add_ps(v); }
+inline vf vexp(vf x) {   // as exp_ps, 16 lanes
+    x = _mm512_max_ps(_mm512_min_ps(x, vset1(88.0f)), vset1(-87.0f));
+    const vf n = _mm512_roundscale_ps(vmul(x, vset1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf r = _mm512_fnmadd_ps(n, vset1(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
+    vf p = vset1(1.f / 5040.f);
+    for (float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = vfma(p, r, vset1(c));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return vmul(p, _mm512_castsi512_ps(e));
+}
+#else
+using vf = __m256;
+constexpr int VL = 8;
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf vset1(float x) { return _mm256_set1_ps(x); }
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline float vhmax(vf v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+inline float vhsum(vf v) { return hsum(v); }
+inline vf vexp(vf x) { return exp_ps(x); }
+#endif
+
+constexpr int PQB = 16;          // queries per task
+constexpr int PKB = 4 * VL;      // keys per block: four vectors of scores per row
+constexpr int PDC = 4 * VL;      // head dimensions per pass of O += P V
+
+// S [R rows][PKB] = Qs [R][D] x Kt [D][PKB]
+template <int R>
+inline void prefill_scores(const float* qs, const float* kt, int64_t D, float* s) {
+    vf acc[R][4];
+    for (int r = 0; r < R; ++r) for (int c = 0; c < 4; ++c) acc[r][c] = vzero();
+    for (int64_t d = 0; d < D; ++d) {
+        vf k[4];
+        for (int c = 0; c < 4; ++c) k[c] = vload(kt + d * PKB + c * VL);
+        for (int r = 0; r < R; ++r) {
+            const vf q = vset1(qs[r * D + d]);
+            for (int c = 0; c < 4; ++c) acc[r][c] = vfma(q, k[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; ++r) for (int c = 0; c < 4; ++c) vstore(s + r * PKB + c * VL, acc[r][c]);
+}
+
+// O [R][D] += P [R][PKB] x V [n keys][D] (rows vrows[j]), PDC dimensions at a time
+template <int R>
+inline void prefill_values(const float* p, const float* const* vrows, int n, int64_t D, float* o) {
+    for (int64_t d0 = 0; d0 < D; d0 += PDC) {
+        vf acc[R][4];
+        for (int r = 0; r < R; ++r) for (int c = 0; c < 4; ++c) acc[r][c] = vload(o + r * D + d0 + c * VL);
+        for (int j = 0; j < n; ++j) {
+            vf v[4];
+            for (int c = 0; c < 4; ++c) v[c] = vload(vrows[j] + d0 + c * VL);
+            for (int r = 0; r < R; ++r) {
+                const vf pr = vset1(p[r * PKB + j]);
+                for (int c = 0; c < 4; ++c) acc[r][c] = vfma(pr, v[c], acc[r][c]);
+            }
+        }
+        for (int r = 0; r < R; ++r) for (int c = 0; c < 4; ++c) vstore(o + r * D + d0 + c * VL, acc[r][c]);
+    }
+}
+
+template <typename F>
+inline void by_rows4(int64_t M, F&& f) {   // f(row0, R) over M rows, four at a time
+    int64_t r = 0;
+    for (; r + 4 <= M; r += 4) f(r, std::integral_constant<int, 4>{});
+    switch (M - r) {
+        case 3: f(r, std::integral_constant<int, 3>{}); break;
+        case 2: f(r, std::integral_constant<int, 2>{}); break;
+        case 1: f(r, std::integral_constant<int, 1>{}); break;
+        default: break;
+    }
+}
+
+// q [T, H, D] at absolute positions [T]; key j of the sequence lives in slot key_slots[j]. Query
+// t sees keys j <= positions[t] (and j > positions[t] - window when window > 0).
+torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                      torch::Tensor key_slots, torch::Tensor positions, double scale, int64_t window) {
+    TORCH_CHECK(q.dtype() == torch::kFloat32 && q.dim() == 3, "q must be float32 [T, H, D]");
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3, "caches must be contiguous [S, KVH, D]");
+    q = q.contiguous();
+    key_slots = key_slots.contiguous();
+    positions = positions.reshape(-1).contiguous();
+    const int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1), L = key_slots.numel();
+    TORCH_CHECK(k_cache.size(2) == D && H % KVH == 0 && D % PDC == 0 && positions.numel() == T,
+                "paged_attention_prefill: shape mismatch (head dim must be a multiple of ", PDC, ")");
+    const int64_t* slots = key_slots.data_ptr<int64_t>();
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    for (int64_t t = 0; t < T; ++t)
+        TORCH_CHECK(pos[t] >= 0 && pos[t] < L, "paged_attention_prefill: position ", pos[t], " has no key (", L, " keys)");
+    auto out = torch::empty_like(q);
+    const float* qp = q.data_ptr<float>();
+    const float* kp = k_cache.data_ptr<float>();
+    const float* vp = v_cache.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    const int64_t G = H / KVH, nqb = (T + PQB - 1) / PQB, tasks = KVH * nqb;
+    const float sc = float(scale);
+    auto body = [&](int64_t t0, int64_t t1) {
+        const int64_t MM = PQB * G;
+        std::vector<float> qs(MM * D), o(MM * D), s(MM * PKB), kt(D * PKB), m(MM), l(MM);
+        std::vector<const float*> vrows(PKB);
+        std::vector<int64_t> rpos(MM);
+        for (int64_t task = t0; task < t1; ++task) {
+            // pairs of tasks take a short and a long query block, so halves of the range balance
+            const int64_t kvh = task % KVH, i = task / KVH;
+            const int64_t qb = i % 2 == 0 ? i / 2 : nqb - 1 - i / 2;
+            const int64_t tq0 = qb * PQB, nq = std::min<int64_t>(PQB, T - tq0), M = nq * G;
+            int64_t lo = L, hi = 0;
+            for (int64_t a = 0; a < nq; ++a) {
+                const int64_t p = pos[tq0 + a];
+                hi = std::max(hi, p + 1);
+                lo = std::min(lo, window > 0 ? std::max<int64_t>(0, p - window + 1) : 0);
+                for (int64_t g = 0; g < G; ++g) {
+                    const int64_t r = a * G + g;
+                    const float* src = qp + ((tq0 + a) * H + kvh * G + g) * D;
+                    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = src[d] * sc;
+                    rpos[r] = p;
+                }
+            }
+            std::fill(o.begin(), o.begin() + M * D, 0.f);
+            std::fill(m.begin(), m.begin() + M, -INFINITY);
+            std::fill(l.begin(), l.begin() + M, 0.f);
+            for (int64_t kb = lo - lo % PKB; kb < hi; kb += PKB) {
+                const int n = int(std::min<int64_t>(PKB, hi - kb));
+                for (int j = 0; j < PKB; ++j) {
+                    if (j < n) {
+                        const float* kr = kp + (slots[kb + j] * KVH + kvh) * D;
+                        for (int64_t d = 0; d < D; ++d) kt[d * PKB + j] = kr[d];
+                        vrows[j] = vp + (slots[kb + j] * KVH + kvh) * D;
+                    } else {
+                        for (int64_t d = 0; d < D; ++d) kt[d * PKB + j] = 0.f;
+                    }
+                }
+                by_rows4(M, [&](int64_t r0, auto rr) {
+                    prefill_scores<decltype(rr)::value>(qs.data() + r0 * D, kt.data(), D, s.data() + r0 * PKB);
+                });
+                for (int64_t r = 0; r < M; ++r) {
+                    float* sr = s.data() + r * PKB;
+                    // keys kb + j visible to this row: first <= j < last
+                    const int64_t first = std::max<int64_t>(0, (window > 0 ? rpos[r] - window + 1 : 0) - kb);
+                    const int64_t last = std::min<int64_t>(n, rpos[r] + 1 - kb);
+                    if (first >= last) {
+                        std::fill(sr, sr + PKB, 0.f);
+                        continue;
+                    }
+                    for (int64_t j = 0; j < first; ++j) sr[j] = -INFINITY;
+                    for (int64_t j = last; j < PKB; ++j) sr[j] = -INFINITY;
+                    vf mx = vload(sr);
+                    for (int c = 1; c < 4; ++c) mx = vmax(mx, vload(sr + c * VL));
+                    const float mnew = std::max(m[r], vhmax(mx));
+                    const float corr = std::exp(m[r] - mnew);     // 0 on the first visible block
+                    for (int c = 0; c < 4; ++c) vstore(sr + c * VL, vexp(vsub(vload(sr + c * VL), vset1(mnew))));
+                    for (int64_t j = 0; j < first; ++j) sr[j] = 0.f;     // exp clamps: masked keys exactly 0
+                    for (int64_t j = last; j < PKB; ++j) sr[j] = 0.f;
+                    vf sum = vload(sr);
+                    for (int c = 1; c < 4; ++c) sum = vadd(sum, vload(sr + c * VL));
+                    l[r] = l[r] * corr + vhsum(sum);
+                    m[r] = mnew;
+                    if (corr != 1.f) {
+                        const vf cv = vset1(corr);
+                        for (int64_t d = 0; d < D; d += VL) vstore(o.data() + r * D + d, vmul(vload(o.data() + r * D + d), cv));
+                    }
+                }
+                by_rows4(M, [&](int64_t r0, auto rr) {
+                    prefill_values<decltype(rr)::value>(s.data() + r0 * PKB, vrows.data(), n, D, o.data() + r0 * D);
+                });
+            }
+            for (int64_t a = 0; a < nq; ++a)
+                for (int64_t g = 0; g < G; ++g) {
+                    const int64_t r = a * G + g;
+                    const float inv = 1.f / l[r];
+                    float* dst = op + ((tq0 + a) * H + kvh * G + g) * D;
+                    for (int64_t d = 0; d < D; ++d) dst[d] = o[r * D + d] * inv;
+                }
+        }
+    };
+    if (tasks == 1 || T * (pos[T - 1] + 1) * H * D < (1 << 18)) body(0, tasks);
+    else at::parallel_for(0, tasks, 1, body);
+    return out;
+}
+
 // Rotary position embedding applied in place to q [B, T, H, D] and k [B, T, KVH, D] with
 // cos/sin tables [max_len, D/2] at positions [B, T]. interleaved: pairs (x[2i], x[2i+1]) (llama
 // GGUFs); otherwise (x[i], x[i + D/2]) (neox layout, Gemma).
@@ -1602,6 +1812,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rope_", &rope_, "rotary embedding, in place on q and k", release());
     m.def("decode_block", &decode_block, "one transformer block for decoding sequences", release());
     m.def("paged_attention_decode", &paged_attention_decode, "one-token attention through block tables", release());
+    m.def("paged_attention_prefill", &paged_attention_prefill, "causal attention of one sequence's new tokens through its keys' slots", release());
     m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension", release());
     m.def("qmatmul", &qmatmul, "y = x @ dequant(W)^T for GGUF-quantized W", py::arg("x"), py::arg("w"),
           py::arg("qtype"), py::arg("K"), py::arg("digits") = 0, release());
