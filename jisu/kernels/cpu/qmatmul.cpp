@@ -1099,6 +1099,9 @@ inline void gemm_tile(const XQ16& x, int64_t m0, int64_t K, const int32_t* pw, c
         __m512i ai[R][2];
         for (int r = 0; r < R; ++r) ai[r][0] = ai[r][1] = _mm512_setzero_si512();
         const int32_t* wp = pw + b * (KB / 2) * GP;
+        // unrolled: as a loop GCC copied every accumulator between two registers on each step
+        // (two moves per dpwssd) and the tile ran at 60% of vpdpwssd's rate; unrolled, 1.35x
+#pragma GCC unroll 16
         for (int g = 0; g < KB / 2; ++g) {
             const __m512i w0 = _mm512_load_si512(wp + g * GP), w1 = _mm512_load_si512(wp + g * GP + 16);
             for (int r = 0; r < R; ++r) {
@@ -1132,7 +1135,7 @@ inline void gemm_tile(const XQ16& x, int64_t m0, int64_t K, const int32_t* pw, c
     }
 }
 
-constexpr int GR = 4;   // activation rows per tile
+constexpr int GR = 6;   // activation rows per tile (measured: 4-8% over 4 once unrolled)
 
 // Panel p of W (weight rows p * GP ..) against every row of x: y [M, N].
 template <typename G>
@@ -1145,6 +1148,8 @@ void gemm_panel(const XQ16& xq, const uint8_t* w, float* y, int64_t M, int64_t N
     int64_t m = 0;
     for (; m + GR <= M; m += GR) gemm_tile<G, GR>(xq, m, K, pw, ps, pm, yp, N, np);
     switch (M - m) {
+        case 5: gemm_tile<G, 5>(xq, m, K, pw, ps, pm, yp, N, np); break;
+        case 4: gemm_tile<G, 4>(xq, m, K, pw, ps, pm, yp, N, np); break;
         case 3: gemm_tile<G, 3>(xq, m, K, pw, ps, pm, yp, N, np); break;
         case 2: gemm_tile<G, 2>(xq, m, K, pw, ps, pm, yp, N, np); break;
         case 1: gemm_tile<G, 1>(xq, m, K, pw, ps, pm, yp, N, np); break;
