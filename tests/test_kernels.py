@@ -200,12 +200,14 @@ def test_rms_norm(shape):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("window", [0, 5])
-def test_paged_attention_decode_equals_sdpa(window):
-    B, H, KVH, D, S = 3, 8, 2, 64, 200
+@pytest.mark.parametrize("heads", [(8, 2, 64), (9, 3, 64), (4, 1, 256), (2, 2, 16)], ids=str)
+@pytest.mark.parametrize("window", [0, 5, 40])
+def test_paged_attention_decode_equals_sdpa(heads, window):
+    H, KVH, D = heads
+    B, S, L = 5, 300, 70
     k_cache, v_cache = torch.randn(S, KVH, D), torch.randn(S, KVH, D)
-    lens = torch.tensor([7, 1, 30])
-    slots = torch.stack([torch.randperm(S)[:30] for _ in range(B)])      # scattered blocks
+    lens = torch.tensor([7, 1, 70, 16, 33])                              # keys in whole and part vectors
+    slots = torch.stack([torch.randperm(S)[:L] for _ in range(B)])      # scattered blocks
     q = torch.randn(B, H, D)
     got = ops.paged_attention_decode(q, k_cache, v_cache, slots, lens, 0.125, window)
     for b in range(B):

@@ -44,13 +44,14 @@ class FusedDecode:
 
 
 def attach(model, ops) -> int:
-    """Gives each block whose seven matrices are QLinear a FusedDecode; returns how many."""
+    """Gives each block whose seven matrices are QLinear (head dim a multiple of 16, as the attention
+    kernel needs) a FusedDecode; returns how many."""
     gemma = model.cfg.arch == "gemma3"
     n = 0
     for block in model.blk:
         a = block.attn
-        if all(isinstance(m, QLinear) for m in (a.attn_q, a.attn_k, a.attn_v, a.attn_output, block.ffn_gate,
-                                                  block.ffn_up, block.ffn_down)):
+        if a.head_dim % 16 == 0 and all(isinstance(m, QLinear) for m in (
+                a.attn_q, a.attn_k, a.attn_v, a.attn_output, block.ffn_gate, block.ffn_up, block.ffn_down)):
             block.fused = FusedDecode(block, gemma, ops)
             n += 1
     return n

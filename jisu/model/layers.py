@@ -264,7 +264,7 @@ class Attention(nn.Module):
 
     def _decode(self, q: torch.Tensor, slots: KVGroupSlots, meta: AttentionMetadata) -> torch.Tensor:
         """q [D, H, hd] -> [D, H, hd]: one query per sequence, keys read through the slots."""
-        if self.ops is not None:
+        if self.ops is not None and self.head_dim % 16 == 0:
             return self.ops.paged_attention_decode(q, self.k_cache, self.v_cache, slots.decode_slots,
                                                    meta.decode_lens, self.scale, self.window or 0)
         keys = self.k_cache[slots.decode_slots].transpose(1, 2)      # [D, KVH, L, hd]

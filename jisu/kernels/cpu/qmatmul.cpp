@@ -1355,101 +1355,6 @@ inline __m256 exp_ps(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-// Decode attention (one new token per sequence) reading keys and values through the paged
-// cache: for sequence b, key j lives in slot gather_slots[b, j]. Query head h uses KV head
-// h / (H / KVH) (grouped-query attention). A window > 0 keeps only the last `window` keys.
-// One task per (sequence, KV head): each key and value row is read once for all the query
-// heads sharing it. Small steps run on the calling thread (waking the pool costs more).
-torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor gather_slots, torch::Tensor context_lens,
-                                     double scale, int64_t window) {
-    TORCH_CHECK(q.dtype() == torch::kFloat32 && q.dim() == 3, "q must be float32 [B, H, D]");
-    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3, "caches must be contiguous [S, KVH, D]");
-    q = q.contiguous();
-    gather_slots = gather_slots.contiguous();
-    context_lens = context_lens.contiguous();
-    const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1), L = gather_slots.size(1);
-    TORCH_CHECK(k_cache.size(2) == D && H % KVH == 0 && D % 8 == 0, "paged_attention_decode: shape mismatch");
-    auto out = torch::empty_like(q);
-    const float* qp = q.data_ptr<float>();
-    const float* kp = k_cache.data_ptr<float>();
-    const float* vp = v_cache.data_ptr<float>();
-    const int64_t* slots = gather_slots.data_ptr<int64_t>();
-    const int64_t* lens = context_lens.data_ptr<int64_t>();
-    float* op = out.data_ptr<float>();
-    const int64_t G = H / KVH;
-    auto body = [&](int64_t t0, int64_t t1) {
-        std::vector<float> scores(G * (L + 8));
-        const int64_t stride = L + 8;
-        for (int64_t t = t0; t < t1; ++t) {
-            const int64_t b = t / KVH, kvh = t % KVH;
-            const int64_t n = lens[b], start = window > 0 ? std::max<int64_t>(0, n - window) : 0;
-            const float* qv = qp + (b * H + kvh * G) * D;     // the G query heads of this KV head
-            float* ov = op + (b * H + kvh * G) * D;
-            // scores of keys j..j+R-1 for every query head: R independent FMA chains
-            auto score = [&](auto keys, int64_t j) {
-                constexpr int R = decltype(keys)::value;
-                const float* kv[R];
-                for (int r = 0; r < R; ++r) kv[r] = kp + (slots[b * L + j + r] * KVH + kvh) * D;
-                for (int64_t g = 0; g < G; ++g) {
-                    __m256 s[R];
-                    for (int r = 0; r < R; ++r) s[r] = _mm256_setzero_ps();
-                    for (int64_t i = 0; i < D; i += 8) {
-                        const __m256 qq = _mm256_loadu_ps(qv + g * D + i);
-                        for (int r = 0; r < R; ++r) s[r] = _mm256_fmadd_ps(qq, _mm256_loadu_ps(kv[r] + i), s[r]);
-                    }
-                    for (int r = 0; r < R; ++r) scores[g * stride + j + r - start] = hsum(s[r]) * float(scale);
-                }
-            };
-            int64_t j = start;
-            for (; j + 4 <= n; j += 4) score(std::integral_constant<int, 4>{}, j);
-            for (; j < n; ++j) score(std::integral_constant<int, 1>{}, j);
-            const int64_t len = n - start;
-            for (int64_t g = 0; g < G; ++g) {
-                float* sc = scores.data() + g * stride;
-                float mx = -INFINITY;
-                for (int64_t j = 0; j < len; ++j) mx = std::max(mx, sc[j]);
-                __m256 sum = _mm256_setzero_ps();
-                j = 0;
-                for (; j + 8 <= len; j += 8) {
-                    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sc + j), _mm256_set1_ps(mx)));
-                    _mm256_storeu_ps(sc + j, e);
-                    sum = _mm256_add_ps(sum, e);
-                }
-                float denom = hsum(sum);
-                if (j < len) {
-                    alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                    for (int64_t k = j; k < len; ++k) tail[k - j] = sc[k] - mx;
-                    alignas(32) float e[8];
-                    _mm256_store_ps(e, exp_ps(_mm256_load_ps(tail)));
-                    for (int64_t k = j; k < len; ++k) { sc[k] = e[k - j]; denom += e[k - j]; }
-                }
-                const float inv = 1.f / denom;
-                for (j = 0; j < len; ++j) sc[j] *= inv;
-            }
-            // out_g = sum_j p_gj v_j, 32 output values at a time held in registers over all keys
-            for (int64_t g = 0; g < G; ++g) {
-                const float* pg = scores.data() + g * stride - start;
-                for (int64_t i0 = 0; i0 < D; i0 += 32) {
-                    const int nv = int(std::min<int64_t>(4, (D - i0) / 8));
-                    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-                    for (int64_t jj = start; jj < n; ++jj) {
-                        const float* vv = vp + (slots[b * L + jj] * KVH + kvh) * D + i0;
-                        const __m256 p = _mm256_set1_ps(pg[jj]);
-                        for (int v = 0; v < nv; ++v) acc[v] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vv + 8 * v), acc[v]);
-                    }
-                    for (int v = 0; v < nv; ++v) _mm256_storeu_ps(ov + g * D + i0 + 8 * v, acc[v]);
-                }
-            }
-        }
-    };
-    int64_t work = 0;   // key rows read
-    for (int64_t b = 0; b < B; ++b) work += lens[b];
-    if (work * KVH * G * D < (1 << 18)) body(0, B * KVH);
-    else at::parallel_for(0, B * KVH, 1, body);
-    return out;
-}
-
 // ---- prefill attention: one sequence's new tokens against its keys in the paged cache -------
 // Flash-style: per (KV head, block of QB queries) task, the G query heads sharing the KV head
 // are rows of one tile (each key and value row read once for all of them); keys go in blocks
@@ -1657,6 +1562,124 @@ torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, to
     };
     if (tasks == 1 || T * (pos[T - 1] + 1) * H * D < (1 << 18)) body(0, tasks);
     else at::parallel_for(0, tasks, 1, body);
+    return out;
+}
+
+// VL vectors -> one: lane l holds the sum of p[l]'s lanes (a transpose-and-add tree, ~3 ops a
+// vector where a horizontal sum of each costs ~6)
+#ifdef JISU_AVX512
+inline vf sum_each(const vf* p) {
+    vf a[8], b[4], c[2];
+    for (int i = 0; i < 8; ++i)   // per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3]
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(p[2 * i], p[2 * i + 1]), _mm512_unpackhi_ps(p[2 * i], p[2 * i + 1]));
+    for (int i = 0; i < 4; ++i) {  // per 128-bit lane: four keys' partial sums
+        const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+        b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; ++i)   // 128-bit lanes folded in pairs
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+#else
+inline vf sum_each(const vf* p) {
+    vf a[4], b[2];
+    for (int i = 0; i < 4; ++i) a[i] = _mm256_add_ps(_mm256_unpacklo_ps(p[2 * i], p[2 * i + 1]), _mm256_unpackhi_ps(p[2 * i], p[2 * i + 1]));
+    for (int i = 0; i < 2; ++i) {
+        const __m256d x = _mm256_castps_pd(a[2 * i]), y = _mm256_castps_pd(a[2 * i + 1]);
+        b[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(x, y)), _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)));
+    }
+    return _mm256_add_ps(_mm256_permute2f128_ps(b[0], b[1], 0x20), _mm256_permute2f128_ps(b[0], b[1], 0x31));
+}
+#endif
+
+// Decode attention (one new token per sequence) reading keys and values through the paged
+// cache: for sequence b, key j lives in slot gather_slots[b, j]. Query head h uses KV head
+// h / (H / KVH) (grouped-query attention). A window > 0 keeps only the last `window` keys.
+// One task per (sequence, KV head): each key and value row is read once for all the query
+// heads sharing it. Scores come VL keys at a time: each key's products stay a vector and
+// sum_each turns VL of them into one vector of scores. Small steps run on the calling thread
+// (waking the pool costs more).
+torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor gather_slots, torch::Tensor context_lens,
+                                     double scale, int64_t window) {
+    TORCH_CHECK(q.dtype() == torch::kFloat32 && q.dim() == 3, "q must be float32 [B, H, D]");
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3, "caches must be contiguous [S, KVH, D]");
+    q = q.contiguous();
+    gather_slots = gather_slots.contiguous();
+    context_lens = context_lens.contiguous();
+    const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1), L = gather_slots.size(1);
+    TORCH_CHECK(k_cache.size(2) == D && H % KVH == 0 && D % 16 == 0,
+                "paged_attention_decode: shape mismatch (head dim must be a multiple of 16)");
+    auto out = torch::empty_like(q);
+    const float* qp = q.data_ptr<float>();
+    const float* kp = k_cache.data_ptr<float>();
+    const float* vp = v_cache.data_ptr<float>();
+    const int64_t* slots = gather_slots.data_ptr<int64_t>();
+    const int64_t* lens = context_lens.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+        TORCH_CHECK(lens[b] >= 1 && lens[b] <= L, "paged_attention_decode: context length ", lens[b], " outside 1..", L);
+    float* op = out.data_ptr<float>();
+    const int64_t G = H / KVH, stride = L + VL;
+    auto body = [&](int64_t t0, int64_t t1) {
+        std::vector<float> scores(G * stride), qs(G * D);
+        for (int64_t t = t0; t < t1; ++t) {
+            const int64_t b = t / KVH, kvh = t % KVH;
+            const int64_t n = lens[b], start = window > 0 ? std::max<int64_t>(0, n - window) : 0, len = n - start;
+            const float* qv = qp + (b * H + kvh * G) * D;     // the G query heads of this KV head
+            float* ov = op + (b * H + kvh * G) * D;
+            for (int64_t i = 0; i < G * D; ++i) qs[i] = qv[i] * float(scale);
+            for (int64_t j0 = start; j0 < n; j0 += VL) {
+                const int nk = int(std::min<int64_t>(VL, n - j0));
+                const float* kr[VL];
+                for (int l = 0; l < nk; ++l) kr[l] = kp + (slots[b * L + j0 + l] * KVH + kvh) * D;
+                for (int64_t g = 0; g < G; ++g) {
+                    const float* qg = qs.data() + g * D;
+                    vf part[VL];
+                    for (int l = 0; l < VL; ++l) {
+                        if (l >= nk) { part[l] = vzero(); continue; }
+                        vf acc = vmul(vload(qg), vload(kr[l]));
+                        for (int64_t d = VL; d < D; d += VL) acc = vfma(vload(qg + d), vload(kr[l] + d), acc);
+                        part[l] = acc;
+                    }
+                    vstore(scores.data() + g * stride + (j0 - start), sum_each(part));
+                }
+            }
+            const int64_t full = (len + VL - 1) / VL * VL;
+            for (int64_t g = 0; g < G; ++g) {
+                float* sc = scores.data() + g * stride;
+                for (int64_t j = len; j < full; ++j) sc[j] = -INFINITY;
+                vf mx = vload(sc);
+                for (int64_t j = VL; j < full; j += VL) mx = vmax(mx, vload(sc + j));
+                const vf m = vset1(vhmax(mx));
+                for (int64_t j = 0; j < full; j += VL) vstore(sc + j, vexp(vsub(vload(sc + j), m)));
+                for (int64_t j = len; j < full; ++j) sc[j] = 0.f;      // exp clamps: padding exactly 0
+                float denom = 0.f;
+                for (int64_t j = 0; j < full; j += VL) denom += vhsum(vload(sc + j));
+                const vf inv = vset1(1.f / denom);
+                for (int64_t j = 0; j < full; j += VL) vstore(sc + j, vmul(vload(sc + j), inv));
+            }
+            // out_g = sum_j p_gj v_j, up to four vectors of output held in registers over all keys
+            for (int64_t g = 0; g < G; ++g) {
+                const float* pg = scores.data() + g * stride - start;
+                for (int64_t i0 = 0; i0 < D; i0 += 4 * VL) {
+                    const int nv = int(std::min<int64_t>(4, (D - i0) / VL));
+                    vf acc[4] = {vzero(), vzero(), vzero(), vzero()};
+                    for (int64_t jj = start; jj < n; ++jj) {
+                        const float* vv = vp + (slots[b * L + jj] * KVH + kvh) * D + i0;
+                        const vf p = vset1(pg[jj]);
+                        for (int v = 0; v < nv; ++v) acc[v] = vfma(p, vload(vv + v * VL), acc[v]);
+                    }
+                    for (int v = 0; v < nv; ++v) vstore(ov + g * D + i0 + v * VL, acc[v]);
+                }
+            }
+        }
+    };
+    int64_t work = 0;   // key rows read
+    for (int64_t b = 0; b < B; ++b) work += lens[b];
+    if (work * KVH * G * D < (1 << 18)) body(0, B * KVH);
+    else at::parallel_for(0, B * KVH, 1, body);
     return out;
 }
 
