@@ -1356,13 +1356,14 @@ inline __m256 exp_ps(__m256 x) {
 }
 
 // ---- prefill attention: one sequence's new tokens against its keys in the paged cache -------
-// Flash-style: per (KV head, block of QB queries) task, the G query heads sharing the KV head
-// are rows of one tile (each key and value row read once for all of them); keys go in blocks
-// of KB with a running max and sum per row (online softmax), so no [T, L] score matrix is
-// made, and key blocks past a query block's last position are never visited: torch's CPU
-// flash attention computed the whole square at T = 512 (causal cost what full did, measured).
-// S = (scale q) K^T runs with keys as vector lanes (the block's keys transposed once into
-// Kt [D][KB]); O += P V with head dimensions as lanes, straight from the cache rows.
+// Flash-style: per (KV head, block of queries) task, the G query heads sharing the KV head are
+// rows of one tile (each key and value row read once for all of them); keys go in blocks of PKB
+// with a running max and sum per row (online softmax), so no [T, L] score matrix is made, and
+// key blocks past a query block's last position are never visited: torch's CPU flash attention
+// computed the whole square at T = 512 (causal cost what full did, measured). Rows are the
+// vector lanes of the scores: the task's queries are transposed once (Qt [D][rows]) and each
+// key row is used as it lies in the cache, so masking, max, exp and the running sums are
+// vector ops across rows; O += P V then runs with head dimensions as lanes.
 #ifdef JISU_AVX512
 using vf = __m512;
 constexpr int VL = 16;
@@ -1408,29 +1409,55 @@ inline float vhsum(vf v) { return hsum(v); }
 inline vf vexp(vf x) { return exp_ps(x); }
 #endif
 
-constexpr int PQB = 16;          // queries per task
-constexpr int PKB = 4 * VL;      // keys per block: four vectors of scores per row
+#ifdef JISU_AVX512
+using vm = __mmask16;
+inline vm vvisible(const int32_t* rpos, int32_t kpos, int32_t window) {   // kpos <= rpos, > rpos - window
+    const __m512i r = _mm512_loadu_si512(rpos), k = _mm512_set1_epi32(kpos);
+    vm m = _mm512_cmp_epi32_mask(k, r, _MM_CMPINT_LE);
+    if (window > 0) m &= _mm512_cmp_epi32_mask(k, _mm512_sub_epi32(r, _mm512_set1_epi32(window)), _MM_CMPINT_NLE);
+    return m;
+}
+inline vf vselect(vm m, vf a, vf b) { return _mm512_mask_blend_ps(m, b, a); }
+#else
+using vm = __m256i;
+inline vm vvisible(const int32_t* rpos, int32_t kpos, int32_t window) {
+    const __m256i r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rpos)), k = _mm256_set1_epi32(kpos);
+    vm m = _mm256_andnot_si256(_mm256_cmpgt_epi32(k, r), _mm256_set1_epi32(-1));
+    if (window > 0) m = _mm256_and_si256(m, _mm256_cmpgt_epi32(k, _mm256_sub_epi32(r, _mm256_set1_epi32(window))));
+    return m;
+}
+inline vf vselect(vm m, vf a, vf b) { return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(m)); }
+#endif
+
+constexpr int PKB = 32;          // keys per block
 constexpr int PDC = 4 * VL;      // head dimensions per pass of O += P V
 
-// S [R rows][PKB] = Qs [R][D] x Kt [D][PKB]
-template <int R>
-inline void prefill_scores(const float* qs, const float* kt, int64_t D, float* s) {
-    vf acc[R][4];
-    for (int r = 0; r < R; ++r) for (int c = 0; c < 4; ++c) acc[r][c] = vzero();
-    for (int64_t d = 0; d < D; ++d) {
-        vf k[4];
-        for (int c = 0; c < 4; ++c) k[c] = vload(kt + d * PKB + c * VL);
-        for (int r = 0; r < R; ++r) {
-            const vf q = vset1(qs[r * D + d]);
-            for (int c = 0; c < 4; ++c) acc[r][c] = vfma(q, k[c], acc[r][c]);
+// S^T [PKB keys][MV vectors of rows] = K [keys][D] x Qt [D][rows], four keys at a time
+template <int MV>
+inline void prefill_scores(const float* const* krows, int n, const float* qt, int64_t D, float* st) {
+    constexpr int MP = MV * VL;
+    for (int j0 = 0; j0 < n; j0 += 4) {
+        const int nk = std::min(4, n - j0);
+        vf acc[4][MV];
+        for (int k = 0; k < 4; ++k) for (int v = 0; v < MV; ++v) acc[k][v] = vzero();
+        const float* kr[4];
+        for (int k = 0; k < 4; ++k) kr[k] = krows[j0 + std::min(k, nk - 1)];   // past n: repeat (unused)
+        for (int64_t d = 0; d < D; ++d) {
+            vf q[MV];
+            for (int v = 0; v < MV; ++v) q[v] = vload(qt + d * MP + v * VL);
+            for (int k = 0; k < 4; ++k) {
+                const vf kd = vset1(kr[k][d]);
+                for (int v = 0; v < MV; ++v) acc[k][v] = vfma(kd, q[v], acc[k][v]);
+            }
         }
+        // all four rows, the unused ones too (st has PKB rows): a partial store kept acc in memory
+        for (int k = 0; k < 4; ++k) for (int v = 0; v < MV; ++v) vstore(st + (j0 + k) * MP + v * VL, acc[k][v]);
     }
-    for (int r = 0; r < R; ++r) for (int c = 0; c < 4; ++c) vstore(s + r * PKB + c * VL, acc[r][c]);
 }
 
-// O [R][D] += P [R][PKB] x V [n keys][D] (rows vrows[j]), PDC dimensions at a time
+// O [R rows][D] += P [n keys][rows] (transposed, MP rows a key) x V [n keys][D] (rows vrows[j])
 template <int R>
-inline void prefill_values(const float* p, const float* const* vrows, int n, int64_t D, float* o) {
+inline void prefill_values(const float* pt, int64_t MP, const float* const* vrows, int n, int64_t D, float* o) {
     for (int64_t d0 = 0; d0 < D; d0 += PDC) {
         vf acc[R][4];
         for (int r = 0; r < R; ++r) for (int c = 0; c < 4; ++c) acc[r][c] = vload(o + r * D + d0 + c * VL);
@@ -1438,7 +1465,7 @@ inline void prefill_values(const float* p, const float* const* vrows, int n, int
             vf v[4];
             for (int c = 0; c < 4; ++c) v[c] = vload(vrows[j] + d0 + c * VL);
             for (int r = 0; r < R; ++r) {
-                const vf pr = vset1(p[r * PKB + j]);
+                const vf pr = vset1(pt[j * MP + r]);
                 for (int c = 0; c < 4; ++c) acc[r][c] = vfma(pr, v[c], acc[r][c]);
             }
         }
@@ -1458,6 +1485,16 @@ inline void by_rows4(int64_t M, F&& f) {   // f(row0, R) over M rows, four at a 
     }
 }
 
+template <typename F>
+inline void with_mv(int64_t mv, F&& f) {
+    switch (mv) {
+        case 1: f(std::integral_constant<int, 1>{}); break;
+        case 2: f(std::integral_constant<int, 2>{}); break;
+        case 3: f(std::integral_constant<int, 3>{}); break;
+        default: f(std::integral_constant<int, 4>{}); break;
+    }
+}
+
 // q [T, H, D] at absolute positions [T]; key j of the sequence lives in slot key_slots[j]. Query
 // t sees keys j <= positions[t] (and j > positions[t] - window when window > 0).
 torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -1470,6 +1507,7 @@ torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, to
     const int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1), L = key_slots.numel();
     TORCH_CHECK(k_cache.size(2) == D && H % KVH == 0 && D % PDC == 0 && positions.numel() == T,
                 "paged_attention_prefill: shape mismatch (head dim must be a multiple of ", PDC, ")");
+    TORCH_CHECK(L < (int64_t(1) << 30) && window < (int64_t(1) << 30), "paged_attention_prefill: context too long");
     const int64_t* slots = key_slots.data_ptr<int64_t>();
     const int64_t* pos = positions.data_ptr<int64_t>();
     for (int64_t t = 0; t < T; ++t)
@@ -1479,85 +1517,78 @@ torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, to
     const float* kp = k_cache.data_ptr<float>();
     const float* vp = v_cache.data_ptr<float>();
     float* op = out.data_ptr<float>();
-    const int64_t G = H / KVH, nqb = (T + PQB - 1) / PQB, tasks = KVH * nqb;
+    // a task: the G heads of one KV head for QB queries, at most four vectors of rows
+    const int64_t G = H / KVH, QB = std::max<int64_t>(1, 4 * VL / G), nqb = (T + QB - 1) / QB, tasks = KVH * nqb;
     const float sc = float(scale);
     auto body = [&](int64_t t0, int64_t t1) {
-        const int64_t MM = PQB * G;
-        std::vector<float> qs(MM * D), o(MM * D), s(MM * PKB), kt(D * PKB), m(MM), l(MM);
-        std::vector<const float*> vrows(PKB);
-        std::vector<int64_t> rpos(MM);
+        const int64_t MPmax = (QB * G + VL - 1) / VL * VL;
+        std::vector<float> qt(D * MPmax), o(MPmax * D), st(PKB * MPmax), m(MPmax), l(MPmax), corr(MPmax);
+        std::vector<int32_t> rpos(MPmax);
+        const float* krows[PKB];
+        const float* vrows[PKB];
         for (int64_t task = t0; task < t1; ++task) {
             // pairs of tasks take a short and a long query block, so halves of the range balance
             const int64_t kvh = task % KVH, i = task / KVH;
             const int64_t qb = i % 2 == 0 ? i / 2 : nqb - 1 - i / 2;
-            const int64_t tq0 = qb * PQB, nq = std::min<int64_t>(PQB, T - tq0), M = nq * G;
+            const int64_t tq0 = qb * QB, nq = std::min<int64_t>(QB, T - tq0), M = nq * G;
+            const int64_t MV = (M + VL - 1) / VL, MP = MV * VL;
             int64_t lo = L, hi = 0;
-            for (int64_t a = 0; a < nq; ++a) {
-                const int64_t p = pos[tq0 + a];
+            for (int64_t r = 0; r < MP; ++r) {      // row r: query r / G, head r % G; padding repeats the last
+                const int64_t a = std::min(r, M - 1) / G, g = std::min(r, M - 1) % G, p = pos[tq0 + a];
+                const float* src = qp + ((tq0 + a) * H + kvh * G + g) * D;
+                for (int64_t d = 0; d < D; ++d) qt[d * MP + r] = r < M ? src[d] * sc : 0.f;
+                rpos[r] = int32_t(p);
                 hi = std::max(hi, p + 1);
                 lo = std::min(lo, window > 0 ? std::max<int64_t>(0, p - window + 1) : 0);
-                for (int64_t g = 0; g < G; ++g) {
-                    const int64_t r = a * G + g;
-                    const float* src = qp + ((tq0 + a) * H + kvh * G + g) * D;
-                    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = src[d] * sc;
-                    rpos[r] = p;
-                }
             }
-            std::fill(o.begin(), o.begin() + M * D, 0.f);
-            std::fill(m.begin(), m.begin() + M, -INFINITY);
-            std::fill(l.begin(), l.begin() + M, 0.f);
-            for (int64_t kb = lo - lo % PKB; kb < hi; kb += PKB) {
+            std::fill(o.begin(), o.begin() + MP * D, 0.f);
+            std::fill(m.begin(), m.begin() + MP, -1e30f);     // finite: a fully masked block gives exp(-inf) = 0
+            std::fill(l.begin(), l.begin() + MP, 0.f);
+            for (int64_t kb = lo; kb < hi; kb += PKB) {
                 const int n = int(std::min<int64_t>(PKB, hi - kb));
-                for (int j = 0; j < PKB; ++j) {
-                    if (j < n) {
-                        const float* kr = kp + (slots[kb + j] * KVH + kvh) * D;
-                        for (int64_t d = 0; d < D; ++d) kt[d * PKB + j] = kr[d];
-                        vrows[j] = vp + (slots[kb + j] * KVH + kvh) * D;
-                    } else {
-                        for (int64_t d = 0; d < D; ++d) kt[d * PKB + j] = 0.f;
-                    }
+                for (int j = 0; j < n; ++j) {
+                    krows[j] = kp + (slots[kb + j] * KVH + kvh) * D;
+                    vrows[j] = vp + (slots[kb + j] * KVH + kvh) * D;
                 }
-                by_rows4(M, [&](int64_t r0, auto rr) {
-                    prefill_scores<decltype(rr)::value>(qs.data() + r0 * D, kt.data(), D, s.data() + r0 * PKB);
-                });
+                with_mv(MV, [&](auto mv) { prefill_scores<decltype(mv)::value>(krows, n, qt.data(), D, st.data()); });
+                const vf ninf = vset1(-INFINITY);
+                for (int64_t v = 0; v < MV; ++v) {
+                    // mask, the block's max per row, then P = exp(S - max) with masked keys exactly 0
+                    vf mx = vload(m.data() + v * VL);
+                    const vf mold = mx;
+                    for (int j = 0; j < n; ++j) {
+                        float* s = st.data() + j * MP + v * VL;
+                        const vf sv = vselect(vvisible(rpos.data() + v * VL, int32_t(kb + j), int32_t(window)), vload(s), ninf);
+                        vstore(s, sv);
+                        mx = vmax(mx, sv);
+                    }
+                    vf sum = vzero();
+                    for (int j = 0; j < n; ++j) {
+                        float* s = st.data() + j * MP + v * VL;
+                        const vf e = vselect(vvisible(rpos.data() + v * VL, int32_t(kb + j), int32_t(window)),
+                                             vexp(vsub(vload(s), mx)), vzero());
+                        vstore(s, e);
+                        sum = vadd(sum, e);
+                    }
+                    const vf c = vexp(vsub(mold, mx));
+                    vstore(corr.data() + v * VL, c);
+                    vstore(l.data() + v * VL, vfma(vload(l.data() + v * VL), c, sum));
+                    vstore(m.data() + v * VL, mx);
+                }
                 for (int64_t r = 0; r < M; ++r) {
-                    float* sr = s.data() + r * PKB;
-                    // keys kb + j visible to this row: first <= j < last
-                    const int64_t first = std::max<int64_t>(0, (window > 0 ? rpos[r] - window + 1 : 0) - kb);
-                    const int64_t last = std::min<int64_t>(n, rpos[r] + 1 - kb);
-                    if (first >= last) {
-                        std::fill(sr, sr + PKB, 0.f);
-                        continue;
-                    }
-                    for (int64_t j = 0; j < first; ++j) sr[j] = -INFINITY;
-                    for (int64_t j = last; j < PKB; ++j) sr[j] = -INFINITY;
-                    vf mx = vload(sr);
-                    for (int c = 1; c < 4; ++c) mx = vmax(mx, vload(sr + c * VL));
-                    const float mnew = std::max(m[r], vhmax(mx));
-                    const float corr = std::exp(m[r] - mnew);     // 0 on the first visible block
-                    for (int c = 0; c < 4; ++c) vstore(sr + c * VL, vexp(vsub(vload(sr + c * VL), vset1(mnew))));
-                    for (int64_t j = 0; j < first; ++j) sr[j] = 0.f;     // exp clamps: masked keys exactly 0
-                    for (int64_t j = last; j < PKB; ++j) sr[j] = 0.f;
-                    vf sum = vload(sr);
-                    for (int c = 1; c < 4; ++c) sum = vadd(sum, vload(sr + c * VL));
-                    l[r] = l[r] * corr + vhsum(sum);
-                    m[r] = mnew;
-                    if (corr != 1.f) {
-                        const vf cv = vset1(corr);
-                        for (int64_t d = 0; d < D; d += VL) vstore(o.data() + r * D + d, vmul(vload(o.data() + r * D + d), cv));
-                    }
+                    if (corr[r] == 1.f) continue;
+                    const vf cv = vset1(corr[r]);
+                    for (int64_t d = 0; d < D; d += VL) vstore(o.data() + r * D + d, vmul(vload(o.data() + r * D + d), cv));
                 }
                 by_rows4(M, [&](int64_t r0, auto rr) {
-                    prefill_values<decltype(rr)::value>(s.data() + r0 * PKB, vrows.data(), n, D, o.data() + r0 * D);
+                    prefill_values<decltype(rr)::value>(st.data() + r0, MP, vrows, n, D, o.data() + r0 * D);
                 });
             }
-            for (int64_t a = 0; a < nq; ++a)
-                for (int64_t g = 0; g < G; ++g) {
-                    const int64_t r = a * G + g;
-                    const float inv = 1.f / l[r];
-                    float* dst = op + ((tq0 + a) * H + kvh * G + g) * D;
-                    for (int64_t d = 0; d < D; ++d) dst[d] = o[r * D + d] * inv;
-                }
+            for (int64_t r = 0; r < M; ++r) {
+                const float inv = 1.f / l[r];
+                float* dst = op + ((tq0 + r / G) * H + kvh * G + r % G) * D;
+                for (int64_t d = 0; d < D; ++d) dst[d] = o[r * D + d] * inv;
+            }
         }
     };
     if (tasks == 1 || T * (pos[T - 1] + 1) * H * D < (1 << 18)) body(0, tasks);
