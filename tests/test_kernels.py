@@ -295,6 +295,19 @@ def test_fused_decode_block_equals_python_block(tmp_path, arch, activations):
                [[lp["logprob"] for lp in o.outputs[0].logprobs] for o in off]
 
 
+@pytest.mark.parametrize("n", [1, 15, 1536, 40000])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_act_mul_equals_torch(n, gelu):
+    g, u = torch.randn(n) * 4, torch.randn(n)
+    g[0] = -100.0                      # far tails: exp clamps must still give 0 and x
+    if n > 1:
+        g[1] = 100.0
+    want = (torch.nn.functional.gelu(g, approximate="tanh") if gelu else torch.nn.functional.silu(g)) * u
+    got = g.clone()
+    ops.act_mul_(got, u, gelu)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 262144])
 def test_argmax_equals_torch(n):
     x = torch.randn(n)

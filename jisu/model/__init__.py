@@ -16,9 +16,9 @@ from torch import nn
 from jisu.config import ModelConfig
 from jisu.kernels.dequant import dequantize
 from jisu.loader.gguf import GGUFError, GGUFFile, GGUFTensor
-from jisu.model.gemma3 import Gemma3
+from jisu.model.gemma3 import Gemma3, Gemma3Block
 from jisu.model.layers import Attention, QEmbedding, QLinear, RMSNorm, Rotary
-from jisu.model.llama import Llama
+from jisu.model.llama import Llama, LlamaBlock
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"llama": Llama, "gemma3": Gemma3}
 KERNEL_QTYPES = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K}
@@ -98,7 +98,7 @@ def load_model(g: GGUFFile, cfg: ModelConfig, max_len: int, dtype: torch.dtype =
     for p in model.parameters():
         p.requires_grad_(False)
     for m in model.modules():
-        if isinstance(m, (RMSNorm, Attention, Rotary)):
+        if isinstance(m, (RMSNorm, Attention, Rotary, LlamaBlock, Gemma3Block)):
             m.ops = ops
     if ops is not None and hasattr(ops, "decode_block"):
         from jisu.model.fused import attach

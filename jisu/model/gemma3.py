@@ -24,13 +24,19 @@ class Gemma3Block(nn.Module):
         self.ffn_down = Linear(cfg.d_ff, cfg.d_model)
         self.post_ffw_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.fused = None          # one C++ call per decode step (model/fused.py), set by the loader
+        self.ops = None            # compiled kernels (act_mul_), set by the loader
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.fused is not None and self.fused.applies(x, meta):
             return self.fused(x, meta)
         x = x + self.post_attention_norm(self.attn(self.attn_norm(x), meta))
         h = self.ffn_norm(x)
-        h = self.ffn_down(F.gelu(self.ffn_gate(h), approximate="tanh").mul_(self.ffn_up(h)))
+        g, u = self.ffn_gate(h), self.ffn_up(h)
+        if self.ops is not None:                   # the fused decode block's op: the same numbers
+            self.ops.act_mul_(g, u, True)
+        else:
+            g = F.gelu(g, approximate="tanh").mul_(u)
+        h = self.ffn_down(g)
         return x + self.post_ffw_norm(h)
 
 

@@ -21,6 +21,7 @@ class LlamaBlock(nn.Module):
         self.ffn_up = Linear(cfg.d_model, cfg.d_ff)
         self.ffn_down = Linear(cfg.d_ff, cfg.d_model)
         self.fused = None          # one C++ call per decode step (model/fused.py), set by the loader
+        self.ops = None            # compiled kernels (act_mul_), set by the loader
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.fused is not None and self.fused.applies(x, meta):
@@ -28,7 +29,12 @@ class LlamaBlock(nn.Module):
         x = x + self.attn(self.attn_norm(x), meta)
         h = self.ffn_norm(x)
         # in place: a prompt chunk's [T, 1536] activations would otherwise be allocated twice more
-        return x + self.ffn_down(F.silu(self.ffn_gate(h), inplace=True).mul_(self.ffn_up(h)))
+        g, u = self.ffn_gate(h), self.ffn_up(h)
+        if self.ops is not None:                   # the fused decode block's op: the same numbers
+            self.ops.act_mul_(g, u, False)
+        else:
+            F.silu(g, inplace=True).mul_(u)
+        return x + self.ffn_down(g)
 
 
 class Llama(nn.Module):
