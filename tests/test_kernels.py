@@ -219,6 +219,32 @@ def test_paged_attention_decode_equals_sdpa(heads, window):
         torch.testing.assert_close(got[b], want[:, 0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads", [(9, 3, 64), (4, 1, 256)], ids=str)
+@pytest.mark.parametrize("window", [0, 300])
+def test_paged_attention_decode_long_context_split_over_threads(heads, window):
+    """One sequence with few KV heads: its keys are split into parts on several threads and the
+    parts' softmaxes merged; the result is attention over all the keys."""
+    H, KVH, D = heads
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        S, lens = 3000, torch.tensor([1000, 777])
+        k_cache, v_cache = torch.randn(S, KVH, D), torch.randn(S, KVH, D)
+        slots = torch.stack([torch.randperm(S)[:1000] for _ in range(2)])
+        q = torch.randn(2, H, D)
+        for b in (slice(0, 1), slice(0, 2)):
+            got = ops.paged_attention_decode(q[b], k_cache, v_cache, slots[b], lens[b], D ** -0.5, window)
+            for i in range(got.shape[0]):
+                n = int(lens[i])
+                lo = max(0, n - window) if window else 0
+                keys = k_cache[slots[i, lo:n]].repeat_interleave(H // KVH, dim=1).transpose(0, 1)
+                vals = v_cache[slots[i, lo:n]].repeat_interleave(H // KVH, dim=1).transpose(0, 1)
+                want = torch.softmax((q[i][:, None] @ keys.transpose(1, 2)) * D ** -0.5, -1) @ vals
+                torch.testing.assert_close(got[i], want[:, 0], rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def sdpa_prefill(q, k_cache, v_cache, slots, positions, scale, window):
     """The PyTorch reference: keys gathered, a position mask, torch's attention."""
     H, KVH = q.shape[1], k_cache.shape[1]

@@ -1655,64 +1655,106 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
         TORCH_CHECK(lens[b] >= 1 && lens[b] <= L, "paged_attention_decode: context length ", lens[b], " outside 1..", L);
     float* op = out.data_ptr<float>();
     const int64_t G = H / KVH, stride = L + VL;
+    int64_t work = 0, longest = 0;   // key rows read
+    for (int64_t b = 0; b < B; ++b) {
+        const int64_t len = window > 0 ? std::min(lens[b], window) : lens[b];
+        work += len;
+        longest = std::max(longest, len);
+    }
+    const bool parallel = work * KVH * G * D >= (1 << 18);
+    // Few (sequence, KV head) tasks (one long chat: SmolLM2 has 3, Gemma 1) leave threads idle:
+    // then each task's keys are split in S parts of >= 128 keys, each part's softmax is kept
+    // unnormalized (its max m, sum l, output O), and the parts are merged at the end.
+    const int64_t threads = at::get_num_threads();
+    const int64_t S = !parallel || B * KVH >= 2 * threads ? 1
+        : std::max<int64_t>(1, std::min<int64_t>((2 * threads + B * KVH - 1) / (B * KVH), longest / 128));
+    std::vector<float> part_o(S > 1 ? B * KVH * S * G * D : 0), part_ml(S > 1 ? B * KVH * S * G * 2 : 0);
     auto body = [&](int64_t t0, int64_t t1) {
         std::vector<float> scores(G * stride), qs(G * D);
         for (int64_t t = t0; t < t1; ++t) {
-            const int64_t b = t / KVH, kvh = t % KVH;
-            const int64_t n = lens[b], start = window > 0 ? std::max<int64_t>(0, n - window) : 0, len = n - start;
+            const int64_t bk = t / S, part = t % S, b = bk / KVH, kvh = bk % KVH;
+            const int64_t n = lens[b], start = window > 0 ? std::max<int64_t>(0, n - window) : 0;
+            const int64_t chunk = ((n - start + S - 1) / S + VL - 1) / VL * VL;
+            const int64_t k0 = std::min(n, start + part * chunk), k1 = std::min(n, k0 + chunk), len = k1 - k0;
             const float* qv = qp + (b * H + kvh * G) * D;     // the G query heads of this KV head
-            float* ov = op + (b * H + kvh * G) * D;
+            float* ov = S > 1 ? part_o.data() + t * G * D : op + (b * H + kvh * G) * D;
+            float* ml = S > 1 ? part_ml.data() + t * G * 2 : nullptr;
+            if (len == 0) {                                   // an empty part: weight 0 in the merge
+                for (int64_t g = 0; g < G; ++g) { ml[2 * g] = -INFINITY; ml[2 * g + 1] = 0.f; }
+                std::fill(ov, ov + G * D, 0.f);
+                continue;
+            }
             for (int64_t i = 0; i < G * D; ++i) qs[i] = qv[i] * float(scale);
-            for (int64_t j0 = start; j0 < n; j0 += VL) {
-                const int nk = int(std::min<int64_t>(VL, n - j0));
+            for (int64_t j0 = k0; j0 < k1; j0 += VL) {
+                const int nk = int(std::min<int64_t>(VL, k1 - j0));
                 const float* kr[VL];
                 for (int l = 0; l < nk; ++l) kr[l] = kp + (slots[b * L + j0 + l] * KVH + kvh) * D;
                 for (int64_t g = 0; g < G; ++g) {
                     const float* qg = qs.data() + g * D;
-                    vf part[VL];
+                    vf part_v[VL];
                     for (int l = 0; l < VL; ++l) {
-                        if (l >= nk) { part[l] = vzero(); continue; }
+                        if (l >= nk) { part_v[l] = vzero(); continue; }
                         vf acc = vmul(vload(qg), vload(kr[l]));
                         for (int64_t d = VL; d < D; d += VL) acc = vfma(vload(qg + d), vload(kr[l] + d), acc);
-                        part[l] = acc;
+                        part_v[l] = acc;
                     }
-                    vstore(scores.data() + g * stride + (j0 - start), sum_each(part));
+                    vstore(scores.data() + g * stride + (j0 - k0), sum_each(part_v));
                 }
             }
             const int64_t full = (len + VL - 1) / VL * VL;
+            std::vector<float> denom(G);
             for (int64_t g = 0; g < G; ++g) {
                 float* sc = scores.data() + g * stride;
                 for (int64_t j = len; j < full; ++j) sc[j] = -INFINITY;
                 vf mx = vload(sc);
                 for (int64_t j = VL; j < full; j += VL) mx = vmax(mx, vload(sc + j));
-                const vf m = vset1(vhmax(mx));
+                const float mmax = vhmax(mx);
+                const vf m = vset1(mmax);
                 for (int64_t j = 0; j < full; j += VL) vstore(sc + j, vexp(vsub(vload(sc + j), m)));
                 for (int64_t j = len; j < full; ++j) sc[j] = 0.f;      // exp clamps: padding exactly 0
-                float denom = 0.f;
-                for (int64_t j = 0; j < full; j += VL) denom += vhsum(vload(sc + j));
-                const vf inv = vset1(1.f / denom);
-                for (int64_t j = 0; j < full; j += VL) vstore(sc + j, vmul(vload(sc + j), inv));
+                float sum = 0.f;
+                for (int64_t j = 0; j < full; j += VL) sum += vhsum(vload(sc + j));
+                denom[g] = sum;
+                if (ml) { ml[2 * g] = mmax; ml[2 * g + 1] = sum; }
             }
-            // out_g = sum_j p_gj v_j, up to four vectors of output held in registers over all keys
+            // out_g = sum_j p_gj v_j (divided by the sum unless parts are merged later), up to
+            // four vectors of output held in registers over all keys
             for (int64_t g = 0; g < G; ++g) {
-                const float* pg = scores.data() + g * stride - start;
+                const float* pg = scores.data() + g * stride - k0;
+                const vf inv = vset1(ml ? 1.f : 1.f / denom[g]);
                 for (int64_t i0 = 0; i0 < D; i0 += 4 * VL) {
                     const int nv = int(std::min<int64_t>(4, (D - i0) / VL));
                     vf acc[4] = {vzero(), vzero(), vzero(), vzero()};
-                    for (int64_t jj = start; jj < n; ++jj) {
+                    for (int64_t jj = k0; jj < k1; ++jj) {
                         const float* vv = vp + (slots[b * L + jj] * KVH + kvh) * D + i0;
                         const vf p = vset1(pg[jj]);
                         for (int v = 0; v < nv; ++v) acc[v] = vfma(p, vload(vv + v * VL), acc[v]);
                     }
-                    for (int v = 0; v < nv; ++v) vstore(ov + g * D + i0 + v * VL, acc[v]);
+                    for (int v = 0; v < nv; ++v) vstore(ov + g * D + i0 + v * VL, vmul(acc[v], inv));
                 }
             }
         }
     };
-    int64_t work = 0;   // key rows read
-    for (int64_t b = 0; b < B; ++b) work += lens[b];
-    if (work * KVH * G * D < (1 << 18)) body(0, B * KVH);
-    else at::parallel_for(0, B * KVH, 1, body);
+    if (parallel) at::parallel_for(0, B * KVH * S, 1, body);
+    else body(0, B * KVH * S);
+    if (S > 1) {   // merge: out = sum_s e^{m_s - m} O_s / sum_s e^{m_s - m} l_s
+        for (int64_t bk = 0; bk < B * KVH; ++bk)
+            for (int64_t g = 0; g < G; ++g) {
+                float m = -INFINITY, l = 0.f;
+                for (int64_t p = 0; p < S; ++p) m = std::max(m, part_ml[((bk * S + p) * G + g) * 2]);
+                float* dst = op + ((bk / KVH) * H + (bk % KVH) * G + g) * D;
+                std::fill(dst, dst + D, 0.f);
+                for (int64_t p = 0; p < S; ++p) {
+                    const float* mlp = part_ml.data() + ((bk * S + p) * G + g) * 2;
+                    if (mlp[1] == 0.f) continue;
+                    const float wgt = std::exp(mlp[0] - m);
+                    l += wgt * mlp[1];
+                    const float* src = part_o.data() + ((bk * S + p) * G + g) * D;
+                    for (int64_t d = 0; d < D; ++d) dst[d] += wgt * src[d];
+                }
+                for (int64_t d = 0; d < D; ++d) dst[d] /= l;
+            }
+    }
     return out;
 }
 
