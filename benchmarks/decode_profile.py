@@ -3,7 +3,7 @@
     python benchmarks/decode_profile.py [MODEL ...]   (registry names or .gguf paths)
 
 Times every engine step of a 128-token greedy decode (after an 8-token prompt) and, inside it,
-the transformer blocks (the fused C++ call per block) and the output projection; the rest is
+the transformer blocks (the fused C++ call for all blocks, or per block) and the output projection; the rest is
 the Python engine (runner, sampler, detokenizer). Modes alternate, 5 rounds, medians.
 """
 
@@ -14,7 +14,7 @@ import sys
 import time
 
 from jisu import LLM, SamplingParams
-from jisu.model.fused import FusedDecode
+from jisu.model.fused import FusedDecode, FusedModel
 
 MODES = ("float32", "int16", "int8")
 
@@ -36,6 +36,7 @@ class Timer:
 def profile(model: str, rounds: int = 5, n_decode: int = 128) -> None:
     blocks = Timer()
     FusedDecode.__call__ = blocks.wrap(FusedDecode.__call__)
+    FusedModel.__call__ = blocks.wrap(FusedModel.__call__)       # all blocks in one call, when it applies
     llms = {}
     for mode in MODES:
         llm = LLM(model, activations=mode, progress=False, enable_prefix_caching=False)

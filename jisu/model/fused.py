@@ -43,6 +43,45 @@ class FusedDecode:
         return out[None]
 
 
+class FusedModel:
+    """Every block of a decode step in one C++ call (`decode_layers`), when every block has a
+    FusedDecode. The blocks' fixed arguments live in C++ objects, built at the first step (the
+    KV cache is attached after loading) and again if the cache tensors change."""
+
+    def __init__(self, model, ops):
+        self.model, self.ops = model, ops
+        self.blocks = list(model.blk)
+        self._layers, self._caches = None, None
+
+    def applies(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
+        return hasattr(self.ops, "decode_layers") and all(b.fused is not None for b in self.blocks) \
+            and self.blocks[0].fused.applies(x, meta)
+
+    def _build(self) -> None:
+        rotaries = []
+        layers = []
+        for b in self.blocks:
+            f, a = b.fused, b.attn
+            if a.rotary not in rotaries:
+                rotaries.append(a.rotary)
+            layers.append(self.ops.decode_layer(
+                f.weights, f.qtypes, f.norms, a.n_heads, a.n_kv_heads, a.head_dim, f.eps, a.k_cache, a.v_cache,
+                a.kv_group, rotaries.index(a.rotary), a.rotary.interleaved, a.scale, a.window or 0, f.gemma,
+                f.act_digits))
+        self._layers, self._rotaries = layers, rotaries
+        self._caches = [(b.attn.k_cache, b.attn.v_cache) for b in self.blocks]
+
+    def __call__(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        a = self.blocks[0].attn
+        if self._layers is None or self._caches[0][0] is not a.k_cache or self._caches[0][1] is not a.v_cache:
+            self._build()
+        groups = meta.groups
+        out = self.ops.decode_layers(x[0], self._layers, [g.slot_mapping for g in groups],
+                                     [g.decode_slots for g in groups], meta.decode_lens, meta.positions,
+                                     [r.cos for r in self._rotaries], [r.sin for r in self._rotaries])
+        return out[None]
+
+
 def attach(model, ops) -> int:
     """Gives each block whose seven matrices are QLinear (head dim a multiple of 16, as the attention
     kernel needs) a FusedDecode; returns how many."""
@@ -54,4 +93,5 @@ def attach(model, ops) -> int:
                 a.attn_q, a.attn_k, a.attn_v, a.attn_output, block.ffn_gate, block.ffn_up, block.ffn_down)):
             block.fused = FusedDecode(block, gemma, ops)
             n += 1
+    model.fused = FusedModel(model, ops) if n == len(model.blk) else None
     return n

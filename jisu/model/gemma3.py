@@ -53,14 +53,18 @@ class Gemma3(nn.Module):
             for i in range(cfg.n_layers))
         self.rotaries = [rope_global, rope_local]
         self.output_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.fused = None          # FusedModel (model/fused.py), set by the loader
         self.output = Linear(cfg.d_model, cfg.vocab_size)
         self.embed_scale = cfg.d_model ** 0.5
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         reserve_rotaries(self.rotaries, meta)
         x = self.token_embd(input_ids).float() * self.embed_scale
-        for block in self.blk:
-            x = block(x, meta)
+        if self.fused is not None and self.fused.applies(x, meta):
+            x = self.fused(x, meta)            # every block in one C++ call (model/fused.py)
+        else:
+            for block in self.blk:
+                x = block(x, meta)
         return self.output_norm(x)
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:

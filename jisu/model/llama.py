@@ -46,13 +46,17 @@ class Llama(nn.Module):
         self.blk = nn.ModuleList(LlamaBlock(cfg, rotary) for _ in range(cfg.n_layers))
         self.rotaries = [rotary]
         self.output_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.fused = None          # FusedModel (model/fused.py), set by the loader
         self.output = Linear(cfg.d_model, cfg.vocab_size)   # tied unless the file has one
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         reserve_rotaries(self.rotaries, meta)
         x = self.token_embd(input_ids).float()
-        for block in self.blk:
-            x = block(x, meta)
+        if self.fused is not None and self.fused.applies(x, meta):
+            x = self.fused(x, meta)            # every block in one C++ call (model/fused.py)
+        else:
+            for block in self.blk:
+                x = block(x, meta)
         return self.output_norm(x)
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
