@@ -1718,9 +1718,46 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
                 denom[g] = sum;
                 if (ml) { ml[2 * g] = mmax; ml[2 * g + 1] = sum; }
             }
-            // out_g = sum_j p_gj v_j (divided by the sum unless parts are merged later), up to
-            // four vectors of output held in registers over all keys
-            for (int64_t g = 0; g < G; ++g) {
+            // out_g = sum_j p_gj v_j (divided by the sum unless parts are merged later): up to four
+            // heads x four vectors of output held in registers over all keys, each value row loaded
+            // once for them (one head at a time, the four accumulators' FMA latency set the pace)
+            int64_t g_done = 0;
+            if (D % (4 * VL) == 0) {
+                for (; g_done < G; g_done += 4) {
+                    const int gh = int(std::min<int64_t>(4, G - g_done));
+                    auto tile = [&](auto ghc) {
+                        constexpr int GH = decltype(ghc)::value;
+                        const float* pg[GH];
+                        vf inv[GH];
+                        for (int h = 0; h < GH; ++h) {
+                            pg[h] = scores.data() + (g_done + h) * stride - k0;
+                            inv[h] = vset1(ml ? 1.f : 1.f / denom[g_done + h]);
+                        }
+                        for (int64_t i0 = 0; i0 < D; i0 += 4 * VL) {
+                            vf acc[GH][4];
+                            for (int h = 0; h < GH; ++h) for (int v = 0; v < 4; ++v) acc[h][v] = vzero();
+                            for (int64_t jj = k0; jj < k1; ++jj) {
+                                const float* vv = vp + (slots[b * L + jj] * KVH + kvh) * D + i0;
+                                vf x[4];
+                                for (int v = 0; v < 4; ++v) x[v] = vload(vv + v * VL);
+                                for (int h = 0; h < GH; ++h) {
+                                    const vf p = vset1(pg[h][jj]);
+                                    for (int v = 0; v < 4; ++v) acc[h][v] = vfma(p, x[v], acc[h][v]);
+                                }
+                            }
+                            for (int h = 0; h < GH; ++h)
+                                for (int v = 0; v < 4; ++v) vstore(ov + (g_done + h) * D + i0 + v * VL, vmul(acc[h][v], inv[h]));
+                        }
+                    };
+                    switch (gh) {
+                        case 1: tile(std::integral_constant<int, 1>{}); break;
+                        case 2: tile(std::integral_constant<int, 2>{}); break;
+                        case 3: tile(std::integral_constant<int, 3>{}); break;
+                        default: tile(std::integral_constant<int, 4>{}); break;
+                    }
+                }
+            }
+            for (int64_t g = g_done; g < G; ++g) {     // head dims not a multiple of four vectors
                 const float* pg = scores.data() + g * stride - k0;
                 const vf inv = vset1(ml ? 1.f : 1.f / denom[g]);
                 for (int64_t i0 = 0; i0 < D; i0 += 4 * VL) {
