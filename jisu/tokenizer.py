@@ -315,6 +315,8 @@ class Tokenizer:
             ids: list[int] = []
             after_special = True                # llama.cpp: the space prefix goes after a special token
             for part in self._specials[parse_special].split(text):
+                if part == "":                  # no fragment for empty text (llama.cpp): no space prefix
+                    continue
                 if isinstance(part, int):
                     ids.append(part)
                     after_special = True

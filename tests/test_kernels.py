@@ -271,6 +271,9 @@ def test_paged_attention_prefill_equals_sdpa(heads, t, prior, window):
                                rtol=1e-5, atol=2e-5)
     with pytest.raises(RuntimeError, match="has no key"):
         ops.paged_attention_prefill(q, k_cache, v_cache, slots[:prior + t - 1], positions, 0.1, window)
+    with pytest.raises(RuntimeError, match="query heads per KV head"):   # more rows than a task holds
+        ops.paged_attention_prefill(torch.randn(t, 80, D), k_cache[:, :1].contiguous(), v_cache[:, :1].contiguous(),
+                                    slots, positions, 0.1, 0)
 
 
 @pytest.mark.parametrize("interleaved", [True, False])

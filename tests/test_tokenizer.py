@@ -97,6 +97,15 @@ def test_spm_cuts_only_where_no_piece_straddles():
     assert out == [0, 0]
 
 
+def test_spm_empty_text_gets_no_space_prefix(tiny_gemma3_path):
+    tok = Tokenizer.from_gguf(read_gguf(tiny_gemma3_path))
+    tok._space_prefix = True                              # as a vocab with add_space_prefix would
+    assert tok.encode("") == [] and tok.encode("", add_special=True) == [tok.bos_id]
+    with_prefix = tok.encode("the")
+    tok._space_prefix = False
+    assert with_prefix == tok.encode(" the") != []        # llama.cpp: " " prepended to the text
+
+
 def test_spm_special_tokens_longest_first(tiny_gemma3_path):
     tok = Tokenizer.from_gguf(read_gguf(tiny_gemma3_path))
     nl, nlnl = tok.tokens.index("\n"), tok.tokens.index("\n\n")

@@ -49,8 +49,8 @@ class FusedModel:
     KV cache is attached after loading) and again if the cache tensors change."""
 
     def __init__(self, model, ops):
-        self.model, self.ops = model, ops
-        self.blocks = list(model.blk)
+        self.ops = ops
+        self.blocks = list(model.blk)          # not the model: model.fused -> model would be a cycle
         self._layers, self._caches = None, None
 
     def applies(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:

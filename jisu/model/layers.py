@@ -275,7 +275,7 @@ class Attention(nn.Module):
 
     def _prefill(self, q: torch.Tensor, i: int, key_slots: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, H, hd] of one sequence's new tokens -> [T, H, hd], causal over its keys."""
-        if self.ops is not None and self.head_dim % 64 == 0:
+        if self.ops is not None and self.head_dim % 64 == 0 and self.n_heads // self.n_kv_heads <= 32:
             return self.ops.paged_attention_prefill(q, self.k_cache, self.v_cache, key_slots,
                                                     meta.prefills[i].positions, self.scale, self.window or 0)
         keys = self.k_cache[key_slots].transpose(0, 1)[None]         # [1, KVH, L, hd]

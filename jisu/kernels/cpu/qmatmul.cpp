@@ -1511,6 +1511,9 @@ torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, to
     TORCH_CHECK(k_cache.size(2) == D && H % KVH == 0 && D % PDC == 0 && positions.numel() == T,
                 "paged_attention_prefill: shape mismatch (head dim must be a multiple of ", PDC, ")");
     TORCH_CHECK(L < (int64_t(1) << 30) && window < (int64_t(1) << 30), "paged_attention_prefill: context too long");
+    TORCH_CHECK(H / std::max<int64_t>(KVH, 1) <= 4 * VL, "paged_attention_prefill: more than ", 4 * VL,
+                " query heads per KV head");     // a task's rows must fit four vectors
+    if (T == 0) return torch::empty_like(q);
     const int64_t* slots = key_slots.data_ptr<int64_t>();
     const int64_t* pos = positions.data_ptr<int64_t>();
     for (int64_t t = 0; t < T; ++t)
