@@ -139,15 +139,22 @@ def test_avx2_build_gives_the_same_numbers(tmp_path):
         q, _ = random_weight(qtype, n=40, k=512)
         rng_inputs[qtype.name] = (q, torch.randn(5, 512))
     attn = (torch.randn(40, 6, 64), torch.randn(300, 2, 64), torch.randn(300, 2, 64), torch.randperm(300)[:50])
-    torch.save((rng_inputs, attn), tmp_path / "in.pt")
+    # decode attention: three sequences, 5 query heads per KV head (a 4-head tile and a single
+    # head), lengths in whole and part vectors; and act_mul_ with a vector tail
+    dec = (torch.randn(3, 10, 64), torch.stack([torch.randperm(300)[:200] for _ in range(3)]), torch.tensor([200, 37, 1]),
+           torch.randn(1000), torch.randn(1000))
+    torch.save((rng_inputs, attn, dec), tmp_path / "in.pt")
     code = (
         "import sys, torch\n"
         "from gguf import GGMLQuantizationType as Q\n"
         "from jisu.kernels import cpu\n"
         "ops = cpu.load(); assert ops.isa == 'avx2', ops\n"
-        "inp, (q, kc, vc, sl) = torch.load(sys.argv[1])\n"
+        "inp, (q, kc, vc, sl), (dq, ds, dl, g, u) = torch.load(sys.argv[1])\n"
         "out = {n: [ops.qmatmul(x[:m], q, int(Q[n]), 512, d) for m in (1, 2, 5) for d in (0, 1, 2)] for n, (q, x) in inp.items()}\n"
         "out['attention'] = ops.paged_attention_prefill(q, kc, vc, sl, torch.arange(10, 50), 0.125, 16)\n"
+        "out['decode'] = ops.paged_attention_decode(dq, kc, vc, ds, dl, 0.125, 0)\n"
+        "out['act'] = [g.clone(), g.clone()]\n"
+        "ops.act_mul_(out['act'][0], u, False); ops.act_mul_(out['act'][1], u, True)\n"
         "torch.save(out, sys.argv[2])\n")
     env = {**os.environ, "JISU_ISA": "avx2"}
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], env=env, check=True)
@@ -155,6 +162,13 @@ def test_avx2_build_gives_the_same_numbers(tmp_path):
     q, kc, vc, sl = attn
     torch.testing.assert_close(ops.paged_attention_prefill(q, kc, vc, sl, torch.arange(10, 50), 0.125, 16),
                                theirs["attention"], rtol=1e-5, atol=1e-6)
+    dq, ds, dl, g, u = dec
+    torch.testing.assert_close(ops.paged_attention_decode(dq, kc, vc, ds, dl, 0.125, 0), theirs["decode"],
+                               rtol=1e-5, atol=1e-6)
+    for gelu, want in zip((False, True), theirs["act"]):
+        got = g.clone()
+        ops.act_mul_(got, u, gelu)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     for name, (q, x) in rng_inputs.items():
         ours = [ops.qmatmul(x[:m], q, int(Q[name]), 512, d) for m in (1, 2, 5) for d in (0, 1, 2)]
         for i, (a, b) in enumerate(zip(ours, theirs[name])):
