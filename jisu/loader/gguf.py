@@ -213,4 +213,20 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
             raise GGUFError(f"{path}: file truncated: tensor '{name}' ({qtype.name}, shape {list(shape)}) "
                             f"needs bytes {start}..{start + nbytes} but the file has {size}")
         tensors[name] = GGUFTensor(name, shape, qtype, start, nbytes, mm[start:start + nbytes])
+    _drop_pages(mm, cur.pos)
     return GGUFFile(path, version, metadata, tensors)
+
+
+def _drop_pages(mm: np.memmap, end: int) -> None:
+    """The header's pages are parsed into Python objects and never read again: let them go from
+    this process's resident set (SmolLM2's vocab and merges: ~6 MB). Only whole pages before
+    `end`; tensor data may share the last one. Best effort: skipped where madvise is missing."""
+    import mmap
+    raw = getattr(mm, "_mmap", None)
+    pages = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if raw is None or pages == 0 or not hasattr(raw, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        raw.madvise(mmap.MADV_DONTNEED, 0, pages)
+    except (OSError, ValueError):
+        pass
