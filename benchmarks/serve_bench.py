@@ -96,7 +96,10 @@ async def one_request(cl: httpx.AsyncClient, base: str, prompt: str, max_tokens:
 
 async def load_level(base: str, prompts: list[str], concurrency: int, rounds: int, max_tokens: int,
                      model: str) -> dict:
-    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=concurrency + 4)) as cl:
+    # a fresh connection per request, for both servers: llama-server (0.3.36's) closed kept-alive
+    # connections after a streamed response, and the next request on one failed
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as cl:
         await one_request(cl, base, prompts[0], 4, model)             # warm-up
         t0 = time.perf_counter()
 
