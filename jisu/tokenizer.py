@@ -107,10 +107,10 @@ class SpmEncoder:
         """Append the ids of `text` (spaces already escaped to ▁) to out."""
         if not text:
             return
-        chunks = self._CHUNK.findall(text)
         if len(self.straddling) > 64:          # too many to search for: one chunk, not memoized
             out.extend(self._merge(text))
             return
+        chunks = self._CHUNK.findall(text)
         if any(p in text for p in self.straddling):
             chunks = self._rejoin(text, chunks)
         cache = self._cache

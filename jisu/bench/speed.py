@@ -146,7 +146,7 @@ BENCHES = {"jisu": bench_jisu, "llama.cpp": bench_llama_cpp, "transformers": ben
 MODULES = {"llama.cpp": "llama_cpp", "transformers": "transformers"}
 
 
-RUNTIMES = {"jisu": ("jisu", "jisu.kernels.cpu"), "llama.cpp": ("llama_cpp",), "transformers": ("torch", "transformers")}
+RUNTIMES = {"jisu": ("jisu",), "llama.cpp": ("llama_cpp",), "transformers": ("torch", "transformers")}
 
 
 def _child(name: str, args: tuple, out) -> None:

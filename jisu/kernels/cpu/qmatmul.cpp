@@ -1489,8 +1489,8 @@ inline void by_rows4(int64_t M, F&& f) {   // f(row0, R) over M rows, four at a 
 }
 
 template <typename F>
-inline void with_mv(int64_t mv, F&& f) {
-    switch (mv) {
+inline void one_to_four(int64_t n, F&& f) {   // f(integral_constant<n>) for n in 1..4 (more: 4)
+    switch (n) {
         case 1: f(std::integral_constant<int, 1>{}); break;
         case 2: f(std::integral_constant<int, 2>{}); break;
         case 3: f(std::integral_constant<int, 3>{}); break;
@@ -1556,7 +1556,7 @@ torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, to
                     krows[j] = kp + (slots[kb + j] * KVH + kvh) * D;
                     vrows[j] = vp + (slots[kb + j] * KVH + kvh) * D;
                 }
-                with_mv(MV, [&](auto mv) { prefill_scores<decltype(mv)::value>(krows, n, qt.data(), D, st.data()); });
+                one_to_four(MV, [&](auto mv) { prefill_scores<decltype(mv)::value>(krows, n, qt.data(), D, st.data()); });
                 const vf ninf = vset1(-INFINITY);
                 for (int64_t v = 0; v < MV; ++v) {
                     // mask, the block's max per row, then P = exp(S - max) with masked keys exactly 0
@@ -1752,12 +1752,7 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
                                 for (int v = 0; v < 4; ++v) vstore(ov + (g_done + h) * D + i0 + v * VL, vmul(acc[h][v], inv[h]));
                         }
                     };
-                    switch (gh) {
-                        case 1: tile(std::integral_constant<int, 1>{}); break;
-                        case 2: tile(std::integral_constant<int, 2>{}); break;
-                        case 3: tile(std::integral_constant<int, 3>{}); break;
-                        default: tile(std::integral_constant<int, 4>{}); break;
-                    }
+                    one_to_four(gh, tile);
                 }
             }
             for (int64_t g = g_done; g < G; ++g) {     // head dims not a multiple of four vectors
