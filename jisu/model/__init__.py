@@ -100,7 +100,7 @@ def load_model(g: GGUFFile, cfg: ModelConfig, max_len: int, dtype: torch.dtype =
     for m in model.modules():
         if isinstance(m, (RMSNorm, Attention, Rotary, LlamaBlock, Gemma3Block)):
             m.ops = ops
-    if ops is not None and hasattr(ops, "decode_block"):
+    if ops is not None and hasattr(ops, "decode_layers"):
         from jisu.model.fused import attach
         attach(model, ops)
     assert not any(p.is_meta for p in model.parameters()), "a parameter was left unloaded"

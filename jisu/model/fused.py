@@ -1,4 +1,4 @@
-"""Decode steps through one C++ call per block (`decode_block` in kernels/cpu/qmatmul.cpp).
+"""Decode steps through one C++ call (`decode_layers` / `decode_block` in kernels/cpu/qmatmul.cpp).
 
 A Python block issues ~15 dispatches per layer; at one token per sequence they cost a small
 model about as much as its matmuls. The fused call runs the same kernels in the same order,
@@ -28,58 +28,56 @@ class FusedDecode:
         self.eps = block.attn_norm.eps
         self.act_digits = block.ffn_up.act_digits
         self.int_gemm = bool(self.act_digits) and getattr(ops, "isa", "avx2") == "avx512"   # any row count
+        self._layer, self._key = None, None
 
     def applies(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
         # the Python path hands more than QLinear.small_m rows to MKL (AVX2 builds): stay on it there
         return meta.num_decode == x.shape[1] and (x.shape[1] <= QLinear.small_m or self.int_gemm)
 
-    def __call__(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def layer(self, rotary: int):
+        """This block's fixed decode_block arguments as a C++ DecodeLayer (`rotary`: which table
+        of the call's cos/sin lists it reads), rebuilt when the KV cache tensors change (the
+        runner attaches them after loading)."""
         a = self.attn
-        slots = meta.groups[a.kv_group]
-        out = self.ops.decode_block(
-            x[0], self.weights, self.qtypes, self.norms, a.n_heads, a.n_kv_heads, a.head_dim, self.eps,
-            a.k_cache, a.v_cache, slots.slot_mapping, slots.decode_slots, meta.decode_lens, meta.positions,
-            a.rotary.cos, a.rotary.sin, a.rotary.interleaved, a.scale, a.window or 0, self.gemma, self.act_digits)
-        return out[None]
+        if self._key is None or self._key[0] is not a.k_cache or self._key[1] is not a.v_cache or self._key[2] != rotary:
+            self._layer = self.ops.decode_layer(
+                self.weights, self.qtypes, self.norms, a.n_heads, a.n_kv_heads, a.head_dim, self.eps, a.k_cache,
+                a.v_cache, a.kv_group, rotary, a.rotary.interleaved, a.scale, a.window or 0, self.gemma,
+                self.act_digits)
+            self._key = (a.k_cache, a.v_cache, rotary)
+        return self._layer
+
+    def __call__(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return run_layers(self.ops, x, [self.layer(0)], meta, [self.attn.rotary])
+
+
+def run_layers(ops, x: torch.Tensor, layers: list, meta: AttentionMetadata, rotaries: list) -> torch.Tensor:
+    """`decode_layers` over the step's per-group slots and the rotaries' current tables."""
+    groups = meta.groups
+    out = ops.decode_layers(x[0], layers, [g.slot_mapping for g in groups], [g.decode_slots for g in groups],
+                            meta.decode_lens, meta.positions, [r.cos for r in rotaries], [r.sin for r in rotaries])
+    return out[None]
 
 
 class FusedModel:
     """Every block of a decode step in one C++ call (`decode_layers`), when every block has a
-    FusedDecode. The blocks' fixed arguments live in C++ objects, built at the first step (the
-    KV cache is attached after loading) and again if the cache tensors change."""
+    FusedDecode. Each block's DecodeLayer is fetched once and again only if the cache changes."""
 
     def __init__(self, model, ops):
         self.ops = ops
         self.blocks = list(model.blk)          # not the model: model.fused -> model would be a cycle
-        self._layers, self._caches = None, None
+        self.rotaries = list(dict.fromkeys(b.attn.rotary for b in self.blocks))
+        self._layers, self._cache = None, None
 
     def applies(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
-        return hasattr(self.ops, "decode_layers") and all(b.fused is not None for b in self.blocks) \
-            and self.blocks[0].fused.applies(x, meta)
-
-    def _build(self) -> None:
-        rotaries = []
-        layers = []
-        for b in self.blocks:
-            f, a = b.fused, b.attn
-            if a.rotary not in rotaries:
-                rotaries.append(a.rotary)
-            layers.append(self.ops.decode_layer(
-                f.weights, f.qtypes, f.norms, a.n_heads, a.n_kv_heads, a.head_dim, f.eps, a.k_cache, a.v_cache,
-                a.kv_group, rotaries.index(a.rotary), a.rotary.interleaved, a.scale, a.window or 0, f.gemma,
-                f.act_digits))
-        self._layers, self._rotaries = layers, rotaries
-        self._caches = [(b.attn.k_cache, b.attn.v_cache) for b in self.blocks]
+        return all(b.fused is not None for b in self.blocks) and self.blocks[0].fused.applies(x, meta)
 
     def __call__(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        a = self.blocks[0].attn
-        if self._layers is None or self._caches[0][0] is not a.k_cache or self._caches[0][1] is not a.v_cache:
-            self._build()
-        groups = meta.groups
-        out = self.ops.decode_layers(x[0], self._layers, [g.slot_mapping for g in groups],
-                                     [g.decode_slots for g in groups], meta.decode_lens, meta.positions,
-                                     [r.cos for r in self._rotaries], [r.sin for r in self._rotaries])
-        return out[None]
+        k_cache = self.blocks[0].attn.k_cache
+        if self._layers is None or self._cache is not k_cache:
+            self._layers = [b.fused.layer(self.rotaries.index(b.attn.rotary)) for b in self.blocks]
+            self._cache = k_cache
+        return run_layers(self.ops, x, self._layers, meta, self.rotaries)
 
 
 def attach(model, ops) -> int:

@@ -2034,7 +2034,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     m.def("argmax", &argmax, "index of the first maximum (-1: NaN)", release());
     m.def("rope_", &rope_, "rotary embedding, in place on q and k", release());
-    m.def("decode_block", &decode_block, "one transformer block for decoding sequences", release());
     py::class_<DecodeLayer, std::shared_ptr<DecodeLayer>>(m, "DecodeLayer");
     m.def("decode_layer", &decode_layer, "a block's fixed decode_block arguments");
     m.def("decode_layers", &decode_layers, "every block of a decode step, in order", release());
