@@ -1674,7 +1674,7 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
         : std::max<int64_t>(1, std::min<int64_t>((2 * threads + B * KVH - 1) / (B * KVH), longest / 128));
     std::vector<float> part_o(S > 1 ? B * KVH * S * G * D : 0), part_ml(S > 1 ? B * KVH * S * G * 2 : 0);
     auto body = [&](int64_t t0, int64_t t1) {
-        std::vector<float> scores(G * stride), qs(G * D);
+        std::vector<float> scores(G * stride), qs(G * D), denom(G);
         for (int64_t t = t0; t < t1; ++t) {
             const int64_t bk = t / S, part = t % S, b = bk / KVH, kvh = bk % KVH;
             const int64_t n = lens[b], start = window > 0 ? std::max<int64_t>(0, n - window) : 0;
@@ -1706,7 +1706,6 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
                 }
             }
             const int64_t full = (len + VL - 1) / VL * VL;
-            std::vector<float> denom(G);
             for (int64_t g = 0; g < G; ++g) {
                 float* sc = scores.data() + g * stride;
                 for (int64_t j = len; j < full; ++j) sc[j] = -INFINITY;
