@@ -16,11 +16,11 @@ import codecs
 import heapq
 import re
 from array import array
+from collections.abc import Sequence
 
 import jinja2
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer
-from tokenizers import models, pre_tokenizers
+import regex
 
 from jisu.loader.gguf import GGUFError, GGUFFile
 
@@ -31,13 +31,12 @@ GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-# Regex pre-tokenizers by `tokenizer.ggml.pre`, as llama.cpp defines them.
+# Pre-tokenizers by `tokenizer.ggml.pre`, as llama.cpp defines them: each is a list of regexes,
+# applied in turn; every match (and every stretch between matches) becomes its own piece.
 _PRE_TOKENIZERS = {
-    "smollm": lambda: [pre_tokenizers.Digits(individual_digits=True),
-                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
-    "gpt-2": lambda: [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
-    "llama-bpe": lambda: [pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
-                          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)],
+    "smollm": (r"\p{N}", GPT2_PATTERN),
+    "gpt-2": (GPT2_PATTERN,),
+    "llama-bpe": (LLAMA3_PATTERN,),
 }
 
 # End-of-generation markers that chat models emit instead of (or beside) EOS.
@@ -70,9 +69,152 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def _add_special(hf: HFTokenizer, tokens: list[str], types: bytes) -> None:
-    hf.add_tokens([AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)
-                   for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)])
+_BYTE_CHARS = [_bytes_to_unicode()[b] for b in range(256)]     # byte -> its character in the vocab
+
+
+_CACHE_MAX = 1 << 16
+
+
+def _merge_memoized(pieces, merge, cache: dict[str, tuple[int, ...]], out: list[int]) -> None:
+    """Append each piece's ids (merge(piece), remembered in cache) to out."""
+    for piece in pieces:
+        ids = cache.get(piece)
+        if ids is None:
+            if len(cache) >= _CACHE_MAX:
+                cache.clear()
+            ids = cache[piece] = tuple(merge(piece))
+        out.extend(ids)
+
+
+class _PairTable:
+    """(left id, right id) -> (rank, joined id) for BPE merges: open addressing in two int64
+    arrays, ~2 MB for SmolLM2's 48,900 merges where a dict of Python ints took 5.6 MB (97,800
+    int objects) and left its construction's fragments behind. A lookup costs ~0.3 us more
+    than a dict's; pieces are memoized, so it runs only for text not seen before."""
+
+    _MUL = 0x9E3779B97F4A7C15                   # Fibonacci hashing
+
+    def __init__(self, n: int):
+        bits = max(4, (2 * n - 1).bit_length())  # at most half full
+        self.mask, self.shift = (1 << bits) - 1, 64 - bits
+        self.keys = array("q", bytes(8 << bits))    # key + 1; 0 = empty
+        self.values = array("q", bytes(8 << bits))
+
+    def _slot(self, key: int) -> int:
+        h = (key * self._MUL & 0xFFFFFFFFFFFFFFFF) >> self.shift
+        keys, mask = self.keys, self.mask
+        while keys[h] and keys[h] != key + 1:
+            h = (h + 1) & mask
+        return h
+
+    def setdefault(self, key: int, value: int) -> None:
+        h = self._slot(key)
+        if not self.keys[h]:
+            self.keys[h], self.values[h] = key + 1, value
+
+    def get(self, key: int) -> int:
+        """The value, or -1."""
+        h = (key * self._MUL & 0xFFFFFFFFFFFFFFFF) >> self.shift
+        keys, mask, k = self.keys, self.mask, key + 1
+        while True:
+            at = keys[h]
+            if at == k:
+                return self.values[h]
+            if not at:
+                return -1
+            h = (h + 1) & mask
+
+
+class BpeEncoder:
+    """Byte-level BPE ("gpt2" vocab type), as llama.cpp runs it.
+
+    The text is cut by the pre-tokenizer's regexes; each piece starts as one token per UTF-8
+    byte, and the adjacent pair with the lowest merge rank joins first (the leftmost on ties)
+    until no adjacent pair has a merge. `ignore_merges` (llama-bpe) takes a piece that is a
+    vocab token whole. Pieces are memoized. Replaces tokenizers' BPE, which held ~11 MB for
+    SmolLM2 and left ~10 MB of freed Python objects from its construction."""
+
+    _BITS = 21                                  # ids below 2M
+
+    def __init__(self, tokens: Sequence[str], merges, pre: tuple[str, ...], ignore_merges: bool = False):
+        if len(tokens) >= 1 << self._BITS:
+            raise GGUFError(f"BPE vocab of {len(tokens)} tokens is too large (at most {(1 << self._BITS) - 1})")
+        vocab = {t: i for i, t in enumerate(tokens)}
+        self.byte_ids = [vocab.get(c) for c in _BYTE_CHARS]
+        bits = self._BITS
+        ranks = _PairTable(len(merges))
+        for rank, m in enumerate(merges):
+            left, sep, right = m.partition(" ")
+            a, b, joined = vocab.get(left), vocab.get(right), vocab.get(left + right)
+            if not sep or a is None or b is None or joined is None:
+                raise GGUFError(f"BPE merge {rank} ({m!r}) names a token missing from the vocab")
+            ranks.setdefault(a << bits | b, rank << bits | joined)
+        self.ranks = ranks
+        self.whole = vocab if ignore_merges else None
+        self.patterns = [regex.compile(p) for p in pre]
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    def _pieces(self, text: str) -> list[str]:
+        pieces = [text]
+        for pattern in self.patterns:
+            cut = []
+            for p in pieces:
+                pos = 0
+                for m in pattern.finditer(p):
+                    if m.start() > pos:
+                        cut.append(p[pos:m.start()])
+                    if m.end() > m.start():
+                        cut.append(m.group())
+                    pos = m.end()
+                if pos < len(p):
+                    cut.append(p[pos:])
+            pieces = cut
+        return pieces
+
+    def encode(self, text: str, out: list[int]) -> None:
+        """Append the ids of `text` to out."""
+        _merge_memoized(self._pieces(text), self._merge, self._cache, out)
+
+    def _merge(self, piece: str) -> list[int]:
+        data = piece.encode()
+        if self.whole is not None:
+            t = self.whole.get("".join(_BYTE_CHARS[b] for b in data))
+            if t is not None:
+                return [t]
+        ids = [self.byte_ids[b] for b in data]
+        if None in ids:
+            raise ValueError(f"the vocab has no token for byte(s) of {piece!r}")
+        n = len(ids)
+        if n < 2:
+            return ids
+        get, bits, mask = self.ranks.get, self._BITS, (1 << self._BITS) - 1
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        prv = list(range(-1, n - 1))
+        heap = []
+        for i in range(n - 1):
+            r = get(ids[i] << bits | ids[i + 1])
+            if r >= 0:
+                heap.append((r >> bits, i, ids[i], ids[i + 1], r & mask))
+        heapq.heapify(heap)
+        while heap:
+            _, left, a, b, joined = heapq.heappop(heap)
+            right = nxt[left]
+            if ids[left] != a or right < 0 or ids[right] != b:
+                continue                        # a side merged since this pair was queued
+            ids[left], ids[right] = joined, -1
+            after = nxt[left] = nxt[right]
+            if after >= 0:
+                prv[after] = left
+                r = get(joined << bits | ids[after])
+                if r >= 0:
+                    heapq.heappush(heap, (r >> bits, left, joined, ids[after], r & mask))
+            before = prv[left]
+            if before >= 0:
+                r = get(ids[before] << bits | joined)
+                if r >= 0:
+                    heapq.heappush(heap, (r >> bits, before, ids[before], joined, r & mask))
+        return [t for t in ids if t >= 0]
 
 
 class SpmEncoder:
@@ -91,9 +233,8 @@ class SpmEncoder:
     (a merge in one can never change the pairs of another) and memoized."""
 
     _CHUNK = re.compile("▁*[^▁]+|▁+")
-    _CACHE_MAX = 1 << 16
 
-    def __init__(self, tokens: list[str], scores: array, unk: int | None):
+    def __init__(self, tokens: Sequence[str], scores: array, unk: int | None):
         self.vocab = {t: i for i, t in enumerate(tokens)}
         self.scores = scores
         byte_tokens = [self.vocab.get(f"<0x{b:02X}>", self.vocab.get(chr(b)) if b < 128 else None)
@@ -113,14 +254,7 @@ class SpmEncoder:
         chunks = self._CHUNK.findall(text)
         if any(p in text for p in self.straddling):
             chunks = self._rejoin(text, chunks)
-        cache = self._cache
-        for c in chunks:
-            ids = cache.get(c)
-            if ids is None:
-                if len(cache) >= self._CACHE_MAX:
-                    cache.clear()
-                ids = cache[c] = tuple(self._merge(c))
-            out.extend(ids)
+        _merge_memoized(chunks, self._merge, self._cache, out)
 
     def _rejoin(self, text: str, chunks: list[str]) -> list[str]:
         inside = set()                          # cut positions inside a straddling piece
@@ -184,7 +318,7 @@ class _Specials:
     """Cuts special-token text out of a string as llama.cpp does: the longest token first, each
     at all its non-overlapping occurrences, left to right."""
 
-    def __init__(self, tokens: list[str], ids: list[int]):
+    def __init__(self, tokens: Sequence[str], ids: list[int]):
         self.ids = {tokens[i]: i for i in ids if tokens[i]}
         # an occurrence can start only where a token's first two characters (or a one-character
         # token) appear: those index the lengths to try
@@ -233,10 +367,10 @@ class _Specials:
 
 
 class Tokenizer:
-    def __init__(self, hf: HFTokenizer | SpmEncoder, piece_bytes, types: bytes, *,
+    def __init__(self, encoder: BpeEncoder | SpmEncoder, piece_bytes, types: bytes, *,
                  space_prefix: bool = False, bos_id: int | None, eos_id: int | None, add_bos: bool, add_eos: bool,
-                 chat_template: str | None, tokens: list[str]):
-        self._hf = hf
+                 chat_template: str | None, tokens: Sequence[str]):
+        self._encoder = encoder
         self._piece_bytes = piece_bytes     # id -> bytes, computed per call: a list cost 12 MB for 262k
         self._types = types
         self.tokens = tokens
@@ -248,16 +382,16 @@ class Tokenizer:
         self.eog_ids = {i for i in (eos_id,) if i is not None} | {ids[t] for t in _EOG_TEXTS if t in ids}
         self._template = None
         self._space_prefix = space_prefix
-        if isinstance(hf, SpmEncoder):          # special tokens cut out as llama.cpp does
-            self._specials = {parse: _Specials(tokens, [i for i, t in enumerate(types) if t == USER_DEFINED
-                                                        or (parse and t in (CONTROL, UNKNOWN))])
-                              for parse in (False, True)}
+        # special tokens cut out as llama.cpp does: user-defined ones always, control ones when asked
+        self._specials = {parse: _Specials(tokens, [i for i, t in enumerate(types) if t == USER_DEFINED
+                                                    or (parse and t in (CONTROL, UNKNOWN))])
+                          for parse in (False, True)}
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_gguf(cls, g: GGUFFile) -> "Tokenizer":
         kind = g.require("tokenizer.ggml.model")
-        tokens = list(g.require("tokenizer.ggml.tokens"))
+        tokens = g.require("tokenizer.ggml.tokens")
         raw_types = g.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))
         if len(raw_types) != len(tokens):
             raise GGUFError(f"{g.path}: tokenizer.ggml.token_type has {len(raw_types)} entries, "
@@ -269,10 +403,9 @@ class Tokenizer:
             if pre not in _PRE_TOKENIZERS:
                 raise GGUFError(f"{g.path}: unsupported tokenizer.ggml.pre '{pre}' "
                                 f"(supported: {', '.join(_PRE_TOKENIZERS)})")
-            merges = [tuple(m.split(" ", 1)) for m in g.require("tokenizer.ggml.merges")]
-            hf = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=(pre == "llama-bpe")))
-            hf.pre_tokenizer = pre_tokenizers.Sequence(_PRE_TOKENIZERS[pre]())
-            decode = {c: b for b, c in _bytes_to_unicode().items()}
+            encoder = BpeEncoder(tokens, g.require("tokenizer.ggml.merges"), _PRE_TOKENIZERS[pre],
+                                 ignore_merges=(pre == "llama-bpe"))
+            decode = {c: b for b, c in enumerate(_BYTE_CHARS)}
 
             def piece_bytes(i: int) -> bytes:
                 if types[i] in (CONTROL, USER_DEFINED):
@@ -284,7 +417,7 @@ class Tokenizer:
             if len(scores) != len(tokens):
                 raise GGUFError(f"{g.path}: tokenizer.ggml.scores has {len(scores)} entries, "
                                 f"tokenizer.ggml.tokens has {len(tokens)}")
-            hf = SpmEncoder(tokens, scores, g.get("tokenizer.ggml.unknown_token_id"))
+            encoder = SpmEncoder(tokens, scores, g.get("tokenizer.ggml.unknown_token_id"))
             space_prefix = bool(g.get("tokenizer.ggml.add_space_prefix", True))
 
             def piece_bytes(i: int) -> bytes:
@@ -297,9 +430,8 @@ class Tokenizer:
             raise GGUFError(f"{g.path}: unsupported tokenizer.ggml.model '{kind}' (supported: gpt2, llama)")
 
         if kind == "gpt2":
-            _add_special(hf, tokens, types)
             space_prefix = False
-        return cls(hf, piece_bytes, types, space_prefix=space_prefix,
+        return cls(encoder, piece_bytes, types, space_prefix=space_prefix,
                    bos_id=g.get("tokenizer.ggml.bos_token_id"), eos_id=g.get("tokenizer.ggml.eos_token_id"),
                    add_bos=bool(g.get("tokenizer.ggml.add_bos_token", kind == "llama")),
                    add_eos=bool(g.get("tokenizer.ggml.add_eos_token", False)),
@@ -311,22 +443,20 @@ class Tokenizer:
         parse_special turns control-token text such as "<|im_start|>" into that token."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects str, got {type(text).__name__}")
-        if isinstance(self._hf, SpmEncoder):
-            ids: list[int] = []
-            after_special = True                # llama.cpp: the space prefix goes after a special token
-            for part in self._specials[parse_special].split(text):
-                if part == "":                  # no fragment for empty text (llama.cpp): no space prefix
-                    continue
-                if isinstance(part, int):
-                    ids.append(part)
-                    after_special = True
-                else:
-                    self._hf.encode(((" " if self._space_prefix and after_special else "") + part)
-                                    .replace(" ", "▁"), ids)
-                    after_special = False
-        else:
-            self._hf.encode_special_tokens = not parse_special
-            ids = self._hf.encode(text, add_special_tokens=False).ids
+        ids: list[int] = []
+        after_special = True                    # llama.cpp: the space prefix goes after a special token
+        for part in self._specials[parse_special].split(text):
+            if part == "":                      # no fragment for empty text (llama.cpp): no space prefix
+                continue
+            if isinstance(part, int):
+                ids.append(part)
+                after_special = True
+            elif isinstance(self._encoder, SpmEncoder):
+                self._encoder.encode(((" " if self._space_prefix and after_special else "") + part)
+                                     .replace(" ", "▁"), ids)
+                after_special = False
+            else:
+                self._encoder.encode(part, ids)
         if add_special:
             if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
                 ids = [self.bos_id] + ids

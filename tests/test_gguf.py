@@ -186,3 +186,31 @@ def test_llm_rejects_corrupt_file_cleanly(tmp_path, tiny_llama_path):
     bad.write_bytes(tiny_llama_path.read_bytes()[:5000])
     with pytest.raises(GGUFError, match="bad.gguf"):
         LLM(str(bad), progress=False)
+
+
+def test_vocab_string_cut_inside_a_character(tmp_path):
+    # string 0 ends with the first byte of a two-byte character and string 1 is 133 bytes long:
+    # its length's first byte, 0x85, would complete the character if the strings were checked
+    # as one stretch with the lengths between them
+    path = tmp_path / "cut.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_array("tokenizer.ggml.tokens", ["abcé", "y" * 133, "z"])
+    w.add_tensor("t", np.zeros((4, 4), dtype=np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    assert list(read_gguf(path).metadata["tokenizer.ggml.tokens"]) == ["abcé", "y" * 133, "z"]
+    data = path.read_bytes()
+    i = data.index("abcé".encode())
+    bad = tmp_path / "cut2.gguf"
+    bad.write_bytes(data[:i] + b"abab\xc3" + data[i + 5:])
+    with pytest.raises(GGUFError, match=r"cut2\.gguf: metadata field 'tokenizer\.ggml\.tokens'\[0\] is not valid UTF-8"):
+        read_gguf(bad)
+
+
+def test_string_arrays_read_as_sequences(tiny_llama_path):
+    tokens = read_gguf(tiny_llama_path).metadata["tokenizer.ggml.tokens"]
+    as_list = list(tokens)
+    assert len(tokens) == len(as_list) > 10
+    assert tokens[3] == as_list[3] and tokens[-1] == as_list[-1] and tokens[2:5] == as_list[2:5]
+    assert tokens == as_list and tokens.index(as_list[7]) == as_list.index(as_list[7])
+    with pytest.raises(IndexError):
+        tokens[len(as_list)]

@@ -374,3 +374,21 @@ def test_argmax_equals_torch(n):
     assert ops.argmax(x) == -1
     from jisu.engine.sampler import argmax
     assert argmax(x) == int(x.argmax())
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_gated_ffn_in_column_chunks_equals_whole(gelu):
+    # the prefill MLP takes up's output a slice of columns at a time (act_mul_ on a column slice
+    # of the gate's output): every column is the same dot product, so the same bits
+    from jisu.model.layers import gated_ffn
+    (wg, _), (wu, _) = random_weight(Q.Q4_K, n=1100), random_weight(Q.Q4_K, n=1100)
+    gate, up = QLinear(wg, int(Q.Q4_K), 512, ops), QLinear(wu, int(Q.Q4_K), 512, ops)
+    for lin in (gate, up):
+        lin.act_digits = 2
+    h = torch.randn(1, 80, 512)
+    whole = gate(h)
+    ops.act_mul_(whole, up(h), gelu)
+    chunked = gated_ffn(gate, up, h, ops, gelu, chunk=256)    # 5 slices, the last 76 columns
+    assert chunked.shape == (1, 80, 1100) and torch.equal(chunked, whole)
+    with pytest.raises(RuntimeError, match="act_mul_"):
+        ops.act_mul_(whole[:, :, :10].transpose(1, 2), torch.randn(1, 10, 80), gelu)

@@ -6,7 +6,8 @@ import pytest
 
 from conftest import DATA
 from jisu.loader import read_gguf
-from jisu.tokenizer import IncrementalDecoder, SpmEncoder, Tokenizer
+from jisu.loader import GGUFError
+from jisu.tokenizer import _BYTE_CHARS, BpeEncoder, IncrementalDecoder, SpmEncoder, Tokenizer
 
 CORPUS = json.loads((DATA / "tokenizer_corpus.json").read_text())
 REFERENCE = json.loads((DATA / "llama_cpp_reference.json").read_text())["models"]
@@ -115,3 +116,24 @@ def test_spm_special_tokens_longest_first(tiny_gemma3_path):
     assert tok.encode("x<start_of_turn><unk>", parse_special=True)[-2:] == [start, unk]
     with pytest.raises(TypeError):
         tok.encode(b"bytes")
+
+
+def _bpe_tokens(enc: BpeEncoder, text: str, vocab: list[str]) -> list[str]:
+    out: list[int] = []
+    enc.encode(text, out)
+    return [vocab[i] for i in out]
+
+
+def test_bpe_lowest_rank_first_leftmost_on_ties():
+    vocab = list(_BYTE_CHARS) + ["aa", "ab", "aab", "Ġa"]
+    merges = ["a b", "a a", "aa b", "Ġ a"]             # ranks 0..3
+    enc = BpeEncoder(vocab, merges, (r"\S+|\s+",))
+    assert _bpe_tokens(enc, "aaa", vocab) == ["aa", "a"]           # ties: the leftmost pair
+    assert _bpe_tokens(enc, "aab", vocab) == ["a", "ab"]           # a b (rank 0) before a a (rank 1)
+    assert _bpe_tokens(enc, "aaab", vocab) == ["aa", "ab"]
+    assert _bpe_tokens(enc, " a", vocab) == ["Ġ", "a"]             # the pattern cut " " from "a"
+    assert _bpe_tokens(enc, "é", vocab) == ["Ã", "©"]              # bytes as GPT-2's characters
+    with pytest.raises(GGUFError, match="merge 1"):
+        BpeEncoder(vocab, ["a b", "b c"], (r"\S+",))                # "bc" is not in the vocab
+    whole = BpeEncoder(vocab, merges, (r"\S+|\s+",), ignore_merges=True)
+    assert _bpe_tokens(whole, "aab", vocab) == ["aab"]             # llama-bpe: a vocab piece whole

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from jisu.config import ModelConfig
-from jisu.model.layers import Attention, AttentionMetadata, Embedding, Linear, RMSNorm, Rotary, reserve_rotaries
+from jisu.model.layers import (Attention, AttentionMetadata, Embedding, Linear, RMSNorm, Rotary, gated_ffn,
+                               reserve_rotaries)
 
 
 class Gemma3Block(nn.Module):
@@ -29,15 +29,11 @@ class Gemma3Block(nn.Module):
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.fused is not None and self.fused.applies(x, meta):
             return self.fused(x, meta)
-        x = x + self.post_attention_norm(self.attn(self.attn_norm(x), meta))
+        x = self.post_attention_norm(self.attn(self.attn_norm(x), meta)).add_(x)   # as in llama.py
         h = self.ffn_norm(x)
-        g, u = self.ffn_gate(h), self.ffn_up(h)
-        if self.ops is not None:                   # the fused decode block's op: the same numbers
-            self.ops.act_mul_(g, u, True)
-        else:
-            g = F.gelu(g, approximate="tanh").mul_(u)
-        h = self.ffn_down(g)
-        return x + self.post_ffw_norm(h)
+        g = gated_ffn(self.ffn_gate, self.ffn_up, h, self.ops, gelu=True)
+        del h                                      # freed before the down projection allocates
+        return self.post_ffw_norm(self.ffn_down(g)).add_(x)
 
 
 class Gemma3(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,15 +52,39 @@ class QLinear(nn.Module):
         self.act_digits = 0   # one-row calls: 0 float32 activations, 1 int8, 2 int16 (per 32 values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.columns(x, 0, self.out_features)
+
+    def columns(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Output features start..end-1 only: (x W^T)[..., start:end]."""
+        qweight = self.qweight[start:end]
         if x.numel() <= self.small_m * self.in_features or (self.act_digits and getattr(self.ops, "isa", "") == "avx512"):
-            return self.ops.qmatmul(x, self.qweight, self.qtype, self.in_features, self.act_digits)
+            return self.ops.qmatmul(x, qweight, self.qtype, self.in_features, self.act_digits)
         x2 = x.reshape(-1, self.in_features)
-        y = torch.empty(x2.shape[0], self.out_features)
-        for n in range(0, self.out_features, self.chunk):
-            rows = slice(n, min(n + self.chunk, self.out_features))
-            w = self.ops.dequantize(self.qweight[rows], self.qtype, self.in_features)
+        y = torch.empty(x2.shape[0], end - start)
+        for n in range(0, end - start, self.chunk):
+            rows = slice(n, min(n + self.chunk, end - start))
+            w = self.ops.dequantize(qweight[rows], self.qtype, self.in_features)
             torch.mm(x2, w.t(), out=y[:, rows])
-        return y.view(*x.shape[:-1], self.out_features)
+        return y.view(*x.shape[:-1], end - start)
+
+
+def gated_ffn(gate: nn.Module, up: nn.Module, h: torch.Tensor, ops, gelu: bool, chunk: int = 512) -> torch.Tensor:
+    """act(h W_gate^T) * (h W_up^T), act SiLU or GELU (tanh). With the kernels, many rows take
+    up's output `chunk` columns at a time into one small buffer, multiplied into the gate's in
+    place: a 512-token prompt chunk held [512, d_ff] twice (SmolLM2: 3.1 MB each) and that pair
+    was the peak of the prefill's working memory."""
+    g = gate(h)
+    if ops is None:
+        return (F.gelu(g, approximate="tanh") if gelu else F.silu(g, inplace=True)).mul_(up(h))
+    d_ff = g.shape[-1]
+    if not isinstance(up, QLinear) or h.numel() < 64 * h.shape[-1] or d_ff <= chunk:
+        ops.act_mul_(g, up(h), gelu)
+        return g
+    g2 = g.view(-1, d_ff)
+    for start in range(0, d_ff, chunk):
+        end = min(start + chunk, d_ff)
+        ops.act_mul_(g2[:, start:end], up.columns(h, start, end).view(-1, end - start), gelu)
+    return g
 
 
 class QEmbedding(nn.Module):
@@ -100,8 +125,8 @@ class Rotary(nn.Module):
     def __init__(self, head_dim: int, base: float, max_len: int, interleaved: bool):
         super().__init__()
         # explicit device: models are built under torch.device("meta") and these are not loaded
-        steps = torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu")
-        self.inv_freq = 1.0 / (base ** (steps / head_dim))
+        # numpy, not torch: a handful of float64 torch ops touched ~4 MB of libtorch's code
+        self.inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
         self.max_len = max_len
         self.register_buffer("cos", torch.empty(0, head_dim // 2, device="cpu"), persistent=False)
         self.register_buffer("sin", torch.empty(0, head_dim // 2, device="cpu"), persistent=False)
@@ -118,8 +143,9 @@ class Rotary(nn.Module):
         if n > self.max_len:
             raise ValueError(f"position {n - 1} is past the rotary tables' {self.max_len} positions")
         n = min(self.max_len, max(n, 2 * have))
-        angles = torch.arange(n, dtype=torch.float64, device="cpu")[:, None] * self.inv_freq[None, :]
-        self.cos, self.sin = angles.cos().float(), angles.sin().float()
+        angles = np.arange(n, dtype=np.float64)[:, None] * self.inv_freq[None, :]
+        self.cos = torch.from_numpy(np.cos(angles).astype(np.float32))
+        self.sin = torch.from_numpy(np.sin(angles).astype(np.float32))
 
     def apply(self, q: torch.Tensor, k: torch.Tensor, meta: "AttentionMetadata") -> tuple[torch.Tensor, torch.Tensor]:
         if self.ops is not None:
@@ -254,13 +280,16 @@ class Attention(nn.Module):
         nd = meta.num_decode
         if nd == B * T:
             out = self._decode(q, slots, meta)
+        elif nd == 0 and len(meta.prefills) == 1 and meta.prefills[0].end - meta.prefills[0].start == B * T:
+            # one prompt chunk: its result is the output
+            out = self._prefill(q, 0, slots.prefill_slots[0], meta)
         else:
             out = torch.empty_like(q)
             if nd:
                 out[:nd] = self._decode(q[:nd], slots, meta)
             for i, seg in enumerate(meta.prefills):
                 out[seg.start:seg.end] = self._prefill(q[seg.start:seg.end], i, slots.prefill_slots[i], meta)
-        return self.attn_output(out.view(B, T, -1))
+        return self.attn_output(out.reshape(B, T, -1))
 
     def _decode(self, q: torch.Tensor, slots: KVGroupSlots, meta: AttentionMetadata) -> torch.Tensor:
         """q [D, H, hd] -> [D, H, hd]: one query per sequence, keys read through the slots."""

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from jisu.config import ModelConfig
-from jisu.model.layers import Attention, AttentionMetadata, Embedding, Linear, RMSNorm, Rotary, reserve_rotaries
+from jisu.model.layers import (Attention, AttentionMetadata, Embedding, Linear, RMSNorm, Rotary, gated_ffn,
+                               reserve_rotaries)
 
 
 class LlamaBlock(nn.Module):
@@ -26,15 +26,12 @@ class LlamaBlock(nn.Module):
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.fused is not None and self.fused.applies(x, meta):
             return self.fused(x, meta)
-        x = x + self.attn(self.attn_norm(x), meta)
+        # residual adds into the fresh output (a + b == b + a exactly): one [T, d] tensor less
+        x = self.attn(self.attn_norm(x), meta).add_(x)
         h = self.ffn_norm(x)
-        # in place: a prompt chunk's [T, 1536] activations would otherwise be allocated twice more
-        g, u = self.ffn_gate(h), self.ffn_up(h)
-        if self.ops is not None:                   # the fused decode block's op: the same numbers
-            self.ops.act_mul_(g, u, False)
-        else:
-            F.silu(g, inplace=True).mul_(u)
-        return x + self.ffn_down(g)
+        g = gated_ffn(self.ffn_gate, self.ffn_up, h, self.ops, gelu=False)
+        del h                                      # freed before the down projection allocates
+        return self.ffn_down(g).add_(x)
 
 
 class Llama(nn.Module):

@@ -1796,29 +1796,41 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
 // g = act(g) * u in place, one pass: SiLU (Llama) or GELU with tanh (Gemma). Both are
 // x / (1 + e^{-y}): y = x for SiLU, y = 2z for GELU since 0.5 (1 + tanh z) = 1 / (1 + e^{-2z})
 // (no cancellation where tanh z is near -1). ATen took two ops (and for a decode row, two
-// dispatches that cost more than the arithmetic).
-inline float act1(float x, bool gelu) {
-    const float y = gelu ? 1.5957691216057308f * (x + 0.044715f * x * x * x) : x;
-    return x / (1.f + std::exp(std::min(-y, 88.f)));
-}
-
+// dispatches that cost more than the arithmetic). g may be a column slice of a wider matrix (rows strided, each row
+// contiguous): the prefill MLP computes up's output a slice of columns at a time into u. A tail
+// shorter than a vector goes through the vector code too, padded, so that a value's result
+// does not depend on where a slice or a thread's range ends.
 void act_mul_(torch::Tensor g, torch::Tensor u, bool gelu) {
-    TORCH_CHECK(g.is_contiguous() && u.is_contiguous() && g.dtype() == torch::kFloat32 && u.dtype() == torch::kFloat32 &&
-                g.numel() == u.numel(), "act_mul_: g and u must be contiguous float32 of one size");
+    TORCH_CHECK(g.dtype() == torch::kFloat32 && u.dtype() == torch::kFloat32 && u.is_contiguous() &&
+                g.sizes() == u.sizes() && (g.is_contiguous() || (g.dim() == 2 && g.stride(1) == 1)),
+                "act_mul_: g and u must be float32 of one shape, u contiguous, g contiguous or rows of a wider matrix");
+    auto vec = [gelu](float* gp, const float* up) {
+        const vf x = vload(gp);
+        const vf y = gelu ? vmul(vset1(1.5957691216057308f), vfma(vmul(vset1(0.044715f), x), vmul(x, x), x)) : x;
+        vstore(gp, vmul(vdiv(x, vadd(vset1(1.f), vexp(vsub(vzero(), y)))), vload(up)));
+    };
+    auto run = [&vec](float* gp, const float* up, int64_t i, int64_t i1) {
+        for (; i + VL <= i1; i += VL) vec(gp + i, up + i);
+        if (i < i1) {
+            float gb[VL] = {}, ub[VL] = {};
+            std::memcpy(gb, gp + i, (i1 - i) * sizeof(float));
+            std::memcpy(ub, up + i, (i1 - i) * sizeof(float));
+            vec(gb, ub);
+            std::memcpy(gp + i, gb, (i1 - i) * sizeof(float));
+        }
+    };
     float* gp = g.data_ptr<float>();
     const float* up = u.data_ptr<float>();
-    auto body = [&](int64_t i0, int64_t i1) {
-        int64_t i = i0;
-        const vf one = vset1(1.f);
-        for (; i + VL <= i1; i += VL) {
-            const vf x = vload(gp + i);
-            const vf y = gelu ? vmul(vset1(1.5957691216057308f), vfma(vmul(vset1(0.044715f), x), vmul(x, x), x)) : x;
-            vstore(gp + i, vmul(vdiv(x, vadd(one, vexp(vsub(vzero(), y)))), vload(up + i)));
-        }
-        for (; i < i1; ++i) gp[i] = act1(gp[i], gelu) * up[i];
-    };
-    const int64_t n = g.numel();
-    if (n < (1 << 15)) body(0, n); else at::parallel_for(0, n, 1 << 13, body);
+    if (g.is_contiguous()) {
+        const int64_t n = g.numel();
+        auto body = [&](int64_t i0, int64_t i1) { run(gp, up, i0, i1); };
+        if (n < (1 << 15)) body(0, n); else at::parallel_for(0, n, 1 << 13, body);
+        return;
+    }
+    const int64_t rows = g.size(0), cols = g.size(1), ld = g.stride(0);
+    at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 13) / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) run(gp + r * ld, up + r * cols, 0, cols);
+    });
 }
 
 // a + b into a new tensor, without ATen's dispatch (decode rows are a few hundred floats)
