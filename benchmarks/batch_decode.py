@@ -18,15 +18,18 @@ def main() -> None:
     ap.add_argument("--batch", default="1,8,32,64")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--activations", default="int16", choices=["int16", "int8", "float32"])
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16", "float32"])
     args = ap.parse_args()
     sizes = [int(b) for b in args.batch.split(",")]
-    llm = LLM(args.model, progress=False, max_num_seqs=max(sizes), activations=args.activations)
+    llm = LLM(args.model, progress=False, max_num_seqs=max(sizes), activations=args.activations,
+              kv_cache_dtype=args.kv_cache_dtype)
     eng = llm.engine
     prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": f"Question {i}: why is the sky blue?"}])
                for i in range(max(sizes))]
     params = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)    # warm-up
-    print(f"| sequences | decode tok/s (aggregate, {args.activations} activations) |\n|---|---|")
+    print(f"| sequences | decode tok/s (aggregate, {args.activations} activations, "
+          f"{llm.engine_config.kv_cache_dtype} KV) |\n|---|---|")
     for b in sizes:
         rids = [f"{b}-{i}" for i in range(b)]
         for rid, prompt in zip(rids, prompts):

@@ -94,6 +94,9 @@ class ModelConfig:
         return cfg
 
 
+KV_DTYPES = {"float32": 4, "float16": 2}     # -> bytes per value
+
+
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 32              # sequences running at once
@@ -103,6 +106,7 @@ class EngineConfig:
     kv_cache_fraction: float = 0.25
     max_model_len: int | None = None    # defaults to the model's context length
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "float32"     # or "float16": half the memory and the attention's reads
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -112,6 +116,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.kv_cache_gb must be > 0, got {self.kv_cache_gb!r}")
         if not 0 < self.kv_cache_fraction <= 0.9:
             raise ValueError(f"EngineConfig.kv_cache_fraction must be in (0, 0.9], got {self.kv_cache_fraction!r}")
+        if self.kv_cache_dtype not in KV_DTYPES:
+            raise ValueError(f"EngineConfig.kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
 
     def model_len(self, context_length: int) -> int:
         """Longest sequence: max_model_len, capped by the model's context (the KV-cache size

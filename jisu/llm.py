@@ -84,7 +84,8 @@ class LLM:
                  max_num_seqs: int = 32,
                  max_model_len: int | None = None, max_num_batched_tokens: int = 512,
                  enable_prefix_caching: bool = True, num_threads: int | None = None, progress: bool = True,
-                 dtype: str = "float32", kernels: bool | None = None, activations: str = "int16"):
+                 dtype: str = "float32", kernels: bool | None = None, activations: str = "int16",
+                 kv_cache_dtype: str = "auto"):
         if num_threads or not os.environ.get("OMP_NUM_THREADS"):
             torch.set_num_threads(num_threads or os.cpu_count() or 1)
         t0 = time.perf_counter()
@@ -93,7 +94,8 @@ class LLM:
                                           kv_cache_fraction=kv_cache_fraction,
                                           max_model_len=max_model_len,
                                           max_num_batched_tokens=max_num_batched_tokens,
-                                          enable_prefix_caching=enable_prefix_caching)
+                                          enable_prefix_caching=enable_prefix_caching,
+                                          kv_cache_dtype="float32" if kv_cache_dtype == "auto" else kv_cache_dtype)
         self.path = str(resolve(model, progress=progress))
         g = read_gguf(self.path)
         self.config = ModelConfig.from_gguf(g)
@@ -111,6 +113,10 @@ class LLM:
                 raise RuntimeError(f"CPU kernels requested but unavailable: {cpu.load_error}")
         self.kernels = ops is not None
         self.activations = activations if ops is not None else "float32"
+        if kv_cache_dtype == "auto":
+            # float16 keys and values wherever activations are rounded anyway: half the cache's
+            # memory and half of what decode attention reads (its bound); "float32" stays exact
+            self.engine_config.kv_cache_dtype = "float16" if self.activations != "float32" else "float32"
         self.model = load_model(g, self.config, max_len, getattr(torch, dtype), ops, activations)
         self.engine = LLMEngine(self.model, self.config, self.tokenizer, self.engine_config)
         self.load_seconds = time.perf_counter() - t0

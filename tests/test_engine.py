@@ -209,7 +209,8 @@ def test_window_group_prefix_hit_needs_only_the_window():
 
 def test_window_model_uses_fewer_pages_and_longer_context(tiny_gemma3_path):
     from jisu.engine.block_manager import NO_BLOCK
-    llm = LLM(str(tiny_gemma3_path), progress=False, kv_cache_gb=0.004, max_num_batched_tokens=32)
+    llm = LLM(str(tiny_gemma3_path), progress=False, kv_cache_gb=0.004, max_num_batched_tokens=32,
+              kv_cache_dtype="float32")      # the page arithmetic below assumes 4-byte values
     eng = llm.engine
     groups = llm.config.kv_groups()
     assert len(groups) == 6 and sum(w is not None for _, w in groups) == 5     # 5 local layers, 1 global

@@ -216,14 +216,16 @@ def test_rms_norm(shape):
 
 @pytest.mark.parametrize("heads", [(8, 2, 64), (9, 3, 64), (4, 1, 256), (2, 2, 16)], ids=str)
 @pytest.mark.parametrize("window", [0, 5, 40])
-def test_paged_attention_decode_equals_sdpa(heads, window):
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16], ids=str)
+def test_paged_attention_decode_equals_sdpa(heads, window, kv):
     H, KVH, D = heads
     B, S, L = 5, 300, 70
-    k_cache, v_cache = torch.randn(S, KVH, D), torch.randn(S, KVH, D)
+    k16, v16 = torch.randn(S, KVH, D).to(kv), torch.randn(S, KVH, D).to(kv)    # float16: read as float32
+    k_cache, v_cache = k16.float(), v16.float()
     lens = torch.tensor([7, 1, 70, 16, 33])                              # keys in whole and part vectors
     slots = torch.stack([torch.randperm(S)[:L] for _ in range(B)])      # scattered blocks
     q = torch.randn(B, H, D)
-    got = ops.paged_attention_decode(q, k_cache, v_cache, slots, lens, 0.125, window)
+    got = ops.paged_attention_decode(q, k16, v16, slots, lens, 0.125, window)
     for b in range(B):
         n = int(lens[b])
         lo = max(0, n - window) if window else 0
@@ -235,7 +237,8 @@ def test_paged_attention_decode_equals_sdpa(heads, window):
 
 @pytest.mark.parametrize("heads", [(9, 3, 64), (4, 1, 256)], ids=str)
 @pytest.mark.parametrize("window", [0, 300])
-def test_paged_attention_decode_long_context_split_over_threads(heads, window):
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16], ids=str)
+def test_paged_attention_decode_long_context_split_over_threads(heads, window, kv):
     """One sequence with few KV heads: its keys are split into parts on several threads and the
     parts' softmaxes merged; the result is attention over all the keys."""
     H, KVH, D = heads
@@ -243,11 +246,12 @@ def test_paged_attention_decode_long_context_split_over_threads(heads, window):
     torch.set_num_threads(4)
     try:
         S, lens = 3000, torch.tensor([1000, 777])
-        k_cache, v_cache = torch.randn(S, KVH, D), torch.randn(S, KVH, D)
+        k16, v16 = torch.randn(S, KVH, D).to(kv), torch.randn(S, KVH, D).to(kv)
+        k_cache, v_cache = k16.float(), v16.float()
         slots = torch.stack([torch.randperm(S)[:1000] for _ in range(2)])
         q = torch.randn(2, H, D)
         for b in (slice(0, 1), slice(0, 2)):
-            got = ops.paged_attention_decode(q[b], k_cache, v_cache, slots[b], lens[b], D ** -0.5, window)
+            got = ops.paged_attention_decode(q[b], k16, v16, slots[b], lens[b], D ** -0.5, window)
             for i in range(got.shape[0]):
                 n = int(lens[i])
                 lo = max(0, n - window) if window else 0
@@ -275,12 +279,14 @@ def sdpa_prefill(q, k_cache, v_cache, slots, positions, scale, window):
 @pytest.mark.parametrize("heads", [(9, 3, 64), (4, 1, 256), (2, 2, 128)], ids=str)
 @pytest.mark.parametrize("t,prior", [(1, 0), (5, 0), (17, 3), (64, 0), (100, 300), (300, 0)], ids=str)
 @pytest.mark.parametrize("window", [0, 4, 100])
-def test_paged_attention_prefill_equals_sdpa(heads, t, prior, window):
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16], ids=str)
+def test_paged_attention_prefill_equals_sdpa(heads, t, prior, window, kv):
     H, KVH, D = heads
     slots = torch.randperm(1000)[:prior + t]          # keys scattered over the cache
-    k_cache, v_cache = torch.randn(1000, KVH, D), torch.randn(1000, KVH, D)
+    k16, v16 = torch.randn(1000, KVH, D).to(kv), torch.randn(1000, KVH, D).to(kv)
+    k_cache, v_cache = k16.float(), v16.float()
     q, positions = torch.randn(t, H, D), torch.arange(prior, prior + t)
-    got = ops.paged_attention_prefill(q, k_cache, v_cache, slots, positions, D ** -0.5, window)
+    got = ops.paged_attention_prefill(q, k16, v16, slots, positions, D ** -0.5, window)
     torch.testing.assert_close(got, sdpa_prefill(q, k_cache, v_cache, slots, positions, D ** -0.5, window),
                                rtol=1e-5, atol=2e-5)
     with pytest.raises(RuntimeError, match="has no key"):
@@ -288,6 +294,10 @@ def test_paged_attention_prefill_equals_sdpa(heads, t, prior, window):
     with pytest.raises(RuntimeError, match="query heads per KV head"):   # more rows than a task holds
         ops.paged_attention_prefill(torch.randn(t, 80, D), k_cache[:, :1].contiguous(), v_cache[:, :1].contiguous(),
                                     slots, positions, 0.1, 0)
+    with pytest.raises(RuntimeError, match="both be float32 or both float16"):
+        ops.paged_attention_prefill(q, k16, v_cache.double(), slots, positions, 0.1, window)
+    with pytest.raises(RuntimeError, match="both be float32 or both float16"):
+        ops.paged_attention_decode(q[:1], k_cache.half(), v_cache, slots[None], torch.tensor([1]), 0.1, window)
 
 
 @pytest.mark.parametrize("interleaved", [True, False])

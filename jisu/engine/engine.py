@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from jisu.config import EngineConfig, ModelConfig
+import torch
+
+from jisu.config import KV_DTYPES, EngineConfig, ModelConfig
 from jisu.engine.block_manager import BlockManager
 from jisu.engine.runner import ModelRunner
 from jisu.engine.sampler import sample
@@ -27,13 +29,14 @@ class LLMEngine:
         self.model_cfg, self.tokenizer, self.cfg = model_cfg, tokenizer, cfg
         groups = model_cfg.kv_groups()
         # a page: block_size tokens of K and V for the layers of one group
-        page_bytes = 2 * len(groups[0][0]) * model_cfg.n_kv_heads * model_cfg.head_dim * 4 * cfg.block_size
+        page_bytes = (2 * len(groups[0][0]) * model_cfg.n_kv_heads * model_cfg.head_dim * KV_DTYPES[cfg.kv_cache_dtype]
+                      * cfg.block_size)
         num_blocks = max(2 * len(groups), cfg.kv_cache_bytes() // page_bytes)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching,
                                           windows=[w for _, w in groups])
         self.max_model_len = self._capacity(cfg.model_len(model_cfg.context_length))
         self.scheduler = Scheduler(cfg, self.block_manager)
-        self.runner = ModelRunner(model, model_cfg, num_blocks, cfg.block_size)
+        self.runner = ModelRunner(model, model_cfg, num_blocks, cfg.block_size, getattr(torch, cfg.kv_cache_dtype))
         self.sequences: dict[str, list[Sequence]] = {}
 
     def _capacity(self, longest: int) -> int:

@@ -13,7 +13,8 @@ from jisu.model.layers import Attention, AttentionMetadata, KVGroupSlots, Prefil
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, cfg: ModelConfig, num_blocks: int, block_size: int):
+    def __init__(self, model: nn.Module, cfg: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: torch.dtype = torch.float32):
         self.model, self.cfg, self.block_size = model, cfg, block_size
         groups = cfg.kv_groups()
         num_slots = num_blocks * block_size
@@ -25,7 +26,7 @@ class ModelRunner:
         # empty, not zeros: the pool's pages stay unmapped until a sequence writes them, so memory
         # follows use rather than the budget. Only the scratch slot is ever read unwritten (padding
         # and freed window blocks, always masked out); it is zeroed so masked keys are not NaN.
-        self.kv_cache = torch.empty(shape, dtype=torch.float32)
+        self.kv_cache = torch.empty(shape, dtype=dtype)
         self.kv_cache[:, :, self.scratch_slot] = 0
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         assert len(layers) == cfg.n_layers

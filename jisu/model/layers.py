@@ -274,8 +274,9 @@ class Attention(nn.Module):
         q, k = self.rotary.apply(q, k, meta)
 
         slots = meta.groups[self.kv_group]
-        self.k_cache.index_copy_(0, slots.slot_mapping, k.reshape(B * T, self.n_kv_heads, self.head_dim))
-        self.v_cache.index_copy_(0, slots.slot_mapping, v.reshape(B * T, self.n_kv_heads, self.head_dim))
+        kv = self.k_cache.dtype               # float32, or float16 (rounded to nearest, as the fused path)
+        self.k_cache.index_copy_(0, slots.slot_mapping, k.reshape(B * T, self.n_kv_heads, self.head_dim).to(kv))
+        self.v_cache.index_copy_(0, slots.slot_mapping, v.reshape(B * T, self.n_kv_heads, self.head_dim).to(kv))
         q = q.view(B * T, self.n_heads, self.head_dim)
         nd = meta.num_decode
         if nd == B * T:
@@ -296,8 +297,8 @@ class Attention(nn.Module):
         if self.ops is not None and self.head_dim % 16 == 0:
             return self.ops.paged_attention_decode(q, self.k_cache, self.v_cache, slots.decode_slots,
                                                    meta.decode_lens, self.scale, self.window or 0)
-        keys = self.k_cache[slots.decode_slots].transpose(1, 2)      # [D, KVH, L, hd]
-        values = self.v_cache[slots.decode_slots].transpose(1, 2)
+        keys = self.k_cache[slots.decode_slots].transpose(1, 2).to(q.dtype)      # [D, KVH, L, hd]
+        values = self.v_cache[slots.decode_slots].transpose(1, 2).to(q.dtype)
         out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=meta.decode_mask(self.window),
                                              scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
         return out[:, :, 0]
@@ -307,8 +308,8 @@ class Attention(nn.Module):
         if self.ops is not None and self.head_dim % 64 == 0 and self.n_heads // self.n_kv_heads <= 32:
             return self.ops.paged_attention_prefill(q, self.k_cache, self.v_cache, key_slots,
                                                     meta.prefills[i].positions, self.scale, self.window or 0)
-        keys = self.k_cache[key_slots].transpose(0, 1)[None]         # [1, KVH, L, hd]
-        values = self.v_cache[key_slots].transpose(0, 1)[None]
+        keys = self.k_cache[key_slots].transpose(0, 1)[None].to(q.dtype)         # [1, KVH, L, hd]
+        values = self.v_cache[key_slots].transpose(0, 1)[None].to(q.dtype)
         mask = meta.prefill_mask(i, self.window)
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask,
                                              is_causal=mask is None, scale=self.scale,

@@ -1369,6 +1369,7 @@ inline __m256 exp_ps(__m256 x) {
 using vf = __m512;
 constexpr int VL = 16;
 inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vf vload(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
 inline vf vset1(float x) { return _mm512_set1_ps(x); }
 inline vf vzero() { return _mm512_setzero_ps(); }
@@ -1394,6 +1395,7 @@ inline vf vexp(vf x) {   // as exp_ps, 16 lanes
 using vf = __m256;
 constexpr int VL = 8;
 inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vf vload(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
 inline vf vset1(float x) { return _mm256_set1_ps(x); }
 inline vf vzero() { return _mm256_setzero_ps(); }
@@ -1500,10 +1502,17 @@ inline void one_to_four(int64_t n, F&& f) {   // f(integral_constant<n>) for n i
 
 // q [T, H, D] at absolute positions [T]; key j of the sequence lives in slot key_slots[j]. Query
 // t sees keys j <= positions[t] (and j > positions[t] - window when window > 0).
+void check_caches(const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
+    TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() &&
+                (k_cache.scalar_type() == torch::kFloat32 || k_cache.scalar_type() == torch::kHalf),
+                "KV caches must both be float32 or both float16");
+}
+
 torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                       torch::Tensor key_slots, torch::Tensor positions, double scale, int64_t window) {
     TORCH_CHECK(q.dtype() == torch::kFloat32 && q.dim() == 3, "q must be float32 [T, H, D]");
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3, "caches must be contiguous [S, KVH, D]");
+    check_caches(k_cache, v_cache);
     q = q.contiguous();
     key_slots = key_slots.contiguous();
     positions = positions.reshape(-1).contiguous();
@@ -1520,8 +1529,13 @@ torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, to
         TORCH_CHECK(pos[t] >= 0 && pos[t] < L, "paged_attention_prefill: position ", pos[t], " has no key (", L, " keys)");
     auto out = torch::empty_like(q);
     const float* qp = q.data_ptr<float>();
-    const float* kp = k_cache.data_ptr<float>();
-    const float* vp = v_cache.data_ptr<float>();
+    // float16 caches: a block's key and value rows are converted once into float32 scratch,
+    // then used by all the task's rows (up to four vectors of them)
+    const bool half = k_cache.scalar_type() == torch::kHalf;
+    const float* kp = half ? nullptr : k_cache.data_ptr<float>();
+    const float* vp = half ? nullptr : v_cache.data_ptr<float>();
+    const c10::Half* khp = half ? static_cast<const c10::Half*>(k_cache.data_ptr()) : nullptr;
+    const c10::Half* vhp = half ? static_cast<const c10::Half*>(v_cache.data_ptr()) : nullptr;
     float* op = out.data_ptr<float>();
     // a task: the G heads of one KV head for QB queries, at most four vectors of rows
     const int64_t G = H / KVH, QB = std::max<int64_t>(1, 4 * VL / G), nqb = (T + QB - 1) / QB, tasks = KVH * nqb;
@@ -1530,6 +1544,7 @@ torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, to
         const int64_t MPmax = (QB * G + VL - 1) / VL * VL;
         std::vector<float> qt(D * MPmax), o(MPmax * D), st(PKB * MPmax), m(MPmax), l(MPmax), corr(MPmax);
         std::vector<int32_t> rpos(MPmax);
+        std::vector<float> kconv(half ? PKB * D : 0), vconv(half ? PKB * D : 0);
         const float* krows[PKB];
         const float* vrows[PKB];
         for (int64_t task = t0; task < t1; ++task) {
@@ -1553,8 +1568,20 @@ torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, to
             for (int64_t kb = lo; kb < hi; kb += PKB) {
                 const int n = int(std::min<int64_t>(PKB, hi - kb));
                 for (int j = 0; j < n; ++j) {
-                    krows[j] = kp + (slots[kb + j] * KVH + kvh) * D;
-                    vrows[j] = vp + (slots[kb + j] * KVH + kvh) * D;
+                    const int64_t at = (slots[kb + j] * KVH + kvh) * D;
+                    if (!half) {
+                        krows[j] = kp + at;
+                        vrows[j] = vp + at;
+                        continue;
+                    }
+                    float* kd = kconv.data() + j * D;
+                    float* vd = vconv.data() + j * D;
+                    for (int64_t d = 0; d < D; d += VL) {
+                        vstore(kd + d, vload(khp + at + d));
+                        vstore(vd + d, vload(vhp + at + d));
+                    }
+                    krows[j] = kd;
+                    vrows[j] = vd;
                 }
                 one_to_four(MV, [&](auto mv) { prefill_scores<decltype(mv)::value>(krows, n, qt.data(), D, st.data()); });
                 const vf ninf = vset1(-INFINITY);
@@ -1638,9 +1665,9 @@ inline vf sum_each(const vf* p) {
 // heads sharing it. Scores come VL keys at a time: each key's products stay a vector and
 // sum_each turns VL of them into one vector of scores. Small steps run on the calling thread
 // (waking the pool costs more).
-torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor gather_slots, torch::Tensor context_lens,
-                                     double scale, int64_t window) {
+template <typename KT>
+torch::Tensor attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                               torch::Tensor gather_slots, torch::Tensor context_lens, double scale, int64_t window) {
     TORCH_CHECK(q.dtype() == torch::kFloat32 && q.dim() == 3, "q must be float32 [B, H, D]");
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3, "caches must be contiguous [S, KVH, D]");
     q = q.contiguous();
@@ -1651,8 +1678,8 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
                 "paged_attention_decode: shape mismatch (head dim must be a multiple of 16)");
     auto out = torch::empty_like(q);
     const float* qp = q.data_ptr<float>();
-    const float* kp = k_cache.data_ptr<float>();
-    const float* vp = v_cache.data_ptr<float>();
+    const KT* kp = static_cast<const KT*>(k_cache.data_ptr());
+    const KT* vp = static_cast<const KT*>(v_cache.data_ptr());
     const int64_t* slots = gather_slots.data_ptr<int64_t>();
     const int64_t* lens = context_lens.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b)
@@ -1691,7 +1718,7 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
             for (int64_t i = 0; i < G * D; ++i) qs[i] = qv[i] * float(scale);
             for (int64_t j0 = k0; j0 < k1; j0 += VL) {
                 const int nk = int(std::min<int64_t>(VL, k1 - j0));
-                const float* kr[VL];
+                const KT* kr[VL];
                 for (int l = 0; l < nk; ++l) kr[l] = kp + (slots[b * L + j0 + l] * KVH + kvh) * D;
                 for (int64_t g = 0; g < G; ++g) {
                     const float* qg = qs.data() + g * D;
@@ -1739,7 +1766,7 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
                             vf acc[GH][4];
                             for (int h = 0; h < GH; ++h) for (int v = 0; v < 4; ++v) acc[h][v] = vzero();
                             for (int64_t jj = k0; jj < k1; ++jj) {
-                                const float* vv = vp + (slots[b * L + jj] * KVH + kvh) * D + i0;
+                                const KT* vv = vp + (slots[b * L + jj] * KVH + kvh) * D + i0;
                                 vf x[4];
                                 for (int v = 0; v < 4; ++v) x[v] = vload(vv + v * VL);
                                 for (int h = 0; h < GH; ++h) {
@@ -1761,7 +1788,7 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
                     const int nv = int(std::min<int64_t>(4, (D - i0) / VL));
                     vf acc[4] = {vzero(), vzero(), vzero(), vzero()};
                     for (int64_t jj = k0; jj < k1; ++jj) {
-                        const float* vv = vp + (slots[b * L + jj] * KVH + kvh) * D + i0;
+                        const KT* vv = vp + (slots[b * L + jj] * KVH + kvh) * D + i0;
                         const vf p = vset1(pg[jj]);
                         for (int v = 0; v < nv; ++v) acc[v] = vfma(p, vload(vv + v * VL), acc[v]);
                     }
@@ -1791,6 +1818,18 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
             }
     }
     return out;
+}
+
+
+// The caches hold float32 or float16 (converted to float32 as loaded: decode attention reads
+// every key and value of every sequence once a step and is bound by that traffic).
+torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor gather_slots, torch::Tensor context_lens,
+                                     double scale, int64_t window) {
+    check_caches(k_cache, v_cache);
+    if (k_cache.scalar_type() == torch::kHalf)
+        return attention_decode<c10::Half>(q, k_cache, v_cache, gather_slots, context_lens, scale, window);
+    return attention_decode<float>(q, k_cache, v_cache, gather_slots, context_lens, scale, window);
 }
 
 // g = act(g) * u in place, one pass: SiLU (Llama) or GELU with tanh (Gemma). Both are
@@ -1894,11 +1933,17 @@ void write_slots(torch::Tensor& cache, const torch::Tensor& slots, const torch::
                 "write_slots: shape mismatch");
     const int64_t width = rows.size(1), S = cache.size(0);
     const int64_t* sp = slots.contiguous().data_ptr<int64_t>();
-    float* cp = cache.data_ptr<float>();
     const float* rp = rows.data_ptr<float>();
+    const bool half = cache.scalar_type() == torch::kHalf;
+    TORCH_CHECK(half || cache.scalar_type() == torch::kFloat32, "write_slots: cache must be float32 or float16");
     for (int64_t b = 0; b < rows.size(0); ++b) {
         TORCH_CHECK(sp[b] >= 0 && sp[b] < S, "write_slots: slot ", sp[b], " outside the cache");
-        std::memcpy(cp + sp[b] * width, rp + b * width, sizeof(float) * width);
+        if (!half) {
+            std::memcpy(cache.data_ptr<float>() + sp[b] * width, rp + b * width, sizeof(float) * width);
+            continue;
+        }
+        c10::Half* dst = static_cast<c10::Half*>(cache.data_ptr()) + sp[b] * width;
+        for (int64_t i = 0; i < width; ++i) dst[i] = c10::Half(rp[b * width + i]);   // round to nearest even
     }
 }
 
