@@ -402,3 +402,16 @@ def test_gated_ffn_in_column_chunks_equals_whole(gelu):
     assert chunked.shape == (1, 80, 1100) and torch.equal(chunked, whole)
     with pytest.raises(RuntimeError, match="act_mul_"):
         ops.act_mul_(whole[:, :, :10].transpose(1, 2), torch.randn(1, 10, 80), gelu)
+
+
+@pytest.mark.parametrize("m", [1, 2, 7])
+def test_qmatmul_into_a_callers_buffer(m):
+    q, _ = random_weight(Q.Q8_0, n=40)
+    x = torch.randn(m, 512)
+    for digits in (0, 2):
+        want = ops.qmatmul(x, q, int(Q.Q8_0), 512, digits)
+        out = torch.full((m, 40), float("nan"))
+        got = ops.qmatmul(x, q, int(Q.Q8_0), 512, digits, out)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(got, want) and torch.equal(out, want)
+    with pytest.raises(RuntimeError, match="out must be contiguous float32"):
+        ops.qmatmul(x, q, int(Q.Q8_0), 512, 2, torch.empty(m, 41))

@@ -148,8 +148,8 @@ def test_eos_stops_unless_ignored(tiny_llama, monkeypatch):
     model = tiny_llama.model
     plain = model.compute_logits
 
-    def eos_wins_after_two(h):          # EOS becomes the argmax from the third token on
-        logits = plain(h)
+    def eos_wins_after_two(h, out=None):    # EOS becomes the argmax from the third token on
+        logits = plain(h, out)
         if sum(s.num_output_tokens for s in tiny_llama.engine.scheduler.running) >= 2:
             logits[..., eos] = 1e4
         return logits

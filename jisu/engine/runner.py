@@ -28,6 +28,7 @@ class ModelRunner:
         # and freed window blocks, always masked out); it is zeroed so masked keys are not NaN.
         self.kv_cache = torch.empty(shape, dtype=dtype)
         self.kv_cache[:, :, self.scratch_slot] = 0
+        self._logits: torch.Tensor | None = None   # next-token logits, reused from step to step
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         assert len(layers) == cfg.n_layers
         for g, (members, _window) in enumerate(groups):
@@ -99,4 +100,12 @@ class ModelRunner:
         if all_logits:
             assert len(seqs) == 1
             return ready, self.model.compute_logits(hidden).float()
-        return ready, self.model.compute_logits(hidden[rows]).float()
+        # a step's logits live until the next step (the engine samples from them at once): one
+        # buffer, grown to the most rows seen (64 rows of Gemma's 262k vocab: 67 MB, allocated
+        # and page-faulted anew each step before; on the server's engine thread malloc maps
+        # anything over its arena's 64 MB heaps fresh whatever its threshold)
+        vocab = self.model.output.out_features
+        if self._logits is None or self._logits.shape[0] < len(rows):
+            self._logits = None
+            self._logits = torch.empty(max(len(rows), 1), vocab)
+        return ready, self.model.compute_logits(hidden[rows], out=self._logits[:len(rows)]).float()

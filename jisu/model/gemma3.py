@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from jisu.config import ModelConfig
-from jisu.model.layers import (Attention, AttentionMetadata, Embedding, Linear, RMSNorm, Rotary, gated_ffn,
+from jisu.model.layers import (Attention, AttentionMetadata, Embedding, Linear, RMSNorm, Rotary, gated_ffn, project,
                                reserve_rotaries)
 
 
@@ -63,5 +63,5 @@ class Gemma3(nn.Module):
                 x = block(x, meta)
         return self.output_norm(x)
 
-    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(h)
+    def compute_logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return project(self.output, h, out)

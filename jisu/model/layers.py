@@ -54,18 +54,26 @@ class QLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.columns(x, 0, self.out_features)
 
-    def columns(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """Output features start..end-1 only: (x W^T)[..., start:end]."""
+    def columns(self, x: torch.Tensor, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Output features start..end-1 only: (x W^T)[..., start:end], into `out` if given
+        (contiguous, [rows, end - start])."""
         qweight = self.qweight[start:end]
         if x.numel() <= self.small_m * self.in_features or (self.act_digits and getattr(self.ops, "isa", "") == "avx512"):
-            return self.ops.qmatmul(x, qweight, self.qtype, self.in_features, self.act_digits)
+            return self.ops.qmatmul(x, qweight, self.qtype, self.in_features, self.act_digits, out)
         x2 = x.reshape(-1, self.in_features)
-        y = torch.empty(x2.shape[0], end - start)
+        y = torch.empty(x2.shape[0], end - start) if out is None else out.view(x2.shape[0], end - start)
         for n in range(0, end - start, self.chunk):
             rows = slice(n, min(n + self.chunk, end - start))
             w = self.ops.dequantize(qweight[rows], self.qtype, self.in_features)
             torch.mm(x2, w.t(), out=y[:, rows])
         return y.view(*x.shape[:-1], end - start)
+
+
+def project(lin: nn.Module, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """lin(x), written into `out` where lin keeps GGUF blocks (QLinear) and out is given."""
+    if out is not None and isinstance(lin, QLinear):
+        return lin.columns(x, 0, lin.out_features, out)
+    return lin(x)
 
 
 def gated_ffn(gate: nn.Module, up: nn.Module, h: torch.Tensor, ops, gelu: bool, chunk: int = 512) -> torch.Tensor:

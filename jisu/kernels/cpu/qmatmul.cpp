@@ -1198,7 +1198,7 @@ void check_weight(const torch::Tensor& w, int64_t K, int64_t block, int64_t byte
 // K (q/k/v, gate/up): y_i [N_i]. One parallel region over all their rows: a decode step's
 // small matrices are too short to split well one at a time, and each region costs a fork/join.
 std::vector<torch::Tensor> matvec_i8(const XQBuffer& xq, const std::vector<torch::Tensor>& ws,
-                                     const std::vector<int64_t>& qtypes, int64_t K) {
+                                     const std::vector<int64_t>& qtypes, int64_t K, const torch::Tensor* out = nullptr) {
     std::vector<torch::Tensor> ys;
     std::vector<int64_t> first{0};
     for (size_t i = 0; i < ws.size(); ++i) {
@@ -1206,7 +1206,7 @@ std::vector<torch::Tensor> matvec_i8(const XQBuffer& xq, const std::vector<torch
             using B = typename decltype(k)::Int;
             check_weight(ws[i], K, B::N, B::BYTES);
         });
-        ys.push_back(torch::empty({ws[i].size(0)}, torch::dtype(torch::kFloat32)));
+        ys.push_back(out ? out->view({-1}) : torch::empty({ws[i].size(0)}, torch::dtype(torch::kFloat32)));
         first.push_back(first.back() + ws[i].size(0));
     }
     const XQ x = xq.view();
@@ -1233,7 +1233,7 @@ constexpr int64_t GEMM_MIN_ROWS = 3;
 // rounded once, and the panels of all of them (GP weight rows each, unpacked once, passed over
 // by every row of x) are split over the threads in one parallel region.
 std::vector<torch::Tensor> gemm_i16(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
-                                    const std::vector<int64_t>& qtypes, int64_t K) {
+                                    const std::vector<int64_t>& qtypes, int64_t K, const torch::Tensor* out = nullptr) {
     const int64_t M = x.numel() / K;
     std::vector<torch::Tensor> ys;
     std::vector<int64_t> first{0};
@@ -1242,7 +1242,7 @@ std::vector<torch::Tensor> gemm_i16(const torch::Tensor& x, const std::vector<to
             using F = typename decltype(k)::Float;
             check_weight(ws[i], K, F::N, F::BYTES);
         });
-        ys.push_back(torch::empty({M, ws[i].size(0)}, torch::dtype(torch::kFloat32)));
+        ys.push_back(out ? out->view({M, -1}) : torch::empty({M, ws[i].size(0)}, torch::dtype(torch::kFloat32)));
         first.push_back(first.back() + (ws[i].size(0) + GP - 1) / GP);
     }
     XQ16 xq;
@@ -1271,22 +1271,28 @@ std::vector<torch::Tensor> gemm_i16(const torch::Tensor& x, const std::vector<to
 // more rows take the int16 GEMM on AVX-512 builds (int16 for either digits setting), and
 // float32 on AVX2 ones (each dequantized weight block is reused enough to win there).
 // digits 0: float32 throughout.
-torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K, int64_t digits) {
+torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K, int64_t digits,
+                      c10::optional<torch::Tensor> out) {
     TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.size(-1) == K, "x must be float32 [..., K] with K=", K);
     x = x.contiguous();
     const int64_t M = x.numel() / K, N = w.size(0);
     auto out_shape = x.sizes().vec();
     out_shape.back() = N;
     TORCH_CHECK(digits >= 0 && digits <= 2, "qmatmul: digits must be 0 (float32), 1 (int8) or 2 (int16)");
+    // out: a caller's buffer for y (a decode batch's logits are tens of MB: allocating them
+    // each step cost page faults and zeroing where malloc maps them fresh)
+    TORCH_CHECK(!out || (out->dtype() == torch::kFloat32 && out->is_contiguous() && out->numel() == M * N),
+                "qmatmul: out must be contiguous float32 with ", M * N, " elements");
+    const torch::Tensor* o = out ? &*out : nullptr;
     if (digits > 0 && M == 1 && K % 32 == 0) {
         XQBuffer xq;
         quantize_x8(x.data_ptr<float>(), K, xq, int(digits));
-        return matvec_i8(xq, {w}, {qtype}, K)[0].view(out_shape);
+        return matvec_i8(xq, {w}, {qtype}, K, o)[0].view(out_shape);
     }
 #ifdef JISU_AVX512
-    if (digits > 0 && M >= GEMM_MIN_ROWS && K % 32 == 0) return gemm_i16(x, {w}, {qtype}, K)[0].view(out_shape);
+    if (digits > 0 && M >= GEMM_MIN_ROWS && K % 32 == 0) return gemm_i16(x, {w}, {qtype}, K, o)[0].view(out_shape);
 #endif
-    auto y = torch::empty(out_shape, x.options());
+    auto y = o ? o->view(out_shape) : torch::empty(out_shape, x.options());
     dispatch(qtype, [&](auto k) {
         using F = typename decltype(k)::Float;
         using I = typename decltype(k)::Int;
@@ -1978,7 +1984,7 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
 #ifdef JISU_AVX512
         if (digits > 0 && B >= GEMM_MIN_ROWS && K % 32 == 0) return gemm_i16(in.contiguous(), ws, ts, K);
 #endif
-        for (size_t i = 0; i < ws.size(); ++i) ys.push_back(qmatmul(in, ws[i], ts[i], K, digits).view({B, -1}));
+        for (size_t i = 0; i < ws.size(); ++i) ys.push_back(qmatmul(in, ws[i], ts[i], K, digits, c10::nullopt).view({B, -1}));
         return ys;
     };
     auto h = rms_norm(x, norms[0], eps);
@@ -2098,6 +2104,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension", release());
     m.def("act_mul_", &act_mul_, "g = silu(g) * u, or gelu_tanh(g) * u, in place", release());
     m.def("qmatmul", &qmatmul, "y = x @ dequant(W)^T for GGUF-quantized W", py::arg("x"), py::arg("w"),
-          py::arg("qtype"), py::arg("K"), py::arg("digits") = 0, release());
+          py::arg("qtype"), py::arg("K"), py::arg("digits") = 0, py::arg("out") = py::none(), release());
     m.def("dequantize", &dequantize, "GGUF blocks -> float32 [N, K]", release());
 }
