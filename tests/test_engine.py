@@ -1,7 +1,9 @@
 """The serving engine on a tiny model: prefix caching, chunked prefill mixed with decodes,
 the block pool's eviction order."""
 
+import numpy as np
 import pytest
+import torch
 
 from jisu import LLM, SamplingParams
 from jisu.engine.block_manager import BlockManager
@@ -160,6 +162,22 @@ def test_engine_config_rejects_nonsense(tiny_llama_path):
         LLM(str(tiny_llama_path), progress=False, kv_cache_gb=-1)
     with pytest.raises(ValueError, match="activations must be one of float32, int8, int16"):
         LLM(str(tiny_llama_path), progress=False, activations="int4")
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of float32, float16"):
+        LLM(str(tiny_llama_path), progress=False, kv_cache_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_float16_kv_cache(tiny_llama_path, kernels):
+    """float16 keys and values (the default with integer activations) in both attention paths:
+    logits within float16's rounding of the float32-cache ones, half the bytes per page."""
+    ids = list(range(3, 40))
+    exact = LLM(str(tiny_llama_path), progress=False, activations="float32", kernels=kernels)
+    half = LLM(str(tiny_llama_path), progress=False, activations="float32", kernels=kernels,
+               kv_cache_dtype="float16")
+    assert exact.engine_config.kv_cache_dtype == "float32" and half.engine.runner.kv_cache.dtype == torch.float16
+    assert half.engine.block_manager.num_blocks >= 2 * exact.engine.block_manager.num_blocks - 2
+    a, b = exact.logits(ids), half.logits(ids)
+    assert 0 < np.abs(a - b).max() < 3e-3 * np.abs(a).max()      # measured ~3.4e-4
 
 
 def test_kv_cache_from_free_memory(tiny_llama_path):
