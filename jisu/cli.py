@@ -18,6 +18,13 @@ def activations_option(f):
              "to ~1e-5), int8 (fastest, as llama.cpp; top-1 moves a few %), float32 (exact)")(f)
 
 
+def kv_dtype_option(f):
+    return click.option(
+        "--kv-cache-dtype", type=click.Choice(["auto", "float16", "float32"]), default="auto", show_default=True,
+        help="keys and values in the KV cache: auto is float16 with integer activations (half the memory "
+             "and the attention's reads) and float32 with --activations float32")(f)
+
+
 def sampling_options(f):
     opts = [
         click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True),
@@ -45,10 +52,12 @@ def _params(kw):
         raise click.BadParameter(str(e)) from None
 
 
-def _load(model: str | None, threads: int | None, max_model_len: int | None = None, activations: str = "int16"):
+def _load(model: str | None, threads: int | None, max_model_len: int | None = None, activations: str = "int16",
+          kv_cache_dtype: str = "auto"):
     from jisu import LLM
     try:
-        return LLM(model, num_threads=threads, max_model_len=max_model_len, activations=activations)
+        return LLM(model, num_threads=threads, max_model_len=max_model_len, activations=activations,
+                   kv_cache_dtype=kv_cache_dtype)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
 
@@ -65,11 +74,12 @@ def main():
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]")
 @click.option("--stats", is_flag=True, help="print tokens/s to stderr")
 @activations_option
+@kv_dtype_option
 @sampling_options
-def run(prompt, model, threads, stats, activations, **kw):
+def run(prompt, model, threads, stats, activations, kv_cache_dtype, **kw):
     """Complete PROMPT and print the completion as it is generated."""
     params = _params(kw)
-    llm = _load(model, threads, activations=activations)
+    llm = _load(model, threads, activations=activations, kv_cache_dtype=kv_cache_dtype)
     t0 = time.perf_counter()
     n = 0
     try:
@@ -89,11 +99,12 @@ def run(prompt, model, threads, stats, activations, **kw):
 @click.option("--system", default=None, help="system prompt")
 @click.option("--threads", type=int, default=None)
 @activations_option
+@kv_dtype_option
 @sampling_options
-def chat(model, system, threads, activations, **kw):
+def chat(model, system, threads, activations, kv_cache_dtype, **kw):
     """Interactive chat with the model's own template; replies stream. /reset clears, /exit quits."""
     params = _params(kw)
-    llm = _load(model, threads, activations=activations)
+    llm = _load(model, threads, activations=activations, kv_cache_dtype=kv_cache_dtype)
     history = [{"role": "system", "content": system}] if system else []
     click.echo(f"jisu chat: {llm.config.name} (/reset, /exit, Ctrl-D)", err=True)
     while True:
@@ -147,8 +158,10 @@ def chat(model, system, threads, activations, **kw):
 @click.option("--threads", type=int, default=None)
 @click.option("--log-prompts", is_flag=True, help="log prompt text (off by default)")
 @activations_option
+@kv_dtype_option
 def serve(model, host, port, api_key, served_model_name, kv_cache_gb, kv_cache_fraction, max_num_seqs,
-          max_num_batched_tokens, max_queue, max_model_len, no_prefix_caching, threads, log_prompts, activations):
+          max_num_batched_tokens, max_queue, max_model_len, no_prefix_caching, threads, log_prompts, activations,
+          kv_cache_dtype):
     """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)."""
     import logging
     import threading
@@ -173,7 +186,8 @@ def serve(model, host, port, api_key, served_model_name, kv_cache_gb, kv_cache_f
             built["llm"] = LLM(model, kv_cache_gb=kv_cache_gb, kv_cache_fraction=kv_cache_fraction,
                                num_threads=threads, max_num_seqs=max_num_seqs,
                                max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                               enable_prefix_caching=not no_prefix_caching, activations=activations)
+                               enable_prefix_caching=not no_prefix_caching, activations=activations,
+                               kv_cache_dtype=kv_cache_dtype)
         except BaseException as e:       # re-raised on the main thread
             built["error"] = e
 
@@ -254,9 +268,11 @@ def bench(model, compare, prompt_tokens, decode_tokens, repeats, threads, rounds
     title = (f"{model or DEFAULT_MODEL}: {prompt_tokens}-token prompt, {decode_tokens} decoded tokens, median of {repeats}"
              + (f" x {rounds} rounds" if rounds > 1 else ""))
     click.echo(speed.table(results, title))
+    n = prompt_tokens + 1
     click.echo(f"\n\"over runtime\" is peak RSS less the RSS once the engine's libraries were imported "
-               f"(torch and our kernels for jisu). Memory target: 1.5 x the GGUF file + the float32 KV cache "
-               f"of {prompt_tokens + 1} tokens = {speed.memory_budget_mb(path, prompt_tokens + 1):.0f} MB.")
+               f"(torch and our kernels for jisu). Memory target: 1.5 x the GGUF file + the KV cache of {n} "
+               f"tokens = {speed.memory_budget_mb(path, n, 4):.0f} MB with float32 values, "
+               f"{speed.memory_budget_mb(path, n, 2):.0f} MB with float16 (jisu's default and llama.cpp's).")
     if chart:
         if speed.chart(results, title, chart):
             click.echo(f"chart written to {chart}", err=True)

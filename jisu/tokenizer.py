@@ -73,6 +73,7 @@ _BYTE_CHARS = [_bytes_to_unicode()[b] for b in range(256)]     # byte -> its cha
 
 
 _CACHE_MAX = 1 << 16
+_CACHE_PIECE_MAX = 256                  # characters
 
 
 def _merge_memoized(pieces, merge, cache: dict[str, tuple[int, ...]], out: list[int]) -> None:
@@ -80,9 +81,11 @@ def _merge_memoized(pieces, merge, cache: dict[str, tuple[int, ...]], out: list[
     for piece in pieces:
         ids = cache.get(piece)
         if ids is None:
-            if len(cache) >= _CACHE_MAX:
-                cache.clear()
-            ids = cache[piece] = tuple(merge(piece))
+            ids = merge(piece)
+            if len(piece) <= _CACHE_PIECE_MAX:      # a long piece (a whitespace run) is kept whole: not memoized
+                if len(cache) >= _CACHE_MAX:
+                    cache.clear()
+                cache[piece] = tuple(ids)
         out.extend(ids)
 
 
@@ -443,6 +446,11 @@ class Tokenizer:
         parse_special turns control-token text such as "<|im_start|>" into that token."""
         if not isinstance(text, str):
             raise TypeError(f"encode() expects str, got {type(text).__name__}")
+        if not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError as e:
+                raise ValueError(f"text is not valid Unicode: {e.reason} at position {e.start}") from None
         ids: list[int] = []
         after_special = True                    # llama.cpp: the space prefix goes after a special token
         for part in self._specials[parse_special].split(text):

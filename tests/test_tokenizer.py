@@ -137,3 +137,12 @@ def test_bpe_lowest_rank_first_leftmost_on_ties():
         BpeEncoder(vocab, ["a b", "b c"], (r"\S+",))                # "bc" is not in the vocab
     whole = BpeEncoder(vocab, merges, (r"\S+|\s+",), ignore_merges=True)
     assert _bpe_tokens(whole, "aab", vocab) == ["aab"]             # llama-bpe: a vocab piece whole
+
+
+def test_bad_text_and_long_pieces(tok_and_ref):
+    tok, _ = tok_and_ref
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        tok.encode("ab\ud800c")                          # a lone surrogate cannot be UTF-8
+    ids = tok.encode(" " * 3000 + "x")
+    assert tok.decode(ids) == " " * 3000 + "x"
+    assert all(len(k) <= 256 for k in tok._encoder._cache)  # long pieces are not memoized

@@ -48,12 +48,13 @@ def _rss_mb() -> float:
         return 0.0
 
 
-def memory_budget_mb(path: str, tokens: int) -> float:
-    """Issue 4's memory target: 1.5x the GGUF file + the float32 KV cache of `tokens` tokens."""
+def memory_budget_mb(path: str, tokens: int, value_bytes: int = 4) -> float:
+    """Issue 4's memory target: 1.5x the GGUF file + the KV cache of `tokens` tokens, at
+    value_bytes per key or value (4: float32, 2: float16)."""
     from jisu.config import ModelConfig
     from jisu.loader import read_gguf
     cfg = ModelConfig.from_gguf(read_gguf(path))
-    kv = tokens * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 4
+    kv = tokens * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * value_bytes
     return (1.5 * Path(path).stat().st_size + kv) / 2**20
 
 

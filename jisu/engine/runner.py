@@ -9,7 +9,7 @@ from torch import nn
 from jisu.config import ModelConfig
 from jisu.engine.block_manager import NO_BLOCK
 from jisu.engine.sequence import Sequence
-from jisu.model.layers import Attention, AttentionMetadata, KVGroupSlots, PrefillSegment
+from jisu.model.layers import Attention, AttentionMetadata, KVGroupSlots, PrefillSegment, QLinear
 
 
 class ModelRunner:
@@ -104,8 +104,9 @@ class ModelRunner:
         # buffer, grown to the most rows seen (64 rows of Gemma's 262k vocab: 67 MB, allocated
         # and page-faulted anew each step before; on the server's engine thread malloc maps
         # anything over its arena's 64 MB heaps fresh whatever its threshold)
-        vocab = self.model.output.out_features
+        if not isinstance(self.model.output, QLinear):      # dense: computed by torch into its own tensor
+            return ready, self.model.compute_logits(hidden[rows]).float()
         if self._logits is None or self._logits.shape[0] < len(rows):
             self._logits = None
-            self._logits = torch.empty(max(len(rows), 1), vocab)
+            self._logits = torch.empty(max(len(rows), 1), self.model.output.out_features)
         return ready, self.model.compute_logits(hidden[rows], out=self._logits[:len(rows)]).float()

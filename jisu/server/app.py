@@ -57,6 +57,12 @@ class ServerState:
             raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
+    def encode(self, text: str, where: str) -> list[int]:
+        try:
+            return self.llm._encode_prompt(text)
+        except ValueError as e:          # text that is not valid Unicode (a lone surrogate)
+            raise APIError(400, f"{where}: {e}", param=where) from None
+
     def check_prompt(self, ids: list[int], max_tokens: int | None, where: str) -> None:
         try:
             self.llm.engine.check_prompt(ids)
@@ -249,9 +255,9 @@ def create_app(llm, model_name: str, api_key: str | None = None, max_queue: int 
             raise APIError(400, "suffix is not supported", param="suffix")
         p = req.prompt
         if isinstance(p, str):
-            texts, prompts = [p], [state.llm._encode_prompt(p)]
+            texts, prompts = [p], [state.encode(p, "prompt")]
         elif p and all(isinstance(x, str) for x in p):
-            texts, prompts = list(p), [state.llm._encode_prompt(x) for x in p]
+            texts, prompts = list(p), [state.encode(x, "prompt") for x in p]
         elif p and all(isinstance(x, int) for x in p):
             texts, prompts = [None], [list(p)]
         elif p:
@@ -328,7 +334,7 @@ def create_app(llm, model_name: str, api_key: str | None = None, max_queue: int 
                                                        add_generation_prompt=True)
         except Exception as e:    # the template's own raise_exception, or a jinja error
             raise APIError(400, f"messages do not fit the model's chat template: {e}", param="messages") from None
-        ids = state.llm._encode_prompt(text)
+        ids = state.encode(text, "messages")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         state.check_prompt(ids, max_tokens, "messages")
