@@ -1969,18 +1969,18 @@ void write_slots(torch::Tensor& cache, const torch::Tensor& slots, const torch::
                 rows.size(1) == cache.numel() / cache.size(0) && slots.numel() == rows.size(0),
                 "write_slots: shape mismatch");
     const int64_t width = rows.size(1), S = cache.size(0);
-    const int64_t* sp = slots.contiguous().data_ptr<int64_t>();
+    const torch::Tensor sl = slots.contiguous();            // held: a temporary's pointer would dangle
+    const int64_t* sp = sl.data_ptr<int64_t>();
     const float* rp = rows.data_ptr<float>();
     const bool half = cache.scalar_type() == torch::kHalf;
     TORCH_CHECK(half || cache.scalar_type() == torch::kFloat32, "write_slots: cache must be float32 or float16");
+    float* cf = half ? nullptr : cache.data_ptr<float>();
+    c10::Half* ch = half ? static_cast<c10::Half*>(cache.data_ptr()) : nullptr;
     for (int64_t b = 0; b < rows.size(0); ++b) {
         TORCH_CHECK(sp[b] >= 0 && sp[b] < S, "write_slots: slot ", sp[b], " outside the cache");
-        if (!half) {
-            std::memcpy(cache.data_ptr<float>() + sp[b] * width, rp + b * width, sizeof(float) * width);
-            continue;
-        }
-        c10::Half* dst = static_cast<c10::Half*>(cache.data_ptr()) + sp[b] * width;
-        for (int64_t i = 0; i < width; ++i) dst[i] = c10::Half(rp[b * width + i]);   // round to nearest even
+        const float* src = rp + b * width;
+        if (cf) std::memcpy(cf + sp[b] * width, src, sizeof(float) * width);
+        else for (int64_t i = 0; i < width; ++i) ch[sp[b] * width + i] = c10::Half(src[i]);   // round to nearest even
     }
 }
 
