@@ -82,11 +82,6 @@ class StringArray(Sequence):
         raw[starts[i] : starts[i + 1] - 8])."""
         self._data, self._starts = raw, starts
 
-    @classmethod
-    def from_file(cls, raw: memoryview, starts: array, base: int) -> "StringArray":
-        """As __init__, with starts as file offsets and raw beginning at file offset base."""
-        return cls(bytes(raw), array("Q", (s - base for s in starts)))
-
     def __len__(self) -> int:
         return len(self._starts) - 1
 
@@ -187,10 +182,10 @@ class _Cursor:
             n = unpack(buf, pos)[0]
             if pos + 8 + n > size:
                 raise self._truncated(n, f"{what}[{i}]", pos + 8)
-            starts[i] = pos + 8
+            starts[i] = pos + 8 - self.pos          # within the array's bytes
             pos += 8 + n
-        starts[count] = pos + 8
-        out = StringArray.from_file(buf[self.pos:pos], starts, self.pos)
+        starts[count] = pos + 8 - self.pos
+        out = StringArray(bytes(buf[self.pos:pos]), starts)
         bad = out.invalid_utf8()
         if bad is not None:
             raise GGUFError(f"{self.path}: {what}[{bad[0]}] is not valid UTF-8 ({bad[1]})")
