@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from jisu import LLM, SamplingParams
-from jisu.engine.block_manager import BlockManager
+from jisu.engine.block_manager import NO_BLOCK, BlockManager
+from jisu.engine.sampler import sample
 from jisu.engine.sequence import Sequence
 
 
@@ -247,6 +248,35 @@ def test_window_model_uses_fewer_pages_and_longer_context(tiny_gemma3_path):
     assert 0 < peak <= window_blocks
     eng.release("r")
     assert eng.block_manager.num_used_blocks == 0
+
+
+def test_decode_slots_equal_each_sequence_slots(tiny_gemma3_path):
+    # the runner computes all decode rows' key slots in one go; they must be what each sequence's
+    # block tables give alone (freed window blocks and the padding past a shorter row: scratch)
+    llm = LLM(str(tiny_gemma3_path), progress=False, kv_cache_gb=0.004, max_num_batched_tokens=32)
+    eng, runner = llm.engine, llm.engine.runner
+    for i, n in enumerate((3, 9, 20)):
+        eng.add_request(str(i), llm.tokenizer.encode("alpha beta gamma " * n, add_special=True), greedy(30))
+    checked = 0
+    while eng.has_unfinished():
+        seqs = runner.order(eng.scheduler.schedule())
+        decodes = [s for s in seqs if s.num_scheduled_tokens == 1]
+        if len(decodes) > 1:
+            _, meta = runner.prepare(seqs)
+            for b, seq in enumerate(decodes):
+                end = seq.num_computed_tokens + 1
+                alone = runner._slots(seq.block_tables, end)
+                for g, group in enumerate(meta.groups):
+                    row = group.decode_slots[b]
+                    assert torch.equal(row[:end], alone[g]) and bool((row[end:] == runner.scratch_slot).all())
+                    assert int(group.slot_mapping[b]) == int(alone[g, -1])
+            checked += any(NO_BLOCK in t for s in decodes for t in s.block_tables)
+        ready, logits = runner.run(seqs)
+        for seq in seqs:
+            eng.block_manager.after_step(seq)
+        for seq, (token, info) in zip(ready, sample(logits, ready)):
+            eng._append(seq, token, info)
+    assert checked            # some steps had freed window blocks
 
 
 def test_free_releases_tail_blocks_of_every_group_first():

@@ -386,6 +386,27 @@ def test_argmax_equals_torch(n):
     assert argmax(x) == int(x.argmax())
 
 
+def test_argmax_rows_equals_torch():
+    # many ties (small integers), rows of -inf, NaNs, lengths around the 8-lane vectors
+    g = torch.Generator().manual_seed(1234)
+    for n in (1, 7, 8, 9, 63, 1000, 4099):
+        x = torch.randint(-3, 3, (6, n), generator=g).float()
+        x[1] = float("-inf")
+        x[2, n // 2] = float("nan")
+        x[3, -1] = 100.0                         # the maximum in the scalar tail
+        x[4, 0] = float("inf")
+        rows = [5, 0, 1, 2, 3, 4, 0]            # any order, repeats
+        got = ops.argmax_rows(x, rows).tolist()
+        want = [-1 if torch.isnan(x[r]).any() else int(x[r].argmax()) for r in rows]
+        assert got == want, n
+    wide = torch.randn(4, 300)
+    assert ops.argmax_rows(wide[:, ::2].contiguous(), [0]).tolist() == [int(wide[0, ::2].argmax())]
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.argmax_rows(wide, [4])
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        ops.argmax_rows(wide[:, ::2], [0])
+
+
 @pytest.mark.parametrize("gelu", [False, True])
 def test_gated_ffn_in_column_chunks_equals_whole(gelu):
     # the prefill MLP takes up's output a slice of columns at a time (act_mul_ on a column slice

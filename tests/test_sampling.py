@@ -76,6 +76,28 @@ def test_greedy_logprobs():
     assert [t for t, _ in info["top"]] == [0, 1]
 
 
+def test_batch_mixing_greedy_penalties_sampling_and_logprobs():
+    # plain greedy rows are decided in one batched call; the others row by row: each row must get
+    # what it gets alone
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 5000, generator=g)
+    logits[2, 10] = logits[2, 4000] = 50.0                      # a tie: the first index
+    logits[4, 7] = float("nan")                                 # NaN: torch's answer
+    seqs = [seq_with([1, 2, 3], 1, temperature=0.0), seq_with([0], 1, temperature=1.0, seed=7),
+            seq_with([1, 2], 1, temperature=0.0), seq_with([int(logits[3].argmax())], 1, temperature=0.0,
+                                                           repetition_penalty=1e4),
+            seq_with([0], 1, temperature=0.0), seq_with([5], 1, temperature=0.0, logprobs=1)]
+    together = sample(logits.clone(), seqs)
+    alone = [sample(logits[b:b + 1].clone(), [seq_with(s.token_ids, 1, **{
+        k: getattr(s.params, k) for k in ("temperature", "seed", "repetition_penalty", "logprobs")})])[0]
+        for b, s in enumerate(seqs)]
+    assert [t for t, _ in together] == [t for t, _ in alone]
+    assert together[2][0] == 10 and together[4][0] == int(logits[4].argmax())
+    assert together[3][0] != int(logits[3].argmax())             # the penalty was applied
+    assert together[5][1] is not None and together[5][1]["token"] == together[5][0]
+    assert all(info is None for _, info in together[:5])
+
+
 @pytest.mark.parametrize("kw", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
                                 dict(top_k=-2), dict(min_p=2), dict(repetition_penalty=0), dict(n=0),
                                 dict(stop=[""]), dict(logprobs=50), dict(presence_penalty=3)])

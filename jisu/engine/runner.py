@@ -45,33 +45,50 @@ class ModelRunner:
         slots = pages * self.block_size + pos % self.block_size
         return slots.masked_fill_(pages < 0, self.scratch_slot)
 
+    def _decode_slots(self, decodes: list[Sequence]) -> torch.Tensor:
+        """Cache slots [groups, len(decodes), L] of every key of each one-token sequence (L: the
+        longest; the scratch slot past a sequence's end and for freed blocks), from one padded
+        block-table tensor: per sequence, as `_slots` does, this was ~8 torch calls, ~0.8 ms of a
+        32-sequence step."""
+        ends = torch.tensor([s.num_computed_tokens + 1 for s in decodes])
+        L = int(ends.max())
+        width = -(-L // self.block_size)
+        tables = torch.tensor([[t[:width] + [NO_BLOCK] * (width - len(t)) for t in s.block_tables] for s in decodes],
+                              dtype=torch.long)                               # [B, groups, width]
+        pos = torch.arange(L)
+        pages = tables[:, :, pos // self.block_size]                          # [B, groups, L]
+        slots = pages * self.block_size + pos % self.block_size
+        slots.masked_fill_((pages < 0) | (pos >= ends[:, None, None]), self.scratch_slot)
+        return slots.transpose(0, 1).contiguous()
+
     def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, AttentionMetadata]:
         """seqs: one-token sequences first, then the multi-token ones (see `order`)."""
-        ids, positions = [], []
         decodes = [s for s in seqs if s.num_scheduled_tokens == 1]
-        L = max((s.num_computed_tokens + 1 for s in decodes), default=0)
-        decode_slots = torch.full((self.num_groups, len(decodes), L), self.scratch_slot, dtype=torch.long)
-        groups = [KVGroupSlots([], decode_slots[g], []) for g in range(self.num_groups)]
-        prefills, row = [], 0
-        for b, seq in enumerate(seqs):
+        D = len(decodes)
+        ids = [s.token_ids[s.num_computed_tokens] for s in decodes]
+        decode_lens = torch.tensor([s.num_computed_tokens + 1 for s in decodes], dtype=torch.long)
+        positions = [decode_lens - 1]
+        if D:
+            decode_slots = self._decode_slots(decodes)                        # [groups, D, L]
+            last = decode_slots.gather(2, (decode_lens - 1).view(1, D, 1).expand(self.num_groups, D, 1))[:, :, 0]
+        else:
+            decode_slots = torch.full((self.num_groups, 0, 0), self.scratch_slot, dtype=torch.long)
+        groups = [KVGroupSlots([last[g]] if D else [], decode_slots[g], []) for g in range(self.num_groups)]
+        prefills, row = [], D
+        for seq in seqs[D:]:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
             ids.extend(seq.token_ids[start:end])
             pos = torch.arange(start, end)
             positions.append(pos)
             slots = self._slots(seq.block_tables, end)
-            if end - start == 1:
-                decode_slots[:, b, :end] = slots
             for g, group in enumerate(groups):
                 group.slot_mapping.append(slots[g, start:])
-                if end - start > 1:
-                    group.prefill_slots.append(slots[g])
-            if end - start > 1:
-                prefills.append(PrefillSegment(row, row + end - start, pos, end))
+                group.prefill_slots.append(slots[g])
+            prefills.append(PrefillSegment(row, row + end - start, pos, end))
             row += end - start
         for group in groups:
-            group.slot_mapping = torch.cat(group.slot_mapping)
-        meta = AttentionMetadata(torch.cat(positions)[None], groups, num_decode=len(decodes),
-                                 decode_lens=torch.tensor([s.num_computed_tokens + 1 for s in decodes]),
+            group.slot_mapping = torch.cat(group.slot_mapping) if len(group.slot_mapping) > 1 else group.slot_mapping[0]
+        meta = AttentionMetadata(torch.cat(positions)[None], groups, num_decode=D, decode_lens=decode_lens,
                                  prefills=prefills)
         return torch.tensor(ids, dtype=torch.long)[None], meta
 

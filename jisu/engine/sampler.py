@@ -50,19 +50,37 @@ def argmax(row: torch.Tensor) -> int:
     return int(row.argmax())      # no kernels, or a NaN
 
 
+def _plain_greedy(seq: Sequence) -> bool:
+    p = seq.params
+    return p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, dict | None]]:
     """Returns (token id, logprob info or None) for each row of logits [B, vocab]."""
+    from jisu.kernels import cpu
+    ops = cpu.load()
+    fast = {}
+    # greedy rows with no penalty: one call for all of them, rows split over the threads
+    plain = [i for i, seq in enumerate(seqs) if _plain_greedy(seq)]
+    if ops is not None and len(plain) > 1 and logits.dim() == 2 and logits.stride(-1) == 1:
+        fast = {i: t for i, t in zip(plain, ops.argmax_rows(logits, plain).tolist()) if t >= 0}
     out = []
-    for row, seq in zip(logits, seqs):
+    for b, seq in enumerate(seqs):
         p = seq.params
-        raw = row
-        row = apply_penalties(row, seq)
-        if p.greedy:
-            token = argmax(row)
+        if b in fast and p.logprobs is None:
+            out.append((fast[b], None))
+            continue
+        row = raw = logits[b]
+        if b in fast:
+            token = fast[b]
         else:
-            row = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p)
-            probs = row.softmax(-1)
-            token = int(torch.multinomial(probs, 1, generator=seq.generator))
+            row = apply_penalties(row, seq)
+            if p.greedy:
+                token = argmax(row)
+            else:
+                row = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p)
+                probs = row.softmax(-1)
+                token = int(torch.multinomial(probs, 1, generator=seq.generator))
         info = None
         if p.logprobs is not None:
             lp = raw.log_softmax(-1)
