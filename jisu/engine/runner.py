@@ -3,6 +3,7 @@ computes the cache slots to write and read, and returns next-token logits. Owns 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,32 +46,35 @@ class ModelRunner:
         slots = pages * self.block_size + pos % self.block_size
         return slots.masked_fill_(pages < 0, self.scratch_slot)
 
-    def _decode_slots(self, decodes: list[Sequence]) -> torch.Tensor:
+    def _decode_slots(self, decodes: list[Sequence], ends: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Cache slots [groups, len(decodes), L] of every key of each one-token sequence (L: the
-        longest; the scratch slot past a sequence's end and for freed blocks), from one padded
-        block-table tensor: per sequence, as `_slots` does, this was ~8 torch calls, ~0.8 ms of a
-        32-sequence step."""
-        ends = torch.tensor([s.num_computed_tokens + 1 for s in decodes])
+        longest; the scratch slot past a sequence's end and for freed blocks), and each one's
+        new slot [groups, len(decodes)], from one padded block-table array. Per sequence through
+        torch, as `_slots` does, this was ~0.8 ms of a 32-sequence step; numpy's ops cost ~1 us
+        each where torch's cost several, which one sequence's step notices (~0.1 ms)."""
         L = int(ends.max())
-        width = -(-L // self.block_size)
-        tables = torch.tensor([[t[:width] + [NO_BLOCK] * (width - len(t)) for t in s.block_tables] for s in decodes],
-                              dtype=torch.long)                               # [B, groups, width]
-        pos = torch.arange(L)
-        pages = tables[:, :, pos // self.block_size]                          # [B, groups, L]
-        slots = pages * self.block_size + pos % self.block_size
-        slots.masked_fill_((pages < 0) | (pos >= ends[:, None, None]), self.scratch_slot)
-        return slots.transpose(0, 1).contiguous()
+        bs = self.block_size
+        width = -(-L // bs)
+        tables = np.array([[t[:width] + [NO_BLOCK] * (width - len(t)) for t in s.block_tables] for s in decodes],
+                          dtype=np.int64)                                     # [B, groups, width]
+        pos = np.arange(L)
+        pages = tables[:, :, pos // bs]                                       # [B, groups, L]
+        slots = pages * bs + pos % bs
+        slots[(pages < 0) | (pos >= ends[:, None, None])] = self.scratch_slot
+        slots = np.ascontiguousarray(slots.transpose(1, 0, 2))
+        last = slots[:, np.arange(len(decodes)), ends - 1]                      # [groups, B]
+        return torch.from_numpy(slots), torch.from_numpy(np.ascontiguousarray(last))
 
     def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, AttentionMetadata]:
         """seqs: one-token sequences first, then the multi-token ones (see `order`)."""
         decodes = [s for s in seqs if s.num_scheduled_tokens == 1]
         D = len(decodes)
         ids = [s.token_ids[s.num_computed_tokens] for s in decodes]
-        decode_lens = torch.tensor([s.num_computed_tokens + 1 for s in decodes], dtype=torch.long)
-        positions = [decode_lens - 1]
+        ends = np.array([s.num_computed_tokens + 1 for s in decodes], dtype=np.int64)
+        decode_lens = torch.from_numpy(ends)
+        positions = [torch.from_numpy(ends - 1)]
         if D:
-            decode_slots = self._decode_slots(decodes)                        # [groups, D, L]
-            last = decode_slots.gather(2, (decode_lens - 1).view(1, D, 1).expand(self.num_groups, D, 1))[:, :, 0]
+            decode_slots, last = self._decode_slots(decodes, ends)            # [groups, D, L], [groups, D]
         else:
             decode_slots = torch.full((self.num_groups, 0, 0), self.scratch_slot, dtype=torch.long)
         groups = [KVGroupSlots([last[g]] if D else [], decode_slots[g], []) for g in range(self.num_groups)]
