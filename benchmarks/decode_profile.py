@@ -41,7 +41,8 @@ def profile(model: str, rounds: int = 5, n_decode: int = 128) -> None:
     for mode in MODES:
         llm = LLM(model, activations=mode, progress=False, enable_prefix_caching=False)
         out = Timer()
-        llm.model.output.forward = out.wrap(llm.model.output.forward)
+        # the runner computes logits through compute_logits (into its buffer), not output.forward
+        llm.model.compute_logits = out.wrap(llm.model.compute_logits)
         llms[mode] = (llm, out)
     ids = llms[MODES[0]][0].tokenizer.encode("Once upon a time", add_special=True)[:8]
     params = SamplingParams(max_tokens=n_decode, temperature=0, ignore_eos=True)
