@@ -766,6 +766,43 @@ inline void q4k_dot(const uint8_t* b, const XQ& x, int64_t i, __m512& acc, __m25
     }
 }
 
+// Q6_K, one super-block: each 128-value half is two 64-value dots (values 0-63: low nibbles of
+// ql[0..63] with qh's bits 0-1 / 2-3; values 64-127: the high nibbles with bits 4-5 / 6-7), each
+// 16 values weighted by their int8 scale in the integer sums, as the 256-bit Q6_Kx8::dot does
+// with half as many instructions.
+template <int DIG>
+inline void q6k_dot(const uint8_t* b, const XQ& x, int64_t i, __m512& acc) {
+    const float d = f16(b + 208);
+    const __m512i lo4 = _mm512_set1_epi8(0x0F), three = _mm512_set1_epi8(3), off = _mm512_set1_epi8(32);
+    const __m512i quad = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(_mm256_set1_ps(d), _mm256_loadu_ps(x.d + 8 * i)));
+    for (int half = 0; half < 2; ++half) {
+        const uint8_t* ql = b + 64 * half;
+        const __m512i L = _mm512_loadu_si512(ql);
+        const __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * half)));
+        // qh's bits for values 32 k + l: (qh[l] >> 2 k) & 3; the two 32-byte halves of a zmm
+        // take shifts 0 / 2 (values 0-63) or 4 / 6 (values 64-127): a 64-bit lane shifted by
+        // less than 7 keeps each byte's own two bits at the bottom
+        const __m512i sh01 = _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2), sh23 = _mm512_setr_epi64(4, 4, 4, 4, 6, 6, 6, 6);
+        const __m512i w01 = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(L, lo4),
+                                            _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(H, sh01), three), 4)), off);
+        const __m512i w23 = _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), lo4),
+                                            _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(H, sh23), three), 4)), off);
+        // the eight scales of this half, each over four int32 lanes (16 values)
+        int64_t sc8;
+        std::memcpy(&sc8, b + 192 + 8 * half, 8);
+        const __m128i sc = _mm_cvtepi8_epi32(_mm_cvtsi64_si128(sc8));
+        const __m128i sc_hi = _mm_cvtepi8_epi32(_mm_cvtsi64_si128(sc8 >> 32));
+        const __m512i s01 = _mm512_permutexvar_epi32(quad, _mm512_castsi128_si512(sc));
+        const __m512i s23 = _mm512_permutexvar_epi32(quad, _mm512_castsi128_si512(sc_hi));
+        const int64_t xb = 8 * i + 4 * half;
+        const __m512i p01 = _mm512_mullo_epi32(zdot_s<DIG>(w01, x, xb), s01);
+        const __m512i p23 = _mm512_mullo_epi32(zdot_s<DIG>(w23, x, xb + 2), s23);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p01), pair_lanes(s, 4 * half), acc);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p23), pair_lanes(s, 4 * half + 2), acc);
+    }
+}
+
 // One row: 32-value types sixteen blocks at a time, a tail of three to seven pairs as one
 // part-full group, of one or two pairs through dot2, then an odd last block; Q4_K per
 // super-block; Q6_K through the 256-bit row8 above.
@@ -797,6 +834,14 @@ inline float row16(const uint8_t* row, const XQ& x, int64_t nb) {
         }
         if (blk < nb) q4k_dot<DIG>(row + blk * B::BYTES, x, blk, acc[0], am);
         return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + hsum(am);
+    } else if constexpr (std::is_same_v<B, Q6_Kx8>) {
+        int64_t blk = 0;
+        for (; blk + 2 <= nb; blk += 2) {
+            q6k_dot<DIG>(row + blk * B::BYTES, x, blk, acc[0]);
+            q6k_dot<DIG>(row + (blk + 1) * B::BYTES, x, blk + 1, acc[1]);
+        }
+        if (blk < nb) q6k_dot<DIG>(row + blk * B::BYTES, x, blk, acc[0]);
+        return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
     } else {
         return row8<B, DIG>(row, x, nb);
     }
