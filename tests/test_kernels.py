@@ -59,7 +59,7 @@ def test_qmatmul_kernel_every_row_count(qtype, m):
 
 
 @pytest.mark.parametrize("m", [1, 2])
-@pytest.mark.parametrize("k", [512, 608, 672, 2048])
+@pytest.mark.parametrize("k", [512, 608, 672, 2048, 480, 1216])
 @pytest.mark.parametrize("digits", [1, 2])
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
 def test_integer_activations_within_their_rounding_bound(qtype, digits, k, m):
@@ -69,7 +69,9 @@ def test_integer_activations_within_their_rounding_bound(qtype, digits, k, m):
     amax / (2 * 127 * 254) for int16; y_n then moves by at most sum_i |w_ni| of that. The test
     allows exactly that bound plus float32 accumulation noise, so a wrong scale, a wrong nibble
     order or a dropped offset term fails it. K = 608 and 672 leave the 512-bit kernel a tail of
-    one or two block pairs and one block (super-block types: 768, an odd number of super-blocks)."""
+    one or two block pairs and one block (super-block types: 768, an odd number of super-blocks);
+    480 and 1216 a part-full group of seven and of three pairs, whose scales are read from a
+    span that ends inside the row (the last row's: at the end of the tensor)."""
     if qtype in (Q.Q4_K, Q.Q6_K):
         k = -(-k // 256) * 256
     q, ref_w = random_weight(qtype, n=50, k=k)
