@@ -805,7 +805,7 @@ inline void q6k_dot(const uint8_t* b, const XQ& x, int64_t i, __m512& acc) {
 
 // One row: 32-value types sixteen blocks at a time, a tail of three to seven pairs as one
 // part-full group, of one or two pairs through dot2, then an odd last block; Q4_K per
-// super-block; Q6_K through the 256-bit row8 above.
+// super-block and Q6_K per super-block (q4k_dot, q6k_dot), two accumulator chains each.
 template <typename B, int DIG>
 inline float row16(const uint8_t* row, const XQ& x, int64_t nb) {
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, accv = _mm512_setzero_ps();
