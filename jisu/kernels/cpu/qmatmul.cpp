@@ -2167,9 +2167,9 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<std::shared_ptr<D
     return x;
 }
 
-// Index of the first maximum of a float32 vector (torch.argmax's answer), -1 if there is a
-// NaN (the caller then asks torch). torch's own argmax takes ~0.28 ms over Gemma's 262k
-// logits here, a max pass plus a find pass ~0.03 ms.
+// Index of the first maximum of n > 0 floats (torch.argmax's answer), -1 if there is a NaN
+// (the caller then asks torch). torch's own argmax takes ~0.28 ms over Gemma's 262k logits
+// here, this one pass ~0.03 ms.
 int64_t first_max(const float* p, int64_t n) {
     // one pass: each lane keeps its largest value and where it first saw it (a later equal
     // value does not replace it), then the lanes holding the overall maximum give the least index
@@ -2198,9 +2198,7 @@ int64_t first_max(const float* p, int64_t n) {
         if (std::isnan(p[i])) return -1;
         if (p[i] > m) { m = p[i]; best = i; }
     }
-    if (best < 0)       // every value -inf: the first one
-        for (int64_t k = 0; k < n; ++k) if (p[k] == m) return k;
-    return best;
+    return best < 0 ? 0 : best;       // best < 0: every value is -inf, so the first one
 }
 
 int64_t argmax(torch::Tensor x) {
