@@ -19,11 +19,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--activations", default="int16", choices=["int16", "int8", "float32"])
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16", "float32"])
+    ap.add_argument("--full-logits", action="store_true",
+                    help="compute every logit of greedy rows (no screened argmax): the before of that change")
     args = ap.parse_args()
     sizes = [int(b) for b in args.batch.split(",")]
     llm = LLM(args.model, progress=False, max_num_seqs=max(sizes), activations=args.activations,
               kv_cache_dtype=args.kv_cache_dtype)
     eng = llm.engine
+    if args.full_logits:
+        llm.model.greedy = lambda h, vocab: None
     prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": f"Question {i}: why is the sky blue?"}])
                for i in range(max(sizes))]
     params = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)

@@ -275,7 +275,7 @@ def test_decode_slots_equal_each_sequence_slots(tiny_gemma3_path):
                     assert row[:end].tolist() == alone and bool((row[end:] == runner.scratch_slot).all())
                     assert int(group.slot_mapping[b]) == alone[-1]
             checked += any(NO_BLOCK in t for s in decodes for t in s.block_tables)
-        ready, logits = runner.run(seqs)
+        ready, logits, _ = runner.run(seqs)
         for seq in seqs:
             eng.block_manager.after_step(seq)
         for seq, (token, info) in zip(ready, sample(logits, ready)):
@@ -316,3 +316,55 @@ def test_huge_seed_is_fine(tiny_llama):
     assert len(out.token_ids) == 3
     with pytest.raises(ValueError, match="seed"):
         SamplingParams(seed="7")
+
+
+# ---- greedy rows screened instead of full logits ---------------------------------------------
+def test_screened_greedy_equals_full_logits_in_a_mixed_batch(tiny_llama_path):
+    """Plain greedy sequences get their token from model.greedy (the output projection
+    screened); greedy with logprobs or a penalty, and sampled ones, still get logits. Every
+    sequence's output equals the run where every row's logits are computed in full."""
+    llm = LLM(str(tiny_llama_path), progress=False, enable_prefix_caching=False)
+    kinds = [greedy(10), greedy(10), SamplingParams(max_tokens=10, temperature=0, logprobs=2, ignore_eos=True),
+             SamplingParams(max_tokens=10, temperature=0.8, seed=3, ignore_eos=True), greedy(10),
+             SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.3, ignore_eos=True), greedy(10)]
+    prompts = [[5 + i, 17, 30 + 2 * i, 9] for i in range(len(kinds))]
+    picked = []
+    screen = llm.model.greedy
+
+    def spy(h, vocab):
+        tokens = screen(h, vocab)
+        picked.append(0 if tokens is None else int((tokens >= 0).sum()))
+        return tokens
+    llm.model.greedy = spy
+    screened = llm.generate(prompt_token_ids=prompts, params=kinds, use_tqdm=False)
+    llm.model.greedy = lambda h, vocab: None
+    full = llm.generate(prompt_token_ids=prompts, params=kinds, use_tqdm=False)
+    for a, b in zip(screened, full):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs
+    # four plain greedy rows a step: the screen decided them (AVX-512 builds; none on AVX2)
+    assert (max(picked) == 4) == (llm.model.output.ops.isa == "avx512")
+
+
+def test_screened_greedy_tokens_stay_below_the_vocabulary(tiny_llama_path):
+    """The runner screens only the first greedy_vocab columns (a file's vocabulary can have
+    padding rows past the tokenizer's); its tokens are the argmax of the logits there."""
+    llm = LLM(str(tiny_llama_path), progress=False, enable_prefix_caching=False)
+    eng = llm.engine
+    calls = []
+    screen = llm.model.greedy
+    llm.model.greedy = lambda h, vocab: calls.append((h.clone(), vocab)) or screen(h, vocab)
+    for i in range(5):
+        eng.add_request(f"r{i}", [3 + i, 40, 7 * i + 1], greedy(4))
+    eng.step()                                         # prefills (and first tokens)
+    calls.clear()
+    limit = llm.model.output.out_features // 3
+    ready, logits, picked = eng.runner.run(eng.scheduler.schedule(), greedy_vocab=limit)
+    assert len(ready) == 5
+    if llm.model.output.ops.isa != "avx512":
+        assert picked == {} and logits.shape[0] == 5
+        return
+    (h, vocab), = calls
+    assert vocab == limit and sorted(picked) == list(range(5)) and logits.shape[0] == 0
+    want = llm.model.compute_logits(h)[:, :limit].argmax(-1).tolist()
+    assert [picked[i] for i in range(5)] == want and max(want) < limit

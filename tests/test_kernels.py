@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import dequantize as gguf_dequantize, quantize
 
 from gguf_factory import random_quant_bytes
 from jisu.kernels import cpu
@@ -438,3 +438,85 @@ def test_qmatmul_into_a_callers_buffer(m):
         assert got.data_ptr() == out.data_ptr() and torch.equal(got, want) and torch.equal(out, want)
     with pytest.raises(RuntimeError, match="out must be contiguous float32"):
         ops.qmatmul(x, q, int(Q.Q8_0), 512, 2, torch.empty(m, 41))
+
+
+GREEDY_TYPES = [Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q6_K]
+
+
+def near_ties(qtype, n, k, rng):
+    """x [m, k] and n weight rows whose logits for every row of x are nearly equal: row j is
+    base + v_j with v_j orthogonal to x's common direction x0, so the rows differ as much as
+    random rows do (their int8 rounding errors are independent) while their logits differ only
+    by the weights' own rounding, about as much as int8 activations move them. The last row
+    repeats one in the middle: an exact tie, where the first must win. Types the gguf package
+    cannot quantize (K-quants) get random rows."""
+    x0 = rng.standard_normal(k)
+    x = torch.from_numpy(x0 + 0.01 * rng.standard_normal((7, k))).float()
+    if qtype in (Q.Q4_K, Q.Q6_K):
+        raw = random_quant_bytes((n, k), qtype, rng)
+    else:
+        v = rng.standard_normal((n, k))
+        v -= np.outer(v @ x0 / (x0 @ x0), x0)
+        raw = quantize((0.05 * (rng.standard_normal(k) + v)).astype(np.float32), qtype)
+    raw[n - 1] = raw[n // 2]
+    return x, torch.from_numpy(np.ascontiguousarray(raw)).view(n, -1)
+
+
+@pytest.mark.parametrize("m", [3, 7, 33])
+@pytest.mark.parametrize("qtype", GREEDY_TYPES, ids=lambda q: q.name)
+def test_greedy_rows_equal_the_int16_gemm_argmax(qtype, m):
+    """greedy_rows screens every column with int8 activations and a bound, then recomputes the
+    candidates exactly: the answer must be the argmax of the int16 GEMM's own logits, ties to
+    the first column, on random rows (1000 columns: part-full last panel) and on near-ties."""
+    if ops.isa != "avx512":          # no int16 GEMM on AVX2 builds, so nothing to screen
+        assert not hasattr(ops, "greedy_rows")
+        return
+    rng = np.random.default_rng()
+    k = 768 if qtype == Q.Q6_K else 640
+    q = torch.from_numpy(np.ascontiguousarray(random_quant_bytes((1000, k), qtype, rng))).view(1000, -1)
+    x = torch.randn(m, k)
+    x[0, :32] = 0.0                              # an all-zero block
+    x[-1, 7] = 30.0                              # an outlier dominating its block
+    xt, qt = near_ties(qtype, 300, k, rng)
+    for x, q in ((x, q), (xt[:m], qt)):
+        want = ops.qmatmul(x, q, int(qtype), k, 2).argmax(-1)
+        assert torch.equal(ops.greedy_rows(x, q, int(qtype), k), want)
+
+
+def test_greedy_rows_near_ties_need_the_exact_pass():
+    """The near ties above do separate the int8 ranking from the int16 one, so the equality
+    test cannot pass on wide margins alone: argmax of logits from int8-rounded activations
+    (computed here in float64) disagrees with the int16 GEMM's on some rows; greedy_rows not."""
+    rng = np.random.default_rng(5)
+    k, disagree = 640, 0
+    for _ in range(6):
+        x, q = near_ties(Q.Q8_0, 300, k, rng)
+        w = ops.dequantize(q, int(Q.Q8_0), k).double()
+        xb = x.view(len(x), -1, 32)
+        d = xb.abs().amax(-1, keepdim=True) / 127
+        x8 = (torch.round(xb / d) * d).view(len(x), k).double()
+        want = ops.qmatmul(x, q, int(Q.Q8_0), k, 2).argmax(-1)
+        disagree += int(((x8 @ w.t()).argmax(-1) != want).sum())
+        if ops.isa == "avx512":
+            assert torch.equal(ops.greedy_rows(x, q, int(Q.Q8_0), k), want)
+    assert disagree >= 6, disagree
+
+
+def test_greedy_rows_leaves_what_it_cannot_decide():
+    if ops.isa != "avx512":
+        assert not hasattr(ops, "greedy_rows")
+        return
+    q, _ = random_weight(Q.Q8_0, n=100, k=512)
+    x = torch.randn(4, 512)
+    x[1, 3] = float("nan")
+    x[2, 300] = float("inf")
+    got = ops.greedy_rows(x, q, int(Q.Q8_0), 512).tolist()
+    assert got[1] == got[2] == -1                                    # the caller computes those rows
+    assert [got[0], got[3]] == ops.qmatmul(x[[0, 3]], q, int(Q.Q8_0), 512, 2).argmax(-1).tolist()
+    for qtype in (Q.Q4_1, Q.Q4_K):                                   # block offsets: not screened
+        qo, _ = random_weight(qtype, n=40)
+        assert ops.greedy_rows(x, qo, int(qtype), 512).tolist() == [-1] * 4
+    with pytest.raises(RuntimeError, match="greedy_rows"):
+        ops.greedy_rows(x[:, :500], q, int(Q.Q8_0), 500)
+    with pytest.raises(RuntimeError, match="weight row"):
+        ops.greedy_rows(x, q[:, :-1].contiguous(), int(Q.Q8_0), 512)

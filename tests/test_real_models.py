@@ -114,6 +114,20 @@ def test_batch_of_32_equals_alone(real_llm):
     assert [o.token_ids for o in batched] == alone * 8
 
 
+def test_screened_greedy_equals_full_logits(real_llm):
+    """32 greedy streams: their tokens come from the screened output projection (Q8_0 on both
+    files); the same run with every logit computed must give the same tokens."""
+    prompts = [f"Question {i}: tell me about {w}." for i, w in enumerate(["cats", "the sea", "rust", "paris"] * 8)]
+    p = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    screened = [o.token_ids for o in real_llm.generate(prompts, p, use_tqdm=False)]
+    real_llm.model.greedy = lambda h, vocab: None
+    try:
+        full = [o.token_ids for o in real_llm.generate(prompts, p, use_tqdm=False)]
+    finally:
+        del real_llm.model.greedy              # the class's method again
+    assert screened == full
+
+
 def test_sampling_seed_reproducible(real_llm):
     p = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=7, ignore_eos=True)
     a = real_llm.generate("Write a sentence about the sea.", p)[0].text

@@ -93,14 +93,17 @@ class LLMEngine:
         seqs = self.scheduler.schedule()
         if not seqs:
             return []
-        ready, logits = self.runner.run(seqs)
+        vocab = min(self.model_cfg.vocab_size, self.tokenizer.vocab_size)    # columns past it: padding, no such token
+        ready, logits, picked = self.runner.run(seqs, greedy_vocab=vocab)
         for seq in seqs:
             self.block_manager.after_step(seq)
         if not ready:                     # only partial prompt chunks this step
             return []
-        if self.model_cfg.vocab_size > self.tokenizer.vocab_size:
-            logits[:, self.tokenizer.vocab_size:] = float("-inf")   # padding rows: no such token
-        return [self._append(seq, token, info) for seq, (token, info) in zip(ready, sample(logits, ready))]
+        rest = [seq for i, seq in enumerate(ready) if i not in picked]
+        if rest and logits.shape[1] > vocab:
+            logits[:, vocab:] = float("-inf")
+        sampled = iter(sample(logits, rest) if rest else [])
+        return [self._append(seq, *((picked[i], None) if i in picked else next(sampled))) for i, seq in enumerate(ready)]
 
     def _append(self, seq: Sequence, token: int, info: dict | None) -> StepOutput:
         p = seq.params

@@ -9,6 +9,7 @@ from torch import nn
 
 from jisu.config import ModelConfig
 from jisu.engine.block_manager import NO_BLOCK
+from jisu.engine.sampler import argmax_only
 from jisu.engine.sequence import Sequence
 from jisu.model.layers import Attention, AttentionMetadata, KVGroupSlots, PrefillSegment, QLinear
 
@@ -97,12 +98,17 @@ class ModelRunner:
         return [s for s in seqs if s.num_scheduled_tokens == 1] + [s for s in seqs if s.num_scheduled_tokens != 1]
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], all_logits: bool = False) -> tuple[list[Sequence], torch.Tensor]:
+    def run(self, seqs: list[Sequence], all_logits: bool = False,
+            greedy_vocab: int = 0) -> tuple[list[Sequence], torch.Tensor, dict[int, int]]:
         """Computes each sequence's scheduled tokens and marks them cached.
 
-        Returns the sequences whose last token was computed (they need a next token) and their
-        next-token logits [len, vocab]; with all_logits (one sequence only), logits
-        [new tokens, vocab] at every new position instead."""
+        Returns the sequences whose last token was computed (they need a next token), `picked`
+        and logits: with greedy_vocab > 0, the ready sequences that want only the argmax of
+        their logits' first greedy_vocab columns (see sampler.argmax_only) may get it straight
+        from the model (model.greedy: the output projection screened, not computed in full);
+        picked maps their index in ready to that token. logits [len(ready) - len(picked), vocab]
+        are the next-token logits of the others, in order. With all_logits (one sequence only),
+        logits [new tokens, vocab] at every new position instead."""
         seqs = self.order(seqs)
         input_ids, meta = self.prepare(seqs)
         hidden = self.model(input_ids, meta)[0]
@@ -116,14 +122,23 @@ class ModelRunner:
                 rows.append(row - 1)
         if all_logits:
             assert len(seqs) == 1
-            return ready, self.model.compute_logits(hidden).float()
+            return ready, self.model.compute_logits(hidden).float(), {}
+        picked = {}
+        fast = [i for i, seq in enumerate(ready) if argmax_only(seq)] if greedy_vocab > 0 else []
+        if fast and hasattr(self.model, "greedy"):
+            tokens = self.model.greedy(hidden[[rows[i] for i in fast]], greedy_vocab)
+            if tokens is not None:
+                picked = {i: t for i, t in zip(fast, tokens.tolist()) if t >= 0}
+                rows = [r for i, r in enumerate(rows) if i not in picked]
+        if not rows:
+            return ready, hidden.new_empty(0, self.model.output.out_features), picked
         # a step's logits live until the next step (the engine samples from them at once): one
         # buffer, grown to the most rows seen (64 rows of Gemma's 262k vocab: 67 MB, allocated
         # and page-faulted anew each step before; on the server's engine thread malloc maps
         # anything over its arena's 64 MB heaps fresh whatever its threshold)
         if not isinstance(self.model.output, QLinear):      # dense: computed by torch into its own tensor
-            return ready, self.model.compute_logits(hidden[rows]).float()
+            return ready, self.model.compute_logits(hidden[rows]).float(), picked
         if self._logits is None or self._logits.shape[0] < len(rows):
             self._logits = None
             self._logits = torch.empty(max(len(rows), 1), self.model.output.out_features)
-        return ready, self.model.compute_logits(hidden[rows], out=self._logits[:len(rows)]).float()
+        return ready, self.model.compute_logits(hidden[rows], out=self._logits[:len(rows)]).float(), picked

@@ -55,6 +55,12 @@ def _plain_greedy(seq: Sequence) -> bool:
     return p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
 
 
+def argmax_only(seq: Sequence) -> bool:
+    """Whether seq's next token is the argmax of its raw logits and nothing else is wanted
+    from them (no penalties, no logprobs)."""
+    return _plain_greedy(seq) and seq.params.logprobs is None
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, dict | None]]:
     """Returns (token id, logprob info or None) for each row of logits [B, vocab]."""
     from jisu.kernels import cpu

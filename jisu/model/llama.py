@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from jisu.config import ModelConfig
-from jisu.model.layers import (Attention, AttentionMetadata, Embedding, Linear, RMSNorm, Rotary, gated_ffn, project,
-                               reserve_rotaries)
+from jisu.model.layers import (Attention, AttentionMetadata, Embedding, Linear, RMSNorm, Rotary, gated_ffn, greedy_tokens,
+                               project, reserve_rotaries)
 
 
 class LlamaBlock(nn.Module):
@@ -58,3 +58,7 @@ class Llama(nn.Module):
 
     def compute_logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return project(self.output, h, out)
+
+    def greedy(self, h: torch.Tensor, vocab: int) -> torch.Tensor | None:
+        """argmax of compute_logits(h)[:, :vocab] per row, or None (see greedy_tokens)."""
+        return greedy_tokens(self.output, h, vocab)

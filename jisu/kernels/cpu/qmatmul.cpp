@@ -1212,6 +1212,21 @@ inline void gemm_tile(const XQ16& x, int64_t m0, int64_t K, const int32_t* pw, c
 
 constexpr int GR = 6;   // activation rows per tile (measured: 4-8% over 4 once unrolled)
 
+// f(integral_constant<R>, m) over rows 0..M-1 in tiles of GR rows, the last R = M % GR
+template <typename F>
+inline void by_tiles(int64_t M, F&& f) {
+    int64_t m = 0;
+    for (; m + GR <= M; m += GR) f(std::integral_constant<int, GR>{}, m);
+    switch (M - m) {
+        case 5: f(std::integral_constant<int, 5>{}, m); break;
+        case 4: f(std::integral_constant<int, 4>{}, m); break;
+        case 3: f(std::integral_constant<int, 3>{}, m); break;
+        case 2: f(std::integral_constant<int, 2>{}, m); break;
+        case 1: f(std::integral_constant<int, 1>{}, m); break;
+        default: break;
+    }
+}
+
 // Panel p of W (weight rows p * GP ..) against every row of x: y [M, N].
 template <typename G>
 void gemm_panel(const XQ16& xq, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t K, int64_t row_bytes,
@@ -1220,16 +1235,7 @@ void gemm_panel(const XQ16& xq, const uint8_t* w, float* y, int64_t M, int64_t N
     const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(GP, N - n0 - GP));
     pack_panel<G>(w, row_bytes, n0, np, K, pw, ps, pm, w + (n0 + GP) * row_bytes, next_rows * row_bytes);
     float* yp = y + n0;
-    int64_t m = 0;
-    for (; m + GR <= M; m += GR) gemm_tile<G, GR>(xq, m, K, pw, ps, pm, yp, N, np);
-    switch (M - m) {
-        case 5: gemm_tile<G, 5>(xq, m, K, pw, ps, pm, yp, N, np); break;
-        case 4: gemm_tile<G, 4>(xq, m, K, pw, ps, pm, yp, N, np); break;
-        case 3: gemm_tile<G, 3>(xq, m, K, pw, ps, pm, yp, N, np); break;
-        case 2: gemm_tile<G, 2>(xq, m, K, pw, ps, pm, yp, N, np); break;
-        case 1: gemm_tile<G, 1>(xq, m, K, pw, ps, pm, yp, N, np); break;
-        default: break;
-    }
+    by_tiles(M, [&](auto R, int64_t m) { gemm_tile<G, decltype(R)::value>(xq, m, K, pw, ps, pm, yp, N, np); });
 }
 #else
 // AVX2 builds have no integer GEMM: many rows take the float32 kernels (Kernels::Gemm unused).
@@ -1336,6 +1342,271 @@ std::vector<torch::Tensor> gemm_i16(const torch::Tensor& x, const std::vector<to
         std::free(pw);
     });
     return ys;
+}
+
+// ---- greedy rows: gemm_i16's argmax per row, without computing every logit ------------------
+// A greedy decode row needs only the index of its largest logit, and the output projection is
+// the largest GEMM of a batched step (Gemma 3: 262k x 640, half of a 32-row step). Each row is
+// also rounded to int8 per 32 values (x8 = d8 a8) and a first pass computes y8 = x8 W^T with
+// vpdpbusd, which multiplies 64 byte pairs per instruction where the int16 GEMM's vpdpwssd
+// multiplies 32, together with a bound per column on how far y8 can be from the int16 GEMM's y16:
+//     |y8 - y16| <= sum_b |s_b| sum_k |w_k| max_k |x8_k - x16_k|  =  sum_b A[n, b] E[m, b]
+// (b: the weight's scale blocks; E also holds room for both sides' float rounding, see
+// quantize_x8s). Column n can be argmax(y16) only if y8[n] + B[n] >= max_j (y8[j] - B[j]). Those
+// few candidates (on Gemma's decode rows a median of 1, at most ~80 of 262k) are computed again by
+// gemm_tile itself, so their values are the int16 GEMM's to the bit, and their first maximum is
+// argmax(y16). Types with offsets per block (Q4_1, Q4_K) are not screened (their offset terms
+// would need their own rounding room); the caller computes their logits.
+struct XQ8S {
+    std::vector<int8_t> q;      // [M, K]: x8 = d q
+    std::vector<float> d, e;    // [M, K / 32]: d, and E (a bound on |x8 - x16| per value, with rounding room)
+    std::vector<int32_t> c;     // [M, K / 16]: -128 * (sum of 16 codes): the weights enter as w + 128
+    std::vector<uint8_t> bad;   // [M]: the row has a non-finite value
+};
+
+// Rounding room: y8 and y16 are each a chain of n = K / KB fused multiply-adds of terms
+// |s dx a| <= A[n, b] max|x_b|, rounded at most n + 3 times at 2^-24 of their absolute sum; the
+// bound's own chain and y8 +- B add a few more roundings, covered by the factor 1 + 2^-12 on E.
+// (K / 8 + 32) 2^-24 max|x_b| per value covers 2 (n + 3) with room to spare for KB >= 16.
+void quantize_x8s(const float* x, int64_t M, int64_t K, const XQ16& x16, XQ8S& out) {
+    const int64_t nb = K / 32;
+    out.q.resize(M * K);
+    out.d.resize(M * nb);
+    out.e.resize(M * nb);
+    out.c.resize(M * K / 16);
+    out.bad.assign(M, 0);
+    const float room = float(K / 8 + 32) * 0x1p-24f;
+    auto body = [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; ++m) {
+            for (int64_t j = 0; j < nb; ++j) {
+                const int64_t i = m * nb + j;
+                const __m512 a = _mm512_loadu_ps(x + 32 * i), b = _mm512_loadu_ps(x + 32 * i + 16);
+                const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+                if (_mm512_fpclass_ps_mask(a, 0x99) | _mm512_fpclass_ps_mask(b, 0x99)) {     // NaN or +-inf (max drops NaN)
+                    out.bad[m] = 1;
+                    std::memset(out.q.data() + 32 * i, 0, 32);
+                    out.d[i] = out.e[i] = 0.f;
+                    out.c[2 * i] = out.c[2 * i + 1] = 0;
+                    continue;
+                }
+                const __m512 id = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+                const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, id)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, id));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + 32 * i), _mm512_cvtsepi32_epi8(qa));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + 32 * i + 16), _mm512_cvtsepi32_epi8(qb));
+                const float d = amax / 127.f;
+                out.d[i] = d;
+                out.c[2 * i] = -128 * _mm512_reduce_add_epi32(qa);
+                out.c[2 * i + 1] = -128 * _mm512_reduce_add_epi32(qb);
+                const __m512 dv = _mm512_set1_ps(d), d16 = _mm512_set1_ps(x16.d[i]);
+                const int16_t* q16 = x16.q.data() + 32 * i;
+                const __m512 ea = _mm512_abs_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(qa), dv),
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q16)))), d16)));
+                const __m512 eb = _mm512_abs_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(qb), dv),
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q16 + 16)))), d16)));
+                out.e[i] = (_mm512_reduce_max_ps(_mm512_max_ps(ea, eb)) + room * amax) * (1.f + 0x1p-12f);
+            }
+        }
+    };
+    if (M < 4) body(0, M); else at::parallel_for(0, M, 4, body);
+}
+
+// Weight rows n0 .. n0 + np as a panel of bytes w + 128: pw [K / 4][GP] (four consecutive k per
+// int32 lane), ps [K / KB][GP] scales, pa [K / KB][GP] |s| sum |w| (A above). Two 32-value
+// blocks of 16 rows are transposed at a time; the sums of |w| are taken after the transpose, one
+// vector of 16 columns per quad (a per-row sum cost more than the rest of the packing).
+template <typename G>
+void pack_panel8(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int64_t K,
+                 int32_t* pw, float* ps, float* pa, const uint8_t* next, int64_t next_bytes) {
+    constexpr int KB = G::KB, SUB = 32 / KB;
+    const int64_t nb = K / 32, pairs = (nb + 1) / 2, steps = GP / 16 * pairs;
+    const int64_t lines = (next_bytes + 63) / 64, per_step = (lines + steps - 1) / steps;
+    const __m512i flip = _mm512_set1_epi8(char(0x80)), ones = _mm512_set1_epi8(1);
+    for (int h = 0; h < GP / 16; ++h) {
+        for (int64_t jp = 0; jp < pairs; ++jp) {
+            for (int64_t l = (h * pairs + jp) * per_step, e = std::min(lines, l + per_step); l < e; ++l)
+                _mm_prefetch(reinterpret_cast<const char*>(next + l * 64), _MM_HINT_T0);
+            const int two = 2 * jp + 1 < nb ? 2 : 1;
+            __m512i r[16];
+            for (int c = 0; c < 16; ++c) {
+                const int64_t col = h * 16 + c;
+                __m256i half[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+                for (int u = 0; u < two; ++u) {
+                    const int64_t j = 2 * jp + u;
+                    float s[SUB] = {}, mn[SUB] = {};
+                    if (col < np) half[u] = G::ints(w + (n0 + col) * row_bytes, j, s, mn);
+                    for (int t = 0; t < SUB; ++t) ps[(j * SUB + t) * GP + col] = s[t];
+                }
+                r[c] = _mm512_inserti64x4(_mm512_castsi256_si512(half[0]), half[1], 1);
+            }
+            transpose16(r);                 // r[g]: quad g of the two blocks, for the 16 columns
+            for (int u = 0; u < two; ++u) {
+                for (int t = 0; t < SUB; ++t) {
+                    __m512i n1 = _mm512_setzero_si512();
+                    for (int g = 0; g < KB / 4; ++g)
+                        n1 = _mm512_dpbusd_epi32(n1, _mm512_abs_epi8(r[8 * u + (KB / 4) * t + g]), ones);
+                    const int64_t at = ((2 * jp + u) * SUB + t) * GP + h * 16;
+                    _mm512_storeu_ps(pa + at, _mm512_mul_ps(_mm512_abs_ps(_mm512_loadu_ps(ps + at)), _mm512_cvtepi32_ps(n1)));
+                }
+            }
+            for (int g = 0; g < 8 * two; ++g) _mm512_store_si512(pw + ((2 * jp * 8 + g) * GP + h * 16), _mm512_xor_si512(r[g], flip));
+        }
+    }
+}
+
+// One row's screening state on one thread: t, the largest lower bound y8 - B seen so far, and
+// the columns whose upper bound y8 + B reached the t of their time (a superset of the final set).
+struct Screen {
+    float t = -INFINITY;
+    bool bad = false;
+    std::vector<std::pair<int32_t, float>> cand;   // (column, y8 + B)
+    void prune() {
+        cand.erase(std::remove_if(cand.begin(), cand.end(), [&](const auto& c) { return c.second < t; }), cand.end());
+    }
+};
+
+inline void screen_cols(Screen& st, __m512 y, __m512 bnd, __mmask16 k, int64_t n) {
+    if (!k) return;
+    if (_mm512_mask_cmp_ps_mask(k, y, y, _CMP_UNORD_Q) | _mm512_mask_cmp_ps_mask(k, bnd, bnd, _CMP_UNORD_Q)) st.bad = true;
+    const __m512 hi = _mm512_add_ps(y, bnd);
+    const float lmax = _mm512_mask_reduce_max_ps(k, _mm512_sub_ps(y, bnd));
+    if (lmax > st.t) st.t = lmax;
+    __mmask16 keep = _mm512_mask_cmp_ps_mask(k, hi, _mm512_set1_ps(st.t), _CMP_GE_OQ);
+    if (!keep) return;
+    alignas(64) float v[16];
+    _mm512_store_ps(v, hi);
+    for (; keep; keep &= keep - 1) {
+        const int c = __builtin_ctz(keep);
+        st.cand.emplace_back(int32_t(n + c), v[c]);
+    }
+    if (st.cand.size() >= 4096) st.prune();
+}
+
+// R rows of x8 against one packed panel (columns n0 ..): y8 and its bound, into the rows' states.
+template <typename G, int R>
+inline void screen_tile(const XQ8S& x, int64_t m0, int64_t K, const int32_t* pw, const float* ps, const float* pa,
+                        Screen* st, int64_t n0, int64_t np) {
+    constexpr int KB = G::KB, SUB = 32 / KB;
+    const int64_t nb = K / KB, xb = K / 32, cb = K / 16;
+    const int8_t* xq = x.q.data() + m0 * K;
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        __m512i ai[R][2];
+        for (int r = 0; r < R; ++r) {
+            const int32_t* c = x.c.data() + (m0 + r) * cb + b * (KB / 16);
+            ai[r][0] = ai[r][1] = _mm512_set1_epi32(KB == 32 ? c[0] + c[1] : c[0]);
+        }
+        const int32_t* wp = pw + b * (KB / 4) * GP;
+#pragma GCC unroll 8
+        for (int g = 0; g < KB / 4; ++g) {
+            const __m512i w0 = _mm512_load_si512(wp + g * GP), w1 = _mm512_load_si512(wp + g * GP + 16);
+            for (int r = 0; r < R; ++r) {
+                int32_t quad;
+                std::memcpy(&quad, xq + r * K + b * KB + 4 * g, 4);
+                const __m512i a = _mm512_set1_epi32(quad);
+                ai[r][0] = _mm512_dpbusd_epi32(ai[r][0], w0, a);
+                ai[r][1] = _mm512_dpbusd_epi32(ai[r][1], w1, a);
+            }
+        }
+        const __m512 s0 = _mm512_loadu_ps(ps + b * GP), s1 = _mm512_loadu_ps(ps + b * GP + 16);
+        for (int r = 0; r < R; ++r) {
+            const __m512 dx = _mm512_set1_ps(x.d[(m0 + r) * xb + b / SUB]);
+            acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][0]), _mm512_mul_ps(s0, dx), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][1]), _mm512_mul_ps(s1, dx), acc[r][1]);
+        }
+    }
+    __m512 bnd[R][2];
+    for (int r = 0; r < R; ++r) bnd[r][0] = bnd[r][1] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const __m512 a0 = _mm512_loadu_ps(pa + b * GP), a1 = _mm512_loadu_ps(pa + b * GP + 16);
+        for (int r = 0; r < R; ++r) {
+            const __m512 e = _mm512_set1_ps(x.e[(m0 + r) * xb + b / SUB]);
+            bnd[r][0] = _mm512_fmadd_ps(a0, e, bnd[r][0]);
+            bnd[r][1] = _mm512_fmadd_ps(a1, e, bnd[r][1]);
+        }
+    }
+    const __mmask16 k0 = np >= 16 ? 0xFFFF : __mmask16((1u << np) - 1);
+    const __mmask16 k1 = np >= 32 ? 0xFFFF : np <= 16 ? 0 : __mmask16((1u << (np - 16)) - 1);
+    for (int r = 0; r < R; ++r) {
+        screen_cols(st[m0 + r], acc[r][0], bnd[r][0], k0, n0);
+        screen_cols(st[m0 + r], acc[r][1], bnd[r][1], k1, n0 + 16);
+    }
+}
+
+template <typename G>
+void screen_panel(const XQ8S& x8, const uint8_t* w, int64_t M, int64_t N, int64_t K, int64_t row_bytes, int64_t p,
+                  int32_t* pw, float* ps, float* pa, Screen* st) {
+    const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
+    const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(GP, N - n0 - GP));
+    pack_panel8<G>(w, row_bytes, n0, np, K, pw, ps, pa, w + (n0 + GP) * row_bytes, next_rows * row_bytes);
+    by_tiles(M, [&](auto R, int64_t m) { screen_tile<G, decltype(R)::value>(x8, m, K, pw, ps, pa, st, n0, np); });
+}
+
+// argmax over n of gemm_i16(x, w)[m, n] for every row m of x [M, K]: int64 [M], -1 where it is
+// not decided here (a non-finite value, or a type with block offsets): the caller then computes
+// the row's logits. Ties go to the first column, as torch.argmax.
+torch::Tensor greedy_rows(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == K && K % 32 == 0 && x.size(0) > 0,
+                "greedy_rows: x must be float32 [M > 0, K], K a multiple of 32");
+    x = x.contiguous();
+    const int64_t M = x.size(0), N = w.size(0);
+    auto out = torch::full({M}, int64_t(-1), torch::dtype(torch::kInt64));
+    int64_t* o = out.data_ptr<int64_t>();
+    dispatch(qtype, [&](auto k) {
+        using F = typename decltype(k)::Float;
+        using G = typename decltype(k)::Gemm;
+        check_weight(w, K, F::N, F::BYTES);
+        if constexpr (!G::MINS) {
+            const uint8_t* wb = w.data_ptr<uint8_t>();
+            const int64_t row_bytes = w.size(1), panels = (N + GP - 1) / GP;
+            XQ16 x16;
+            quantize_x16(x.data_ptr<float>(), M, K, x16);
+            XQ8S x8;
+            quantize_x8s(x.data_ptr<float>(), M, K, x16, x8);
+            std::vector<std::vector<Screen>> st(at::get_num_threads(), std::vector<Screen>(M));
+            at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+                int32_t* pw = static_cast<int32_t*>(std::aligned_alloc(64, sizeof(int32_t) * (K / 4) * GP));
+                std::vector<float> ps(K / 16 * GP), pa(K / 16 * GP);
+                Screen* mine = st[at::get_thread_num()].data();
+                for (int64_t p = p0; p < p1; ++p) screen_panel<G>(x8, wb, M, N, K, row_bytes, p, pw, ps.data(), pa.data(), mine);
+                std::free(pw);
+            });
+            // per row: the candidates above the final threshold, in column order, through gemm_tile
+            at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+                int32_t* pw = static_cast<int32_t*>(std::aligned_alloc(64, sizeof(int32_t) * (K / 2) * GP));
+                std::vector<float> ps(K / 16 * GP), pm(K / 16 * GP);
+                std::vector<uint8_t> rows(GP * row_bytes);
+                for (int64_t m = m0; m < m1; ++m) {
+                    float t = -INFINITY;
+                    bool bad = x8.bad[m];
+                    for (auto& s : st) { t = std::max(t, s[m].t); bad |= s[m].bad; }
+                    if (bad || !std::isfinite(t)) continue;
+                    std::vector<int32_t> cols;
+                    for (auto& s : st)
+                        for (const auto& c : s[m].cand)
+                            if (c.second >= t) cols.push_back(c.first);
+                    std::sort(cols.begin(), cols.end());
+                    float best = -INFINITY;
+                    int64_t arg = -1;
+                    bool nan = false;
+                    for (size_t c0 = 0; c0 < cols.size(); c0 += GP) {
+                        const int64_t np = std::min<int64_t>(GP, int64_t(cols.size() - c0));
+                        for (int64_t c = 0; c < np; ++c) std::memcpy(rows.data() + c * row_bytes, wb + cols[c0 + c] * row_bytes, row_bytes);
+                        pack_panel<G>(rows.data(), row_bytes, 0, np, K, pw, ps.data(), pm.data(), nullptr, 0);
+                        alignas(64) float y[GP];
+                        gemm_tile<G, 1>(x16, m, K, pw, ps.data(), pm.data(), y, 0, np);   // N = 0: row m lands in y
+                        for (int64_t c = 0; c < np; ++c) {
+                            if (std::isnan(y[c])) nan = true;
+                            if (y[c] > best || arg < 0) { best = y[c]; arg = cols[c0 + c]; }
+                        }
+                    }
+                    if (!nan) o[m] = arg;
+                }
+                std::free(pw);
+            });
+        }
+    });
+    return out;
 }
 #endif
 
@@ -2231,6 +2502,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.attr("isa") = "avx512";
 #else
     m.attr("isa") = "avx2";
+#endif
+    m.attr("GEMM_MIN_ROWS") = GEMM_MIN_ROWS;   // qmatmul takes the int16 GEMM from this many rows
+#ifdef JISU_AVX512
+    m.def("greedy_rows", &greedy_rows, "argmax of each row of the int16 GEMM x W^T, screened in int8 (-1: undecided)", release());
 #endif
     m.def("argmax", &argmax, "index of the first maximum (-1: NaN)", release());
     m.def("argmax_rows", &argmax_rows, "argmax of the given rows, in parallel (-1: NaN)", release());
