@@ -1434,16 +1434,31 @@ void pack_panel8(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, in
                 _mm_prefetch(reinterpret_cast<const char*>(next + l * 64), _MM_HINT_T0);
             const int two = 2 * jp + 1 < nb ? 2 : 1;
             __m512i r[16];
-            for (int c = 0; c < 16; ++c) {
-                const int64_t col = h * 16 + c;
-                __m256i half[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-                for (int u = 0; u < two; ++u) {
-                    const int64_t j = 2 * jp + u;
-                    float s[SUB] = {}, mn[SUB] = {};
-                    if (col < np) half[u] = G::ints(w + (n0 + col) * row_bytes, j, s, mn);
-                    for (int t = 0; t < SUB; ++t) ps[(j * SUB + t) * GP + col] = s[t];
+            if (two == 2 && h * 16 + 16 <= np) {       // the common case, straight-line
+                const int64_t j = 2 * jp;
+                for (int c = 0; c < 16; ++c) {
+                    const int64_t col = h * 16 + c;
+                    const uint8_t* row = w + (n0 + col) * row_bytes;
+                    float s0[SUB], s1[SUB], mn[SUB];
+                    const __m256i lo = G::ints(row, j, s0, mn), hi = G::ints(row, j + 1, s1, mn);
+                    for (int t = 0; t < SUB; ++t) {
+                        ps[(j * SUB + t) * GP + col] = s0[t];
+                        ps[((j + 1) * SUB + t) * GP + col] = s1[t];
+                    }
+                    r[c] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
                 }
-                r[c] = _mm512_inserti64x4(_mm512_castsi256_si512(half[0]), half[1], 1);
+            } else {
+                for (int c = 0; c < 16; ++c) {
+                    const int64_t col = h * 16 + c;
+                    __m256i half[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+                    for (int u = 0; u < two; ++u) {
+                        const int64_t j = 2 * jp + u;
+                        float s[SUB] = {}, mn[SUB] = {};
+                        if (col < np) half[u] = G::ints(w + (n0 + col) * row_bytes, j, s, mn);
+                        for (int t = 0; t < SUB; ++t) ps[(j * SUB + t) * GP + col] = s[t];
+                    }
+                    r[c] = _mm512_inserti64x4(_mm512_castsi256_si512(half[0]), half[1], 1);
+                }
             }
             transpose16(r);                 // r[g]: quad g of the two blocks, for the 16 columns
             for (int u = 0; u < two; ++u) {
