@@ -322,7 +322,8 @@ def test_huge_seed_is_fine(tiny_llama):
 def test_screened_greedy_equals_full_logits_in_a_mixed_batch(tiny_llama_path):
     """Plain greedy sequences get their token from model.greedy (the output projection
     screened); greedy with logprobs or a penalty, and sampled ones, still get logits. Every
-    sequence's output equals the run where every row's logits are computed in full."""
+    sequence's output equals the run where every row's logits are computed in full (three
+    rows are left to logits, so they take the same int16 GEMM as all seven did)."""
     llm = LLM(str(tiny_llama_path), progress=False, enable_prefix_caching=False)
     kinds = [greedy(10), greedy(10), SamplingParams(max_tokens=10, temperature=0, logprobs=2, ignore_eos=True),
              SamplingParams(max_tokens=10, temperature=0.8, seed=3, ignore_eos=True), greedy(10),
@@ -344,6 +345,22 @@ def test_screened_greedy_equals_full_logits_in_a_mixed_batch(tiny_llama_path):
         assert a.outputs[0].logprobs == b.outputs[0].logprobs
     # four plain greedy rows a step: the screen decided them (AVX-512 builds; none on AVX2)
     assert (max(picked) == 4) == (llm.model.output.ops.isa == "avx512")
+
+
+def test_rows_left_to_logits_are_a_batch_of_their_own(tiny_llama_path):
+    """With one row left to logits, that row is computed alone (the one-row kernel), not in the
+    int16 GEMM of the whole step: its logprobs move within integer rounding, as they do with
+    the batch's size anyway; the screened rows' tokens are unchanged."""
+    llm = LLM(str(tiny_llama_path), progress=False, enable_prefix_caching=False)
+    kinds = [greedy(10)] * 4 + [SamplingParams(max_tokens=10, temperature=0, logprobs=2, ignore_eos=True)]
+    prompts = [[5 + i, 17, 30 + 2 * i, 9] for i in range(len(kinds))]
+    screened = llm.generate(prompt_token_ids=prompts, params=kinds, use_tqdm=False)
+    llm.model.greedy = lambda h, vocab: None
+    full = llm.generate(prompt_token_ids=prompts, params=kinds, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in screened] == [o.outputs[0].token_ids for o in full]
+    got = [step["logprob"] for step in screened[-1].outputs[0].logprobs]
+    want = [step["logprob"] for step in full[-1].outputs[0].logprobs]
+    assert np.allclose(got, want, rtol=0, atol=1e-3)
 
 
 def test_screened_greedy_tokens_stay_below_the_vocabulary(tiny_llama_path):

@@ -507,15 +507,18 @@ def test_greedy_rows_leaves_what_it_cannot_decide():
         assert not hasattr(ops, "greedy_rows")
         return
     q, _ = random_weight(Q.Q8_0, n=100, k=512)
-    x = torch.randn(4, 512)
+    x = torch.randn(6, 512)
     x[1, 3] = float("nan")
     x[2, 300] = float("inf")
+    x[4] = 0.0                                                       # every logit 0: all tie, the first wins
+    x[5, 64:96] = 1e-30                  # a block so small the GEMM's scale products could be subnormal
     got = ops.greedy_rows(x, q, int(Q.Q8_0), 512).tolist()
-    assert got[1] == got[2] == -1                                    # the caller computes those rows
-    assert [got[0], got[3]] == ops.qmatmul(x[[0, 3]], q, int(Q.Q8_0), 512, 2).argmax(-1).tolist()
+    assert got[1] == got[2] == got[5] == -1                          # the caller computes those rows
+    assert [got[0], got[3], got[4]] == ops.qmatmul(x[[0, 3, 4]], q, int(Q.Q8_0), 512, 2).argmax(-1).tolist()
+    assert got[4] == 0
     for qtype in (Q.Q4_1, Q.Q4_K):                                   # block offsets: not screened
         qo, _ = random_weight(qtype, n=40)
-        assert ops.greedy_rows(x, qo, int(qtype), 512).tolist() == [-1] * 4
+        assert ops.greedy_rows(x, qo, int(qtype), 512).tolist() == [-1] * 6
     with pytest.raises(RuntimeError, match="greedy_rows"):
         ops.greedy_rows(x[:, :500], q, int(Q.Q8_0), 500)
     with pytest.raises(RuntimeError, match="weight row"):

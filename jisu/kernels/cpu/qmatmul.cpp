@@ -1389,7 +1389,10 @@ void quantize_x8s(const float* x, int64_t M, int64_t K, const XQ16& x16, XQ8S& o
                 const int64_t i = m * nb + j;
                 const __m512 a = _mm512_loadu_ps(x + 32 * i), b = _mm512_loadu_ps(x + 32 * i + 16);
                 const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-                if (_mm512_fpclass_ps_mask(a, 0x99) | _mm512_fpclass_ps_mask(b, 0x99)) {     // NaN or +-inf (max drops NaN)
+                // NaN or +-inf (the max above drops NaN), or a block so small that the GEMM's
+                // scale products s dx could be subnormal, where the rounding room, relative, is
+                // not room enough: such rows are left to the caller
+                if (_mm512_fpclass_ps_mask(a, 0x99) | _mm512_fpclass_ps_mask(b, 0x99) || (amax > 0.f && amax < 0x1p-60f)) {
                     out.bad[m] = 1;
                     std::memset(out.q.data() + 32 * i, 0, 32);
                     out.d[i] = out.e[i] = 0.f;
@@ -1481,8 +1484,12 @@ struct Screen {
     float t = -INFINITY;
     bool bad = false;
     std::vector<std::pair<int32_t, float>> cand;   // (column, y8 + B)
+    size_t limit = 4096;                            // prune when the list reaches it
     void prune() {
         cand.erase(std::remove_if(cand.begin(), cand.end(), [&](const auto& c) { return c.second < t; }), cand.end());
+        // many columns at the threshold (an all-zero row: every y8 and B are 0) survive
+        // pruning; doubling the limit keeps the work linear in the list
+        limit = std::max<size_t>(4096, 2 * cand.size());
     }
 };
 
@@ -1500,7 +1507,7 @@ inline void screen_cols(Screen& st, __m512 y, __m512 bnd, __mmask16 k, int64_t n
         const int c = __builtin_ctz(keep);
         st.cand.emplace_back(int32_t(n + c), v[c]);
     }
-    if (st.cand.size() >= 4096) st.prune();
+    if (st.cand.size() >= st.limit) st.prune();
 }
 
 // R rows of x8 against one packed panel (columns n0 ..): y8 and its bound, into the rows' states.
