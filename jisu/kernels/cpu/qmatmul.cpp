@@ -1167,6 +1167,12 @@ void pack_panel(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int
     }
 }
 
+// lanes of the vector of a panel's columns c0 .. c0 + 15 that hold one of its np columns
+inline __mmask16 cols16(int64_t np, int64_t c0) {
+    const int64_t n = std::clamp<int64_t>(np - c0, 0, 16);
+    return n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
 // R activation rows against one packed panel: R x 2 vectors of int32 sums per scale block,
 // folded into R x 2 float accumulators.
 template <typename G, int R>
@@ -1209,8 +1215,7 @@ inline void gemm_tile(const XQ16& x, int64_t m0, int64_t K, const int32_t* pw, c
             }
         }
     }
-    const __mmask16 k0 = np >= 16 ? 0xFFFF : __mmask16((1u << np) - 1);
-    const __mmask16 k1 = np >= 32 ? 0xFFFF : np <= 16 ? 0 : __mmask16((1u << (np - 16)) - 1);
+    const __mmask16 k0 = cols16(np, 0), k1 = cols16(np, 16);
     for (int r = 0; r < R; ++r) {
         _mm512_mask_storeu_ps(y + (m0 + r) * N, k0, acc[r][0]);
         _mm512_mask_storeu_ps(y + (m0 + r) * N + 16, k1, acc[r][1]);
@@ -1554,8 +1559,7 @@ inline void screen_tile(const XQ8S& x, int64_t m0, int64_t K, const int32_t* pw,
             bnd[r][1] = _mm512_fmadd_ps(a1, e, bnd[r][1]);
         }
     }
-    const __mmask16 k0 = np >= 16 ? 0xFFFF : __mmask16((1u << np) - 1);
-    const __mmask16 k1 = np >= 32 ? 0xFFFF : np <= 16 ? 0 : __mmask16((1u << (np - 16)) - 1);
+    const __mmask16 k0 = cols16(np, 0), k1 = cols16(np, 16);
     for (int r = 0; r < R; ++r) {
         screen_cols(st[m0 + r], acc[r][0], bnd[r][0], k0, n0);
         screen_cols(st[m0 + r], acc[r][1], bnd[r][1], k1, n0 + 16);
