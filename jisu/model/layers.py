@@ -76,17 +76,14 @@ def project(lin: nn.Module, x: torch.Tensor, out: torch.Tensor | None) -> torch.
     return lin(x)
 
 
-# GGUF types the greedy screen takes: those without a per-block offset (see qmatmul.cpp, greedy_rows)
-GREEDY_TYPES = frozenset({2, 6, 8, 14})     # Q4_0, Q5_0, Q8_0, Q6_K
-
-
 def greedy_tokens(lin: nn.Module, x: torch.Tensor, vocab: int) -> torch.Tensor | None:
     """argmax over the first `vocab` columns of lin(x) for each row of x [M, K], found without
     computing every logit (int64 [M], -1 where a row is left to the caller), or None where lin
     cannot: the answer is the int16 GEMM's own argmax, so it applies only where that GEMM would
-    compute lin(x) (integer activations, AVX-512, at least ops.GEMM_MIN_ROWS rows)."""
+    compute lin(x) (integer activations, AVX-512, at least ops.GEMM_MIN_ROWS rows). The kernel
+    itself leaves every row to the caller for types it does not screen (block offsets: Q4_1, Q4_K)."""
     ops = getattr(lin, "ops", None)
-    if (not isinstance(lin, QLinear) or not lin.act_digits or lin.qtype not in GREEDY_TYPES
+    if (not isinstance(lin, QLinear) or not lin.act_digits
             or not hasattr(ops, "greedy_rows") or x.dim() != 2 or x.shape[0] < ops.GEMM_MIN_ROWS):
         return None
     return ops.greedy_rows(x, lin.qweight[:vocab], lin.qtype, lin.in_features)
