@@ -523,3 +523,102 @@ def test_greedy_rows_leaves_what_it_cannot_decide():
         ops.greedy_rows(x[:, :500], q, int(Q.Q8_0), 500)
     with pytest.raises(RuntimeError, match="weight row"):
         ops.greedy_rows(x, q[:, :-1].contiguous(), int(Q.Q8_0), 512)
+
+
+def panels_of(q, k, slices=2):
+    """Q8_0 blocks q [n, k / 32 * 34] packed into panels, `slices` calls (as the loader does)."""
+    n = q.shape[0]
+    count = (n + ops.PANEL_ROWS - 1) // ops.PANEL_ROWS
+    out = torch.full((count, k // 32 * ops.PANEL_BLOCK_BYTES), 7, dtype=torch.uint8)
+    cuts = np.linspace(0, count, slices + 1).astype(int)
+    for p0, p1 in zip(cuts[:-1], cuts[1:]):
+        ops.pack_panels(q, k, int(p0), int(p1), out)
+    return out
+
+
+def test_panels_hold_the_files_values():
+    """Panels keep the file's bytes in another order: every row looked up from them equals the
+    file's blocks dequantized, to the bit (1000 rows: a part-full last panel)."""
+    if ops.isa != "avx512":
+        assert not hasattr(ops, "pack_panels")
+        return
+    q, _ = random_weight(Q.Q8_0, n=1000, k=640)
+    p = panels_of(q, 640, slices=3)
+    assert p.shape == (32, 20 * 1088)                      # as many bytes per row as the file's
+    want = ops.dequantize(q, int(Q.Q8_0), 640)
+    assert torch.equal(ops.panel_rows(p, torch.arange(1000), 1000, 640), want)
+    ids = torch.tensor([999, 0, 31, 32, 500, 500])
+    assert torch.equal(ops.panel_rows(p, ids, 1000, 640), want[ids])
+    with pytest.raises(RuntimeError, match="out of 0..999"):
+        ops.panel_rows(p, torch.tensor([1000]), 1000, 640)
+    with pytest.raises(RuntimeError, match="panels: expected"):
+        ops.panel_rows(p[:, :-1].contiguous(), ids, 1000, 640)
+    with pytest.raises(RuntimeError, match="panels: expected"):
+        ops.panel_rows(p, ids, 1040, 640)                  # one panel more than p has
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 33])
+def test_panel_matmul_equals_dequant_then_matmul(m):
+    """The panels' GEMM splits the int16 codes into two bytes: its sums are exact integers, so
+    it is as close to float64 as the int16 GEMM, and a row's logits do not depend on which rows
+    share its call (one row alone gives the same bits as the same row among 33)."""
+    if ops.isa != "avx512":
+        return
+    q, ref_w = random_weight(Q.Q8_0, n=1000, k=640)
+    p = panels_of(q, 640)
+    x = torch.randn(m, 640)
+    x[0, :32] = 0.0
+    x[-1, 7] = 30.0
+    want = x.double() @ ref_w.double().t()
+    got = ops.panel_matmul(x, p, 1000, 640, 0, 1000)
+    assert got.shape == (m, 1000)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    for i in range(m):
+        assert torch.equal(ops.panel_matmul(x[i:i + 1], p, 1000, 640, 0, 1000)[0], got[i])
+    # a column range that starts and ends inside panels, into a caller's buffer
+    out = torch.full((m, 1000 - 5 - 37), float("nan"))
+    part = ops.panel_matmul(x, p, 1000, 640, 37, 995, out)
+    assert part.data_ptr() == out.data_ptr() and torch.equal(out, got[:, 37:995])
+    assert torch.equal(ops.panel_matmul(x.view(m, 1, 640), p, 1000, 640, 0, 1000), got.view(m, 1, 1000))
+    with pytest.raises(RuntimeError, match="columns 0..1001 out of 0..1000"):
+        ops.panel_matmul(x, p, 1000, 640, 0, 1001)
+    with pytest.raises(RuntimeError, match="out must be contiguous float32"):
+        ops.panel_matmul(x, p, 1000, 640, 0, 1000, torch.empty(m, 999))
+
+
+@pytest.mark.parametrize("m", [3, 7, 33])
+def test_panel_greedy_equals_the_panel_gemm_argmax(m):
+    """The screen on panels: the argmax of panel_matmul's own logits, ties to the first column,
+    on random rows and on near-ties, over all columns and over the first `vocab` of them."""
+    if ops.isa != "avx512":
+        return
+    rng = np.random.default_rng()
+    q = torch.from_numpy(np.ascontiguousarray(random_quant_bytes((1000, 640), Q.Q8_0, rng))).view(1000, -1)
+    x = torch.randn(m, 640)
+    x[0, :32] = 0.0
+    x[-1, 7] = 30.0
+    xt, qt = near_ties(Q.Q8_0, 300, 640, rng)
+    for x, q in ((x, q), (xt[:m], qt)):
+        n = q.shape[0]
+        p = panels_of(q, 640)
+        logits = ops.panel_matmul(x, p, n, 640, 0, n)
+        assert torch.equal(ops.panel_greedy(x, p, n, n, 640), logits.argmax(-1))
+        assert torch.equal(ops.panel_greedy(x, p, n, n - 45, 640), logits[:, :n - 45].argmax(-1))
+
+
+def test_panel_greedy_leaves_what_it_cannot_decide():
+    if ops.isa != "avx512":
+        return
+    q, _ = random_weight(Q.Q8_0, n=100, k=512)
+    p = panels_of(q, 512)
+    x = torch.randn(6, 512)
+    x[1, 3] = float("nan")
+    x[2, 300] = float("inf")
+    x[4] = 0.0
+    x[5, 64:96] = 1e-30
+    got = ops.panel_greedy(x, p, 100, 100, 512).tolist()
+    assert got[1] == got[2] == got[5] == -1
+    assert [got[0], got[3], got[4]] == ops.panel_matmul(x[[0, 3, 4]], p, 100, 512, 0, 100).argmax(-1).tolist()
+    assert got[4] == 0
+    with pytest.raises(RuntimeError, match="N=101 columns out of 1..100"):
+        ops.panel_greedy(x, p, 100, 101, 512)

@@ -68,6 +68,27 @@ def test_untied_output(tmp_path):
     np.testing.assert_allclose(llm.logits(ids), hf_logits(path, ids), atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_output_matrix_in_panels(tmp_path, tied):
+    """With int16 activations on AVX-512 builds the Q8_0 output matrix (and the embedding table
+    tied to it) is repacked into the kernels' panels; float32 activations keep the file's blocks.
+    Embeddings looked up from the panels equal the file's rows, and the logits stay within the
+    int16 bound of transformers' (test_logits_match_transformers covers them too)."""
+    from jisu.kernels import cpu
+    from jisu.model.layers import PanelLinear
+    path = write_tiny_llama(tmp_path / "m.gguf", tied=tied)
+    llm = LLM(str(path), progress=False, kv_cache_dtype="float32")
+    exact = LLM(str(path), progress=False, activations="float32")
+    ops = cpu.load()
+    assert isinstance(llm.model.output, PanelLinear) == (ops is not None and ops.isa == "avx512")
+    assert not isinstance(exact.model.output, PanelLinear)
+    assert (llm.model.token_embd.table is llm.model.output) == tied
+    ids = torch.arange(llm.config.vocab_size)
+    assert torch.equal(llm.model.token_embd(ids), exact.model.token_embd(ids))
+    prompt = [5, 6, 7, 8, 9]
+    np.testing.assert_allclose(llm.logits(prompt), hf_logits(path, prompt), atol=2e-3, rtol=1e-3)
+
+
 def test_sliding_window_matters(tmp_path):
     """Keys beyond the window must not change a sliding layer's output: perturbing the first
     token changes late logits less in a windowed model than with the window off."""

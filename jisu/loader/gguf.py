@@ -294,6 +294,22 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     return GGUFFile(path, version, metadata, tensors)
 
 
+def release_pages(t: GGUFTensor, end: int) -> None:
+    """The whole pages of tensor t's first `end` bytes leave this process's resident set (the
+    loader calls it behind a copy it made in another layout). The mapping stays valid: a later
+    read of those bytes faults them back in from the file. Best effort, as _drop_pages."""
+    import mmap
+    raw = getattr(t.data, "_mmap", None)
+    first = -(-t.offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (t.offset + min(end, t.nbytes)) // mmap.PAGESIZE * mmap.PAGESIZE
+    if raw is None or last <= first or not hasattr(raw, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        raw.madvise(mmap.MADV_DONTNEED, first, last - first)
+    except (OSError, ValueError):
+        pass
+
+
 def _drop_pages(mm: np.memmap, end: int) -> None:
     """The header's pages are parsed into Python objects and never read again: let them go from
     this process's resident set (SmolLM2's vocab and merges: ~6 MB). Only whole pages before

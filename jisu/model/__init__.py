@@ -15,9 +15,9 @@ from torch import nn
 
 from jisu.config import ModelConfig
 from jisu.kernels.dequant import dequantize
-from jisu.loader.gguf import GGUFError, GGUFFile, GGUFTensor
+from jisu.loader.gguf import GGUFError, GGUFFile, GGUFTensor, release_pages
 from jisu.model.gemma3 import Gemma3, Gemma3Block
-from jisu.model.layers import Attention, QEmbedding, QLinear, RMSNorm, Rotary
+from jisu.model.layers import Attention, PanelLinear, QEmbedding, QLinear, RMSNorm, Rotary
 from jisu.model.llama import Llama, LlamaBlock
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"llama": Llama, "gemma3": Gemma3}
@@ -39,6 +39,30 @@ def _qlinear(t: GGUFTensor, ops) -> QLinear:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         blocks = torch.from_numpy(t.data)
     return QLinear(blocks.view(t.shape[0], -1), int(t.qtype), t.shape[1], ops)
+
+
+def _panel_linear(t: GGUFTensor, ops, slice_panels: int = 256) -> PanelLinear:
+    """The output matrix repacked into the kernels' panels (PanelLinear), a slice of panels at a
+    time, each slice's file pages let go once read: the panels take the file's bytes again, so
+    the process never holds both copies (Gemma's 178 MB embedding)."""
+    n, k = t.shape
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        blocks = torch.from_numpy(t.data).view(n, -1)
+    rows = ops.PANEL_ROWS
+    panels = torch.empty((n + rows - 1) // rows, k // 32 * ops.PANEL_BLOCK_BYTES, dtype=torch.uint8)
+    for p0 in range(0, panels.shape[0], slice_panels):
+        p1 = min(p0 + slice_panels, panels.shape[0])
+        ops.pack_panels(blocks, k, p0, p1, panels)
+        release_pages(t, min(p1 * rows, n) * blocks.shape[1])
+    return PanelLinear(panels, n, k, ops)
+
+
+def _panels_apply(name: str, t: GGUFTensor, tied: bool, digits: int, ops) -> bool:
+    """Panels for the output matrix (the embedding table too where they are tied) when it is Q8_0
+    and the kernels take int16 activations on AVX-512 (the panels' only GEMM is integer)."""
+    output = name == "output.weight" or (tied and name == "token_embd.weight")
+    return output and t.qtype == Q.Q8_0 and digits == 2 and hasattr(ops, "pack_panels")
 
 
 ACTIVATIONS = {"float32": 0, "int8": 1, "int16": 2}   # -> the kernels' digits
@@ -73,7 +97,8 @@ def load_model(g: GGUFFile, cfg: ModelConfig, max_len: int, dtype: torch.dtype =
             raise GGUFError(f"{g.path}: tensor '{name}' has shape {list(t.shape)}, "
                             f"expected {list(expected[ours])}")
         if ops is not None and t.qtype in KERNEL_QTYPES and len(t.shape) == 2:
-            quantized[ours.removesuffix(".weight")] = _qlinear(t, ops)
+            quantized[ours.removesuffix(".weight")] = (_panel_linear(t, ops) if _panels_apply(name, t, tied, digits, ops)
+                                                      else _qlinear(t, ops))
             continue
         w = dequantize(t)
         # dense matrices are kept column-major (a transposed view of W^T): MKL's x @ W^T with

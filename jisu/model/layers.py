@@ -69,6 +69,36 @@ class QLinear(nn.Module):
         return y.view(*x.shape[:-1], end - start)
 
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (int64 [n]) of W, dequantized: float32 [n, in_features] (embedding lookups)."""
+        return self.ops.dequantize(self.qweight.index_select(0, ids), self.qtype, self.in_features)
+
+    def greedy(self, x: torch.Tensor, vocab: int) -> torch.Tensor:
+        """The kernel's argmax of (x W^T)[:, :vocab] per row (see greedy_tokens)."""
+        return self.ops.greedy_rows(x, self.qweight[:vocab], self.qtype, self.in_features)
+
+
+class PanelLinear(QLinear):
+    """A Q8_0 output matrix (with tied embeddings, also the embedding table) repacked at load into
+    the kernels' panels of 32 rows (kernels/cpu/qmatmul.cpp, "Q8_0 in panels"): as many bytes as
+    the file's blocks, and the batched GEMM and the greedy screen no longer transpose it every
+    step. Every row count and the row lookups read the panels; the values are the file's."""
+
+    def __init__(self, panels: torch.Tensor, out_features: int, in_features: int, ops):
+        super().__init__(panels, -1, in_features, ops)
+        self.out_features = out_features
+        self.act_digits = 2
+
+    def columns(self, x: torch.Tensor, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.ops.panel_matmul(x, self.qweight, self.out_features, self.in_features, start, end, out)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.ops.panel_rows(self.qweight, ids, self.out_features, self.in_features)
+
+    def greedy(self, x: torch.Tensor, vocab: int) -> torch.Tensor:
+        return self.ops.panel_greedy(x, self.qweight, self.out_features, vocab, self.in_features)
+
+
 def project(lin: nn.Module, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """lin(x), written into `out` where lin keeps GGUF blocks (QLinear) and out is given."""
     if out is not None and isinstance(lin, QLinear):
@@ -86,7 +116,7 @@ def greedy_tokens(lin: nn.Module, x: torch.Tensor, vocab: int) -> torch.Tensor |
     if (not isinstance(lin, QLinear) or not lin.act_digits
             or not hasattr(ops, "greedy_rows") or x.dim() != 2 or x.shape[0] < ops.GEMM_MIN_ROWS):
         return None
-    return ops.greedy_rows(x, lin.qweight[:vocab], lin.qtype, lin.in_features)
+    return lin.greedy(x, vocab)
 
 
 def gated_ffn(gate: nn.Module, up: nn.Module, h: torch.Tensor, ops, gelu: bool, chunk: int = 512) -> torch.Tensor:
@@ -116,9 +146,7 @@ class QEmbedding(nn.Module):
         self.table = table
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.table.qweight.index_select(0, ids.reshape(-1))
-        out = self.table.ops.dequantize(rows, self.table.qtype, self.table.in_features)
-        return out.view(*ids.shape, -1)
+        return self.table.rows(ids.reshape(-1)).view(*ids.shape, -1)
 
 
 class RMSNorm(nn.Module):

@@ -1036,7 +1036,7 @@ struct XQ16 {
     std::vector<float> d, f;  // [M, K / 32]: scale and exact sum of each 32-value block
 };
 
-void quantize_x16(const float* x, int64_t M, int64_t K, XQ16& out) {
+void quantize_x16(const float* x, int64_t M, int64_t K, XQ16& out, float qmax = 32767.f) {
     const int64_t nb = K / 32;
     out.q.resize(M * K);
     out.d.resize(M * nb);
@@ -1045,12 +1045,12 @@ void quantize_x16(const float* x, int64_t M, int64_t K, XQ16& out) {
         for (int64_t i = m0 * nb; i < m1 * nb; ++i) {
             const __m512 a = _mm512_loadu_ps(x + 32 * i), b = _mm512_loadu_ps(x + 32 * i + 16);
             const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-            const __m512 id = _mm512_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+            const __m512 id = _mm512_set1_ps(amax > 0.f ? qmax / amax : 0.f);
             const __m256i qa = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a, id)));
             const __m256i qb = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(b, id)));
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + 32 * i), qa);
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + 32 * i + 16), qb);
-            out.d[i] = amax / 32767.f;
+            out.d[i] = amax / qmax;
             out.f[i] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
         }
     };
@@ -1515,16 +1515,33 @@ inline void screen_cols(Screen& st, __m512 y, __m512 bnd, __mmask16 k, int64_t n
     if (st.cand.size() >= st.limit) st.prune();
 }
 
+// Row m's candidates over the threads' screens, in column order; false where the row is left to
+// the caller (a non-finite value, or no finite threshold).
+bool survivors(const std::vector<std::vector<Screen>>& st, const XQ8S& x8, int64_t m, std::vector<int32_t>& cols) {
+    float t = -INFINITY;
+    bool bad = x8.bad[m];
+    for (auto& s : st) { t = std::max(t, s[m].t); bad |= s[m].bad; }
+    if (bad || !std::isfinite(t)) return false;
+    for (auto& s : st)
+        for (const auto& c : s[m].cand)
+            if (c.second >= t) cols.push_back(c.first);
+    std::sort(cols.begin(), cols.end());
+    return true;
+}
+
 // R rows of x8 against one packed panel (columns n0 ..): y8 and its bound, into the rows' states.
 template <typename G, int R>
 inline void screen_tile(const XQ8S& x, int64_t m0, int64_t K, const int32_t* pw, const float* ps, const float* pa,
-                        Screen* st, int64_t n0, int64_t np) {
+                        Screen* st, int64_t n0, int64_t np, const uint8_t* next = nullptr, int64_t next_bytes = 0) {
     constexpr int KB = G::KB, SUB = 32 / KB;
     const int64_t nb = K / KB, xb = K / 32, cb = K / 16;
     const int8_t* xq = x.q.data() + m0 * K;
+    const int64_t per_block = (next_bytes / 64 + nb - 1) / nb;   // lines of `next` to request per block
     __m512 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
+        for (int64_t i = b * per_block, e = std::min(next_bytes / 64, i + per_block); i < e; ++i)
+            _mm_prefetch(reinterpret_cast<const char*>(next + 64 * i), _MM_HINT_T0);
         __m512i ai[R][2];
         for (int r = 0; r < R; ++r) {
             const int32_t* c = x.c.data() + (m0 + r) * cb + b * (KB / 16);
@@ -1610,15 +1627,8 @@ torch::Tensor greedy_rows(torch::Tensor x, torch::Tensor w, int64_t qtype, int64
                 std::vector<float> ps(K / 16 * GP), pm(K / 16 * GP);
                 std::vector<uint8_t> rows(GP * row_bytes);
                 for (int64_t m = m0; m < m1; ++m) {
-                    float t = -INFINITY;
-                    bool bad = x8.bad[m];
-                    for (auto& s : st) { t = std::max(t, s[m].t); bad |= s[m].bad; }
-                    if (bad || !std::isfinite(t)) continue;
                     std::vector<int32_t> cols;
-                    for (auto& s : st)
-                        for (const auto& c : s[m].cand)
-                            if (c.second >= t) cols.push_back(c.first);
-                    std::sort(cols.begin(), cols.end());
+                    if (!survivors(st, x8, m, cols)) continue;
                     float best = -INFINITY;
                     int64_t arg = -1;
                     bool nan = false;
@@ -1637,6 +1647,282 @@ torch::Tensor greedy_rows(torch::Tensor x, torch::Tensor w, int64_t qtype, int64
                 }
                 std::free(pw);
             });
+        }
+    });
+    return out;
+}
+
+// ---- Q8_0 in panels: a large output matrix repacked once, at load --------------------------
+// Gemma's tied 262k x 640 Q8_0 embedding is the largest matrix of a decode step, and the batched
+// step (the GEMM and the greedy screen alike) spent ~40% of its time on it transposing 32 rows
+// at a time into panels, the same way every step. Repacked at load into exactly those panels it
+// takes as many bytes as the file's blocks (1088 per 32 values and GP rows), so the file's pages
+// can be let go behind it. Panel p (rows p GP ..) holds, for its nb = K / 32 blocks,
+//     nb x 1024 bytes: block b's eight quads for the GP rows, w + 128 (pack_panel8's pw layout)
+//     nb x GP fp16 scales
+// and every reader takes this layout: the GEMM below for any row count (so one row gets the
+// same numbers as many), the greedy screen, and row lookups for the embedding.
+constexpr int64_t P8_QUADS = 8 * GP * 4, P8_SCALES = GP * 2, P8_BLOCK = P8_QUADS + P8_SCALES;
+// The GEMM's activation codes split into two signed bytes q = 256 h + l for vpdpbusd, which
+// needs |q| <= 32639 (h in [-127, 127]): the int16 rounding's 32767 levels become 32639.
+constexpr float QMAX2 = 32639.f;
+
+struct XQ2 {
+    XQ16 x16;                        // the codes q and scales d
+    std::vector<int8_t> h, l;        // [M, K]
+    std::vector<int32_t> ch, cl;     // [M, K / 32]: -128 * the block's sum of h (l): bytes enter as w + 128
+};
+
+void quantize_x2(const float* x, int64_t M, int64_t K, XQ2& out) {
+    quantize_x16(x, M, K, out.x16, QMAX2);
+    const int64_t nb = K / 32;
+    out.h.resize(M * K);
+    out.l.resize(M * K);
+    out.ch.resize(M * nb);
+    out.cl.resize(M * nb);
+    for (int64_t i = 0; i < M * nb; ++i) {
+        const __m512i q = _mm512_loadu_si512(out.x16.q.data() + 32 * i);
+        const __m512i h = _mm512_srai_epi16(_mm512_add_epi16(q, _mm512_set1_epi16(128)), 8);
+        const __m512i l = _mm512_sub_epi16(q, _mm512_slli_epi16(h, 8));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.h.data() + 32 * i), _mm512_cvtepi16_epi8(h));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.l.data() + 32 * i), _mm512_cvtepi16_epi8(l));
+        const __m512i one = _mm512_set1_epi16(1);
+        out.ch[i] = -128 * _mm512_reduce_add_epi32(_mm512_madd_epi16(h, one));
+        out.cl[i] = -128 * _mm512_reduce_add_epi32(_mm512_madd_epi16(l, one));
+    }
+}
+
+// a panel's fp16 scales as floats [nb][GP]
+inline void panel_scales(const uint8_t* panel, int64_t nb, float* ps) {
+    const uint8_t* s = panel + nb * P8_QUADS;
+    for (int64_t i = 0; i < nb * GP; i += 16)
+        _mm512_storeu_ps(ps + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 2 * i))));
+}
+
+// ai[r] += the sums (w + 128) d over one block of the panel (wp), d one digit's 32 bytes of row r
+// (xd + r K)
+template <int R>
+inline void p8_digit(const int32_t* wp, const int8_t* xd, int64_t K, __m512i (&ai)[R][2]) {
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; ++g) {
+        const __m512i w0 = _mm512_load_si512(wp + g * GP), w1 = _mm512_load_si512(wp + g * GP + 16);
+        for (int r = 0; r < R; ++r) {
+            int32_t quad;
+            std::memcpy(&quad, xd + r * K + 4 * g, 4);
+            const __m512i a = _mm512_set1_epi32(quad);
+            ai[r][0] = _mm512_dpbusd_epi32(ai[r][0], w0, a);
+            ai[r][1] = _mm512_dpbusd_epi32(ai[r][1], w1, a);
+        }
+    }
+}
+
+// R rows of x against one panel: y (row m0's column of the panel's first row; row stride ldy)
+// for the lanes in k0 / k1. The integer sums are exactly the int16 GEMM's sum w q: per block the
+// h digit first, shifted up by 8, then the l digit into the same accumulator. The float steps
+// are gemm_tile's.
+template <int R>
+inline void p8_tile(const XQ2& x, int64_t m0, int64_t K, const uint8_t* panel, const float* ps, float* y, int64_t ldy,
+                    __mmask16 k0, __mmask16 k1, const uint8_t* next = nullptr) {
+    const int64_t nb = K / 32;
+    const int8_t* xh = x.h.data() + m0 * K;
+    const int8_t* xl = x.l.data() + m0 * K;
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const int32_t* wp = reinterpret_cast<const int32_t*>(panel + b * P8_QUADS);
+        if (next)
+            for (int i = 0; i < P8_BLOCK / 64; ++i) _mm_prefetch(reinterpret_cast<const char*>(next + b * P8_BLOCK + 64 * i), _MM_HINT_T0);
+        __m512i ai[R][2];
+        for (int r = 0; r < R; ++r) ai[r][0] = ai[r][1] = _mm512_set1_epi32(x.ch[(m0 + r) * nb + b]);
+        p8_digit<R>(wp, xh + b * 32, K, ai);
+        for (int r = 0; r < R; ++r) {
+            const __m512i c = _mm512_set1_epi32(x.cl[(m0 + r) * nb + b]);
+            ai[r][0] = _mm512_add_epi32(_mm512_slli_epi32(ai[r][0], 8), c);
+            ai[r][1] = _mm512_add_epi32(_mm512_slli_epi32(ai[r][1], 8), c);
+        }
+        p8_digit<R>(wp, xl + b * 32, K, ai);
+        const __m512 s0 = _mm512_loadu_ps(ps + b * GP), s1 = _mm512_loadu_ps(ps + b * GP + 16);
+        for (int r = 0; r < R; ++r) {
+            const __m512 dx = _mm512_set1_ps(x.x16.d[(m0 + r) * nb + b]);
+            acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][0]), _mm512_mul_ps(s0, dx), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][1]), _mm512_mul_ps(s1, dx), acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        _mm512_mask_storeu_ps(y + r * ldy, k0, acc[r][0]);
+        _mm512_mask_storeu_ps(y + r * ldy + 16, k1, acc[r][1]);
+    }
+}
+
+void check_panels(const torch::Tensor& w, int64_t N, int64_t K) {
+    TORCH_CHECK(K > 0 && K % 32 == 0 && N > 0, "panels: K must be a positive multiple of 32 and N positive");
+    TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous() && w.size(0) == (N + GP - 1) / GP &&
+                w.size(1) == K / 32 * P8_BLOCK,
+                "panels: expected contiguous uint8 [", (N + GP - 1) / GP, ", ", K / 32 * P8_BLOCK, "] for N=", N, ", K=", K);
+}
+
+// Panels p0 .. p1 - 1 of out from the Q8_0 matrix w [N, K / 32 * 34] (rows p0 GP ..). The loader
+// packs a large matrix a slice at a time and lets the file's pages go behind it.
+void pack_panels(torch::Tensor w, int64_t K, int64_t p0, int64_t p1, torch::Tensor out) {
+    const int64_t N = w.size(0), nb = K / 32;
+    check_weight(w, K, 32, 34);
+    check_panels(out, N, K);
+    TORCH_CHECK(0 <= p0 && p0 <= p1 && p1 <= out.size(0), "pack_panels: panel range ", p0, "..", p1, " out of 0..", out.size(0));
+    const uint8_t* wb = w.data_ptr<uint8_t>();
+    uint8_t* ob = out.data_ptr<uint8_t>();
+    at::parallel_for(p0, p1, 1, [&](int64_t a, int64_t b) {
+        int32_t* pw = static_cast<int32_t*>(std::aligned_alloc(64, P8_QUADS * nb));
+        std::vector<float> ps(nb * GP), pa(nb * GP);
+        for (int64_t p = a; p < b; ++p) {
+            const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
+            pack_panel8<G_Q8_0>(wb, w.size(1), n0, np, K, pw, ps.data(), pa.data(), nullptr, 0);
+            uint8_t* panel = ob + p * nb * P8_BLOCK;
+            std::memcpy(panel, pw, P8_QUADS * nb);
+            for (int64_t i = 0; i < nb * GP; i += 16)   // the scales came from fp16: exact
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(panel + nb * P8_QUADS + 2 * i),
+                                    _mm512_cvtps_ph(_mm512_loadu_ps(ps.data() + i), _MM_FROUND_TO_NEAREST_INT));
+        }
+        std::free(pw);
+    });
+}
+
+// y [..., end - start] = (x [..., K] W^T)[..., start:end] for W in panels, N rows; any row count
+torch::Tensor panel_matmul(torch::Tensor x, torch::Tensor w, int64_t N, int64_t K, int64_t start, int64_t end,
+                           c10::optional<torch::Tensor> out) {
+    check_panels(w, N, K);
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.size(-1) == K, "x must be float32 [..., K] with K=", K);
+    TORCH_CHECK(0 <= start && start < end && end <= N, "panel_matmul: columns ", start, "..", end, " out of 0..", N);
+    x = x.contiguous();
+    const int64_t M = x.numel() / K, cols = end - start, nb = K / 32;
+    auto shape = x.sizes().vec();
+    shape.back() = cols;
+    TORCH_CHECK(!out || (out->dtype() == torch::kFloat32 && out->is_contiguous() && out->numel() == M * cols),
+                "panel_matmul: out must be contiguous float32 with ", M * cols, " elements");
+    auto y = out ? out->view(shape) : torch::empty(shape, x.options());
+    if (M == 0) return y;
+    XQ2 xq;
+    quantize_x2(x.data_ptr<float>(), M, K, xq);
+    const uint8_t* wb = w.data_ptr<uint8_t>();
+    float* yb = y.data_ptr<float>();
+    at::parallel_for(start / GP, (end + GP - 1) / GP, 1, [&](int64_t p0, int64_t p1) {
+        std::vector<float> ps(nb * GP);
+        for (int64_t p = p0; p < p1; ++p) {
+            const int64_t lo = std::max<int64_t>(start - p * GP, 0), hi = std::min<int64_t>(end - p * GP, GP);
+            const uint32_t lanes = uint32_t((uint64_t(1) << hi) - 1) & ~uint32_t((uint64_t(1) << lo) - 1);
+            const uint8_t* panel = wb + p * nb * P8_BLOCK;
+            panel_scales(panel, nb, ps.data());
+            // column p GP of row 0; lanes before `start` are masked off and never touched
+            float* yp = yb + (p * GP - start);
+            // the next panel is requested during this one's first tile: without it the panels
+            // stream from memory at a third of the rate (Gemma's 262k rows, 8 rows: 13.6 -> 5.3 ms)
+            const uint8_t* next = p + 1 < p1 ? panel + nb * P8_BLOCK : nullptr;
+            by_tiles(M, [&](auto R, int64_t m) {
+                p8_tile<decltype(R)::value>(xq, m, K, panel, ps.data(), yp + m * cols, cols, __mmask16(lanes), __mmask16(lanes >> 16),
+                                            m == 0 ? next : nullptr);
+            });
+        }
+    });
+    return y;
+}
+
+// rows `ids` of W in panels, dequantized: float32 [len(ids), K] (the embedding lookup), each
+// value d (w) as the file's blocks give it
+torch::Tensor panel_rows(torch::Tensor w, torch::Tensor ids, int64_t N, int64_t K) {
+    check_panels(w, N, K);
+    TORCH_CHECK(ids.dtype() == torch::kInt64 && ids.dim() == 1, "panel_rows: ids must be int64 [n]");
+    ids = ids.contiguous();
+    const int64_t n = ids.size(0), nb = K / 32;
+    const int64_t* id = ids.data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i) TORCH_CHECK(id[i] >= 0 && id[i] < N, "panel_rows: row ", id[i], " out of 0..", N - 1);
+    auto y = torch::empty({n, K}, torch::dtype(torch::kFloat32));
+    const uint8_t* wb = w.data_ptr<uint8_t>();
+    float* yb = y.data_ptr<float>();
+    at::parallel_for(0, n, 16, [&](int64_t a, int64_t b) {
+        for (int64_t i = a; i < b; ++i) {
+            const int64_t c = id[i] % GP;
+            const uint8_t* panel = wb + id[i] / GP * nb * P8_BLOCK;
+            float* out = yb + i * K;
+            for (int64_t j = 0; j < nb; ++j) {
+                const float d = f16(panel + nb * P8_QUADS + (j * GP + c) * 2);
+                for (int g = 0; g < 8; ++g) {
+                    const uint8_t* q = panel + j * P8_QUADS + (g * GP + c) * 4;
+                    for (int t = 0; t < 4; ++t) out[j * 32 + 4 * g + t] = d * float(int(q[t]) - 128);
+                }
+            }
+        }
+    });
+    return y;
+}
+
+// greedy_rows for W in panels: argmax over the first N columns of panel_matmul(x, W) per row,
+// -1 where a row has a non-finite value (or a block below 2^-60). The screen reads the panels as
+// they are; the sums of |w| its bound needs are taken per panel (16 dpbusd a block, against the
+// rows' 8 M).
+torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, int64_t rows, int64_t N, int64_t K) {
+    check_panels(w, rows, K);
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == K && x.size(0) > 0,
+                "panel_greedy: x must be float32 [M > 0, K]");
+    TORCH_CHECK(0 < N && N <= rows, "panel_greedy: N=", N, " columns out of 1..", rows);
+    x = x.contiguous();
+    const int64_t M = x.size(0), nb = K / 32, panels = (N + GP - 1) / GP;
+    auto out = torch::full({M}, int64_t(-1), torch::dtype(torch::kInt64));
+    int64_t* o = out.data_ptr<int64_t>();
+    const uint8_t* wb = w.data_ptr<uint8_t>();
+    XQ2 x2;
+    quantize_x2(x.data_ptr<float>(), M, K, x2);
+    XQ8S x8;
+    quantize_x8s(x.data_ptr<float>(), M, K, x2.x16, x8);
+    std::vector<std::vector<Screen>> st(at::get_num_threads(), std::vector<Screen>(M));
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+        std::vector<float> ps(nb * GP), pa(nb * GP);
+        Screen* mine = st[at::get_thread_num()].data();
+        const __m512i flip = _mm512_set1_epi8(char(0x80)), ones = _mm512_set1_epi8(1);
+        for (int64_t p = p0; p < p1; ++p) {
+            const uint8_t* panel = wb + p * nb * P8_BLOCK;
+            panel_scales(panel, nb, ps.data());
+            for (int64_t j = 0; j < nb; ++j) {
+                for (int h = 0; h < 2; ++h) {
+                    __m512i n1 = _mm512_setzero_si512();
+                    for (int g = 0; g < 8; ++g) {
+                        const __m512i q = _mm512_load_si512(panel + j * P8_QUADS + (g * GP + 16 * h) * 4);
+                        n1 = _mm512_dpbusd_epi32(n1, _mm512_abs_epi8(_mm512_xor_si512(q, flip)), ones);
+                    }
+                    const int64_t at = j * GP + 16 * h;
+                    _mm512_storeu_ps(pa.data() + at, _mm512_mul_ps(_mm512_abs_ps(_mm512_loadu_ps(ps.data() + at)), _mm512_cvtepi32_ps(n1)));
+                }
+            }
+            const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
+            const int32_t* pw = reinterpret_cast<const int32_t*>(panel);
+            const int64_t next_bytes = p + 1 < p1 ? nb * P8_BLOCK : 0;
+            by_tiles(M, [&](auto R, int64_t m) {
+                screen_tile<G_Q8_0, decltype(R)::value>(x8, m, K, pw, ps.data(), pa.data(), mine, n0, np,
+                                                        panel + nb * P8_BLOCK, m == 0 ? next_bytes : 0);
+            });
+        }
+    });
+    // per row: the candidates above the final threshold, their panels through p8_tile
+    at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+        std::vector<float> ps(nb * GP);
+        for (int64_t m = m0; m < m1; ++m) {
+            std::vector<int32_t> cols;
+            if (!survivors(st, x8, m, cols)) continue;
+            float best = -INFINITY;
+            int64_t arg = -1, done = -1;
+            bool nan = false;
+            alignas(64) float y[GP];
+            for (int32_t col : cols) {
+                const int64_t p = col / GP;
+                if (p != done) {
+                    const uint8_t* panel = wb + p * nb * P8_BLOCK;
+                    panel_scales(panel, nb, ps.data());
+                    p8_tile<1>(x2, m, K, panel, ps.data(), y, 0, __mmask16(0xFFFF), __mmask16(0xFFFF));
+                    done = p;
+                }
+                const float v = y[col % GP];
+                if (std::isnan(v)) nan = true;
+                if (v > best || arg < 0) { best = v; arg = col; }
+            }
+            if (!nan) o[m] = arg;
         }
     });
     return out;
@@ -2539,6 +2825,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.attr("GEMM_MIN_ROWS") = GEMM_MIN_ROWS;   // qmatmul takes the int16 GEMM from this many rows
 #ifdef JISU_AVX512
     m.def("greedy_rows", &greedy_rows, "argmax of each row of the int16 GEMM x W^T, screened in int8 (-1: undecided)", release());
+    m.attr("PANEL_ROWS") = GP;
+    m.attr("PANEL_BLOCK_BYTES") = P8_BLOCK;
+    m.def("pack_panels", &pack_panels, "Q8_0 rows into panels p0..p1 of out", release());
+    m.def("panel_matmul", &panel_matmul, "columns start..end of x W^T for W in panels", py::arg("x"), py::arg("w"),
+          py::arg("N"), py::arg("K"), py::arg("start"), py::arg("end"), py::arg("out") = py::none(), release());
+    m.def("panel_rows", &panel_rows, "rows of W in panels, dequantized", release());
+    m.def("panel_greedy", &panel_greedy, "argmax of each row of panel_matmul over the first N columns (-1: undecided)", release());
 #endif
     m.def("argmax", &argmax, "index of the first maximum (-1: NaN)", release());
     m.def("argmax_rows", &argmax_rows, "argmax of the given rows, in parallel (-1: NaN)", release());
