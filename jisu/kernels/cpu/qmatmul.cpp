@@ -2457,16 +2457,35 @@ torch::Tensor attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Te
                 if (j0 + VL >= k1)                 // the last keys: the first values next
                     for (int64_t j = k0; j < std::min(k1, k0 + PF_KEYS); ++j)
                         prefetch_values(vp + (slots[b * L + j] * KVH + kvh) * D, D);
-                for (int64_t g = 0; g < G; ++g) {
-                    const float* qg = qs.data() + g * D;
-                    vf part_v[VL];
-                    for (int l = 0; l < VL; ++l) {
-                        if (l >= nk) { part_v[l] = vzero(); continue; }
-                        vf acc = vmul(vload(qg), vload(kr[l]));
-                        for (int64_t d = VL; d < D; d += VL) acc = vfma(vload(qg + d), vload(kr[l] + d), acc);
-                        part_v[l] = acc;
+                // up to four query heads at a time: each key vector is loaded (and converted from
+                // float16) once for them, not once per head
+                for (int64_t g0 = 0; g0 < G; g0 += 4) {
+                    auto heads = [&](auto ghc) {
+                        constexpr int GH = decltype(ghc)::value;
+                        const float* qg = qs.data() + g0 * D;
+                        vf part_v[GH][VL];
+                        for (int l = 0; l < VL; ++l) {
+                            vf acc[GH];
+                            if (l >= nk) {
+                                for (int h = 0; h < GH; ++h) part_v[h][l] = vzero();
+                                continue;
+                            }
+                            const vf k0v = vload(kr[l]);
+                            for (int h = 0; h < GH; ++h) acc[h] = vmul(vload(qg + h * D), k0v);
+                            for (int64_t d = VL; d < D; d += VL) {
+                                const vf kv = vload(kr[l] + d);
+                                for (int h = 0; h < GH; ++h) acc[h] = vfma(vload(qg + h * D + d), kv, acc[h]);
+                            }
+                            for (int h = 0; h < GH; ++h) part_v[h][l] = acc[h];
+                        }
+                        for (int h = 0; h < GH; ++h) vstore(scores.data() + (g0 + h) * stride + (j0 - k0), sum_each(part_v[h]));
+                    };
+                    switch (std::min<int64_t>(4, G - g0)) {
+                        case 1: heads(std::integral_constant<int, 1>{}); break;
+                        case 2: heads(std::integral_constant<int, 2>{}); break;
+                        case 3: heads(std::integral_constant<int, 3>{}); break;
+                        default: heads(std::integral_constant<int, 4>{}); break;
                     }
-                    vstore(scores.data() + g * stride + (j0 - k0), sum_each(part_v));
                 }
             }
             const int64_t full = (len + VL - 1) / VL * VL;
