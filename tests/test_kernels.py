@@ -557,11 +557,13 @@ def test_panels_hold_the_files_values():
         ops.panel_rows(p, ids, 1040, 640)                  # one panel more than p has
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 7, 33])
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 16, 33])
 def test_panel_matmul_equals_dequant_then_matmul(m):
-    """The panels' GEMM splits the int16 codes into two bytes: its sums are exact integers, so
-    it is as close to float64 as the int16 GEMM, and a row's logits do not depend on which rows
-    share its call (one row alone gives the same bits as the same row among 33)."""
+    """The panels' GEMM: below 16 rows p8_tile (the int16 codes split into two bytes for
+    vpdpbusd), from 16 rows the int16 GEMM's own tile on widened panels. Both sum exact
+    integers, so both are as close to float64 as the int16 GEMM, and within either a row's
+    logits do not depend on which rows share its call (one row alone gives the same bits as
+    that row among 15; among 16 the same as among 33)."""
     if ops.isa != "avx512":
         return
     q, ref_w = random_weight(Q.Q8_0, n=1000, k=640)
@@ -573,8 +575,13 @@ def test_panel_matmul_equals_dequant_then_matmul(m):
     got = ops.panel_matmul(x, p, 1000, 640, 0, 1000)
     assert got.shape == (m, 1000)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    alone = m < 16
     for i in range(m):
-        assert torch.equal(ops.panel_matmul(x[i:i + 1], p, 1000, 640, 0, 1000)[0], got[i])
+        if alone:
+            assert torch.equal(ops.panel_matmul(x[i:i + 1], p, 1000, 640, 0, 1000)[0], got[i])
+        else:
+            among = torch.cat([x[i:i + 1], torch.randn(15, 640)])
+            assert torch.equal(ops.panel_matmul(among, p, 1000, 640, 0, 1000)[0], got[i])
     # a column range that starts and ends inside panels, into a caller's buffer
     out = torch.full((m, 1000 - 5 - 37), float("nan"))
     part = ops.panel_matmul(x, p, 1000, 640, 37, 995, out)
@@ -586,7 +593,7 @@ def test_panel_matmul_equals_dequant_then_matmul(m):
         ops.panel_matmul(x, p, 1000, 640, 0, 1000, torch.empty(m, 999))
 
 
-@pytest.mark.parametrize("m", [3, 7, 33])
+@pytest.mark.parametrize("m", [3, 7, 16, 33])
 def test_panel_greedy_equals_the_panel_gemm_argmax(m):
     """The screen on panels: the argmax of panel_matmul's own logits, ties to the first column,
     on random rows and on near-ties, over all columns and over the first `vocab` of them."""
