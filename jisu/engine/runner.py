@@ -107,9 +107,10 @@ class ModelRunner:
         their logits' first greedy_vocab columns (see sampler.argmax_only) may get it straight
         from the model (model.greedy: the output projection screened, not computed in full);
         picked maps their index in ready to that token. logits [len(ready) - len(picked), vocab]
-        are the next-token logits of the others, in order, computed as a batch of their own (one
-        or two rows take the one-row kernels rather than the step's int16 GEMM: the same values
-        within integer rounding, as with any change of batch size). With all_logits (one
+        are the next-token logits of the others, in order, computed as a batch of their own (a
+        different row count may take a different kernel: one or two rows the one-row kernels,
+        and for an output matrix in panels fewer than 16 rows p8_tile, rather than the int16
+        GEMM: the same values within integer rounding, as with any change of batch size). With all_logits (one
         sequence only), logits [new tokens, vocab] at every new position instead."""
         seqs = self.order(seqs)
         input_ids, meta = self.prepare(seqs)
