@@ -2114,7 +2114,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
             for (i = 0; i < D; ++i) yr[i] = (xr[i] * scale) * wp[i];
         }
     };
-    if (rows < 16) body(0, rows); else at::parallel_for(0, rows, 16, body);
+    if (rows * D < (1 << 16)) body(0, rows); else at::parallel_for(0, rows, 16, body);
     return y;
 }
 
@@ -2748,7 +2748,7 @@ void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Ten
                 }
             }
         };
-        if (B * T < 16) body(0, B * T); else at::parallel_for(0, B * T, 16, body);
+        if (B * T * (q.size(-2) + k.size(-2)) * D < (1 << 16)) body(0, B * T); else at::parallel_for(0, B * T, 16, body);
     }
 }
 
