@@ -1534,20 +1534,28 @@ struct Screen {
     }
 };
 
-inline void screen_cols(Screen& st, __m512 y, __m512 bnd, __mmask16 k, int64_t n) {
-    if (!k) return;
-    if (_mm512_mask_cmp_ps_mask(k, y, y, _CMP_UNORD_Q) | _mm512_mask_cmp_ps_mask(k, bnd, bnd, _CMP_UNORD_Q)) st.bad = true;
-    const __m512 hi = _mm512_add_ps(y, bnd);
-    const float lmax = _mm512_mask_reduce_max_ps(k, _mm512_sub_ps(y, bnd));
+// Columns n .. n + 31 of one row (y8 and bound B, two vectors; lanes k0 / k1 hold columns): the
+// row's threshold, then the columns whose upper bound reaches it. One maximum over both vectors.
+inline void screen_cols(Screen& st, __m512 y0, __m512 b0, __m512 y1, __m512 b1, __mmask16 k0, __mmask16 k1, int64_t n) {
+    if (!(k0 | k1)) return;
+    const __m512 hi0 = _mm512_add_ps(y0, b0), hi1 = _mm512_add_ps(y1, b1);
+    const __m512 lo0 = _mm512_sub_ps(y0, b0), lo1 = _mm512_sub_ps(y1, b1);
+    // NaN in y or B reaches both sums (and inf - inf is NaN too): the row is left to the caller
+    if (_mm512_mask_cmp_ps_mask(k0, hi0, lo0, _CMP_UNORD_Q) | _mm512_mask_cmp_ps_mask(k1, hi1, lo1, _CMP_UNORD_Q)) st.bad = true;
+    const __m512 none = _mm512_set1_ps(-INFINITY);
+    const float lmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_mask_mov_ps(none, k0, lo0), _mm512_mask_mov_ps(none, k1, lo1)));
     if (lmax > st.t) st.t = lmax;
-    __mmask16 keep = _mm512_mask_cmp_ps_mask(k, hi, _mm512_set1_ps(st.t), _CMP_GE_OQ);
-    if (!keep) return;
-    alignas(64) float v[16];
-    _mm512_store_ps(v, hi);
-    for (; keep; keep &= keep - 1) {
-        const int c = __builtin_ctz(keep);
-        st.cand.emplace_back(int32_t(n + c), v[c]);
-    }
+    const __m512 t = _mm512_set1_ps(st.t);
+    const __mmask16 keep[2] = {_mm512_mask_cmp_ps_mask(k0, hi0, t, _CMP_GE_OQ), _mm512_mask_cmp_ps_mask(k1, hi1, t, _CMP_GE_OQ)};
+    if (!(keep[0] | keep[1])) return;
+    alignas(64) float v[32];
+    _mm512_store_ps(v, hi0);
+    _mm512_store_ps(v + 16, hi1);
+    for (int h = 0; h < 2; ++h)
+        for (__mmask16 k = keep[h]; k; k &= k - 1) {
+            const int c = 16 * h + __builtin_ctz(k);
+            st.cand.emplace_back(int32_t(n + c), v[c]);
+        }
     if (st.cand.size() >= st.limit) st.prune();
 }
 
@@ -1619,8 +1627,7 @@ inline void screen_tile(const XQ8S& x, int64_t m0, int64_t K, const int32_t* pw,
     }
     const __mmask16 k0 = cols16(np, 0), k1 = cols16(np, 16);
     for (int r = 0; r < R; ++r) {
-        screen_cols(st[m0 + r], acc[r][0], bnd[r][0], k0, n0);
-        screen_cols(st[m0 + r], acc[r][1], bnd[r][1], k1, n0 + 16);
+        screen_cols(st[m0 + r], acc[r][0], bnd[r][0], acc[r][1], bnd[r][1], k0, k1, n0);
     }
 }
 
