@@ -1702,16 +1702,18 @@ torch::Tensor greedy_rows(torch::Tensor x, torch::Tensor w, int64_t qtype, int64
 
 // ---- Q8_0 in panels: a large output matrix repacked once, at load --------------------------
 // Gemma's tied 262k x 640 Q8_0 embedding is the largest matrix of a decode step, and the batched
-// step (the GEMM and the greedy screen alike) spent ~40% of its time on it transposing 32 rows
-// at a time into panels, the same way every step. Repacked at load into exactly those panels it
+// step (the GEMM and the greedy screen alike) transposed it 32 rows at a time into panels, the
+// same way every step (the screen: a fixed ~4-5 ms of its 13 at 32 rows). Repacked at load into exactly those panels it
 // takes as many bytes as the file's blocks (1088 per 32 values and GP rows), so the file's pages
 // can be let go behind it. Panel p (rows p GP ..) holds, for its nb = K / 32 blocks,
 //     nb x 1024 bytes: block b's eight quads for the GP rows, w + 128 (pack_panel8's pw layout)
 //     nb x GP fp16 scales
-// and every reader takes this layout: the GEMM below for any row count (so one row gets the
-// same numbers as many), the greedy screen, and row lookups for the embedding.
+// and every reader takes this layout: p8_tile below for 1-15 rows (exact integer sums with no
+// horizontal sums: one row of SmolLM2's matrix 3x faster), the int16 GEMM's own tile on widened
+// panels from 16 rows (widen_panel, PANEL_I16_ROWS), the greedy screen, and row lookups for the
+// embedding.
 constexpr int64_t P8_QUADS = 8 * GP * 4, P8_SCALES = GP * 2, P8_BLOCK = P8_QUADS + P8_SCALES;
-// The GEMM's activation codes split into two signed bytes q = 256 h + l for vpdpbusd, which
+// p8_tile's activation codes split into two signed bytes q = 256 h + l for vpdpbusd, which
 // needs |q| <= 32639 (h in [-127, 127]): the int16 rounding's 32767 levels become 32639.
 constexpr float QMAX2 = 32639.f;
 
@@ -1861,7 +1863,9 @@ void pack_panels(torch::Tensor w, int64_t K, int64_t p0, int64_t p1, torch::Tens
     });
 }
 
-// y [..., end - start] = (x [..., K] W^T)[..., start:end] for W in panels, N rows; any row count
+// y [..., end - start] = (x [..., K] W^T)[..., start:end] for W in panels, N rows, any row count:
+// p8_tile below PANEL_I16_ROWS rows, the int16 GEMM's tile from there (the same values within
+// integer rounding; within either path a row's values do not depend on the other rows)
 torch::Tensor panel_matmul(torch::Tensor x, torch::Tensor w, int64_t N, int64_t K, int64_t start, int64_t end,
                            c10::optional<torch::Tensor> out) {
     check_panels(w, N, K);
