@@ -549,8 +549,16 @@ def test_panels_hold_the_files_values():
     assert torch.equal(ops.panel_rows(p, torch.arange(1000), 1000, 640), want)
     ids = torch.tensor([999, 0, 31, 32, 500, 500])
     assert torch.equal(ops.panel_rows(p, ids, 1000, 640), want[ids])
+    assert torch.equal(ops.panel_rows(p, ids.int(), 1000, 640), want[ids])      # int32 ids too
     with pytest.raises(RuntimeError, match="out of 0..999"):
         ops.panel_rows(p, torch.tensor([1000]), 1000, 640)
+    with pytest.raises(RuntimeError, match="ids must be integers"):
+        ops.panel_rows(p, ids.float(), 1000, 640)
+    # a view that does not start on a 64-byte boundary: refused, not read with aligned loads
+    shifted = torch.empty(p.numel() + 1, dtype=torch.uint8)[1:].view(p.shape)
+    shifted.copy_(p)
+    with pytest.raises(RuntimeError, match="64-byte boundary"):
+        ops.panel_matmul(torch.randn(3, 640), shifted, 1000, 640, 0, 1000)
     with pytest.raises(RuntimeError, match="panels: expected"):
         ops.panel_rows(p[:, :-1].contiguous(), ids, 1000, 640)
     with pytest.raises(RuntimeError, match="panels: expected"):

@@ -82,7 +82,8 @@ class PanelLinear(QLinear):
     """A Q8_0 output matrix (with tied embeddings, also the embedding table) repacked at load into
     the kernels' panels of 32 rows (kernels/cpu/qmatmul.cpp, "Q8_0 in panels"): as many bytes as
     the file's blocks, and the batched GEMM and the greedy screen no longer transpose it every
-    step. Every row count and the row lookups read the panels; the values are the file's."""
+    step. Every row count and the row lookups read the panels; the values are the file's. Its
+    qtype is -1: no ggml type describes the panels, and nothing may read qweight as blocks."""
 
     def __init__(self, panels: torch.Tensor, out_features: int, in_features: int, ops):
         super().__init__(panels, -1, in_features, ops)

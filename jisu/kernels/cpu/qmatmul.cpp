@@ -1836,6 +1836,8 @@ void check_panels(const torch::Tensor& w, int64_t N, int64_t K) {
     TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous() && w.size(0) == (N + GP - 1) / GP &&
                 w.size(1) == K / 32 * P8_BLOCK,
                 "panels: expected contiguous uint8 [", (N + GP - 1) / GP, ", ", K / 32 * P8_BLOCK, "] for N=", N, ", K=", K);
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 64 == 0, "panels: the tensor must start on a 64-byte boundary "
+                "(the tiles read it with aligned loads)");
 }
 
 // Panels p0 .. p1 - 1 of out from the Q8_0 matrix w [N, K / 32 * 34] (rows p0 GP ..). The loader
@@ -1938,8 +1940,8 @@ torch::Tensor panel_matmul(torch::Tensor x, torch::Tensor w, int64_t N, int64_t 
 // value d (w) as the file's blocks give it
 torch::Tensor panel_rows(torch::Tensor w, torch::Tensor ids, int64_t N, int64_t K) {
     check_panels(w, N, K);
-    TORCH_CHECK(ids.dtype() == torch::kInt64 && ids.dim() == 1, "panel_rows: ids must be int64 [n]");
-    ids = ids.contiguous();
+    TORCH_CHECK(!ids.is_floating_point() && !ids.is_complex() && ids.dim() == 1, "panel_rows: ids must be integers [n]");
+    ids = ids.to(torch::kInt64).contiguous();
     const int64_t n = ids.size(0), nb = K / 32;
     const int64_t* id = ids.data_ptr<int64_t>();
     for (int64_t i = 0; i < n; ++i) TORCH_CHECK(id[i] >= 0 && id[i] < N, "panel_rows: row ", id[i], " out of 0..", N - 1);
