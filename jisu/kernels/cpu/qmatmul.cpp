@@ -580,6 +580,12 @@ inline void prefetch_row(const uint8_t* p, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T0);
 }
 
+// part i of the `lines` 64-byte lines at p, `per` lines a part: a prefetch spread over a loop
+inline void prefetch_part(const uint8_t* p, int64_t lines, int64_t per, int64_t i) {
+    const int64_t l0 = i * per;
+    prefetch_row(p + 64 * l0, 64 * (std::min(lines, l0 + per) - l0));
+}
+
 // One row: 32-value types in groups of eight blocks (dot8) then single blocks; super-block
 // types (Q4_K, Q6_K) one super-block at a time.
 template <typename B, int DIG>
@@ -1161,8 +1167,7 @@ void pack_panel(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int
     const int64_t lines = (next_bytes + 63) / 64, per_step = (lines + steps - 1) / steps;
     for (int h = 0; h < GP / 16; ++h) {
         for (int64_t j = 0; j < nb; ++j) {
-            for (int64_t l = (h * nb + j) * per_step, e = std::min(lines, l + per_step); l < e; ++l)
-                _mm_prefetch(reinterpret_cast<const char*>(next + l * 64), _MM_HINT_T0);
+            prefetch_part(next, lines, per_step, h * nb + j);
             __m512i r[16];
             for (int c = 0; c < 16; ++c) {
                 const int64_t col = h * 16 + c;
@@ -1197,8 +1202,7 @@ inline void gemm_tile(const XQ16& x, int64_t m0, int64_t K, const int32_t* pw, c
     __m512 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-        for (int64_t i = b * per_block, e = std::min(lines, i + per_block); i < e; ++i)
-            _mm_prefetch(reinterpret_cast<const char*>(next + 64 * i), _MM_HINT_T0);
+        prefetch_part(next, lines, per_block, b);
         __m512i ai[R][2];
         for (int r = 0; r < R; ++r) ai[r][0] = ai[r][1] = _mm512_setzero_si512();
         const int32_t* wp = pw + b * (KB / 2) * GP;
@@ -1260,6 +1264,24 @@ inline void by_tiles(int64_t M, F&& f) {
     rest(std::integral_constant<int, 7>{});
 }
 
+// The share [l0, l1) of `lines` that the tile at row m requests, in tiles of T rows over M rows
+template <int T>
+inline std::pair<int64_t, int64_t> tile_lines(int64_t m, int64_t M, int64_t lines) {
+    const int64_t tiles = (M + T - 1) / T;
+    return {m / T * lines / tiles, (m / T + 1) * lines / tiles};
+}
+
+// Every row of x against one packed panel (pw, ps, pm): y [M, row stride N], np columns; the
+// tiles request the `lines` 64-byte lines at `next` (the next panel), a share each
+template <typename G>
+inline void panel_tiles(const XQ16& xq, int64_t M, int64_t K, const int32_t* pw, const float* ps, const float* pm,
+                        float* y, int64_t N, int64_t np, const uint8_t* next, int64_t lines) {
+    by_tiles(M, [&](auto R, int64_t m) {
+        const auto [l0, l1] = tile_lines<GR>(m, M, lines);
+        gemm_tile<G, decltype(R)::value>(xq, m, K, pw, ps, pm, y, N, np, next + 64 * l0, 64 * (l1 - l0));
+    });
+}
+
 // Panel p of W (weight rows p * GP ..) against every row of x: y [M, N].
 template <typename G>
 void gemm_panel(const XQ16& xq, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t K, int64_t row_bytes,
@@ -1272,11 +1294,7 @@ void gemm_panel(const XQ16& xq, const uint8_t* w, float* y, int64_t M, int64_t N
     const uint8_t* next = w + (n0 + GP) * row_bytes;
     const int64_t tiles = (M + GR - 1) / GR, lines = (next_rows * row_bytes + 63) / 64;
     pack_panel<G>(w, row_bytes, n0, np, K, pw, ps, pm, next, tiles > 1 ? 0 : next_rows * row_bytes);
-    float* yp = y + n0;
-    by_tiles(M, [&](auto R, int64_t m) {
-        const int64_t l0 = tiles > 1 ? m / GR * lines / tiles : 0, l1 = tiles > 1 ? (m / GR + 1) * lines / tiles : 0;
-        gemm_tile<G, decltype(R)::value>(xq, m, K, pw, ps, pm, yp, N, np, next + 64 * l0, 64 * (l1 - l0));
-    });
+    panel_tiles<G>(xq, M, K, pw, ps, pm, y + n0, N, np, next, tiles > 1 ? lines : 0);
 }
 #else
 // AVX2 builds have no integer GEMM: many rows take the float32 kernels (Kernels::Gemm unused).
@@ -1474,8 +1492,7 @@ void pack_panel8(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, in
     const __m512i flip = _mm512_set1_epi8(char(0x80)), ones = _mm512_set1_epi8(1);
     for (int h = 0; h < GP / 16; ++h) {
         for (int64_t jp = 0; jp < pairs; ++jp) {
-            for (int64_t l = (h * pairs + jp) * per_step, e = std::min(lines, l + per_step); l < e; ++l)
-                _mm_prefetch(reinterpret_cast<const char*>(next + l * 64), _MM_HINT_T0);
+            prefetch_part(next, lines, per_step, h * pairs + jp);
             const int two = 2 * jp + 1 < nb ? 2 : 1;
             __m512i r[16];
             if (two == 2 && h * 16 + 16 <= np) {       // the common case, straight-line
@@ -1580,12 +1597,11 @@ inline void screen_tile(const XQ8S& x, int64_t m0, int64_t K, const int32_t* pw,
     constexpr int KB = G::KB, SUB = 32 / KB;
     const int64_t nb = K / KB, xb = K / 32, cb = K / 16;
     const int8_t* xq = x.q.data() + m0 * K;
-    const int64_t per_block = (next_bytes / 64 + nb - 1) / nb;   // lines of `next` to request per block
+    const int64_t lines = next_bytes / 64, per_block = (lines + nb - 1) / nb;   // of `next`, requested per block
     __m512 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-        for (int64_t i = b * per_block, e = std::min(next_bytes / 64, i + per_block); i < e; ++i)
-            _mm_prefetch(reinterpret_cast<const char*>(next + 64 * i), _MM_HINT_T0);
+        prefetch_part(next, lines, per_block, b);
         __m512i ai[R][2];
         for (int r = 0; r < R; ++r)
             ai[r][0] = ai[r][1] = _mm512_set1_epi32(KB == 32 ? x.c32[(m0 + r) * xb + b] : x.c[(m0 + r) * cb + b]);
@@ -1780,8 +1796,7 @@ inline void p8_tile(const XQ2& x, int64_t m0, int64_t K, const uint8_t* panel, c
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
         const int32_t* wp = reinterpret_cast<const int32_t*>(panel + b * P8_QUADS);
-        if (next)
-            for (int i = 0; i < P8_BLOCK / 64; ++i) _mm_prefetch(reinterpret_cast<const char*>(next + b * P8_BLOCK + 64 * i), _MM_HINT_T0);
+        if (next) prefetch_row(next + b * P8_BLOCK, P8_BLOCK);
         __m512i ai[R][2];
         for (int r = 0; r < R; ++r) ai[r][0] = ai[r][1] = _mm512_set1_epi32(x.ch[(m0 + r) * nb + b]);
         p8_digit<R>(wp, xh + b * 32, K, ai);
@@ -1890,7 +1905,7 @@ torch::Tensor panel_matmul(torch::Tensor x, torch::Tensor w, int64_t N, int64_t 
         at::parallel_for(start / GP, (end + GP - 1) / GP, 1, [&](int64_t p0, int64_t p1) {
             int32_t* pw = static_cast<int32_t*>(std::aligned_alloc(64, sizeof(int32_t) * (K / 2) * GP));
             std::vector<float> ps(nb * GP);
-            const int64_t tiles = (M + GR - 1) / GR, lines = nb * P8_BLOCK / 64;
+            const int64_t lines = nb * P8_BLOCK / 64;
             for (int64_t p = p0; p < p1; ++p) {
                 const uint8_t* panel = wb + p * nb * P8_BLOCK;
                 panel_scales(panel, nb, ps.data());
@@ -1901,11 +1916,7 @@ torch::Tensor panel_matmul(torch::Tensor x, torch::Tensor w, int64_t N, int64_t 
                 std::vector<float> part(lo > 0 ? M * GP : 0);
                 float* yp = lo > 0 ? part.data() : yb + (p * GP - start);
                 const int64_t ldy = lo > 0 ? GP : cols;
-                by_tiles(M, [&](auto R, int64_t m) {
-                    const int64_t l0 = m / GR * share / tiles, l1 = (m / GR + 1) * share / tiles;
-                    gemm_tile<G_Q8_0, decltype(R)::value>(xq, m, K, pw, ps.data(), nullptr, yp, ldy, np,
-                                                          panel + nb * P8_BLOCK + 64 * l0, 64 * (l1 - l0));
-                });
+                panel_tiles<G_Q8_0>(xq, M, K, pw, ps.data(), nullptr, yp, ldy, np, panel + nb * P8_BLOCK, share);
                 for (int64_t m = 0; lo > 0 && m < M; ++m)
                     std::copy(part.data() + m * GP + lo, part.data() + m * GP + np, yb + m * cols);
             }
@@ -2010,9 +2021,9 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, int64_t rows, int64
             const int32_t* pw = reinterpret_cast<const int32_t*>(panel);
             // the next panel is requested a share per tile: all of it in the first tile stalled on
             // full miss buffers (32 rows: 11.7 -> 11.5 ms)
-            const int64_t lines = p + 1 < p1 ? nb * P8_BLOCK / 64 : 0, tiles = (M + 6) / 7;
+            const int64_t lines = p + 1 < p1 ? nb * P8_BLOCK / 64 : 0;
             by_tiles<7>(M, [&](auto R, int64_t m) {
-                const int64_t l0 = m / 7 * lines / tiles, l1 = (m / 7 + 1) * lines / tiles;
+                const auto [l0, l1] = tile_lines<7>(m, M, lines);
                 screen_tile<G_Q8_0, decltype(R)::value>(x8, m, K, pw, ps.data(), pa.data(), mine, n0, np,
                                                         panel + nb * P8_BLOCK + 64 * l0, 64 * (l1 - l0));
             });
@@ -2464,8 +2475,7 @@ inline vf sum_each(const vf* p) {
 // and each task reads a few hundred bytes a row: the hardware prefetcher does not follow)
 template <typename KT>
 inline void prefetch_values(const KT* p, int64_t n) {
-    for (int64_t off = 0; off < n * int64_t(sizeof(KT)); off += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(p) + off, _MM_HINT_T0);
+    prefetch_row(reinterpret_cast<const uint8_t*>(p), n * int64_t(sizeof(KT)));
 }
 
 constexpr int PF_KEYS = 2 * VL;     // keys ahead: measured on SmolLM2, 32 sequences
