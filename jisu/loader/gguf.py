@@ -294,14 +294,14 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     return GGUFFile(path, version, metadata, tensors)
 
 
-def release_pages(t: GGUFTensor, end: int) -> None:
-    """The whole pages of tensor t's first `end` bytes leave this process's resident set (the
-    loader calls it behind a copy it made in another layout). The mapping stays valid: a later
-    read of those bytes faults them back in from the file. Best effort, as _drop_pages."""
+def _dontneed(mm, start: int, end: int) -> None:
+    """The whole pages of bytes start..end of a memory map (np.memmap or a view of one) leave this
+    process's resident set; the mapping stays valid, and a later read faults them back in from
+    the file. Best effort: skipped where madvise is missing."""
     import mmap
-    raw = getattr(t.data, "_mmap", None)
-    first = -(-t.offset // mmap.PAGESIZE) * mmap.PAGESIZE
-    last = (t.offset + min(end, t.nbytes)) // mmap.PAGESIZE * mmap.PAGESIZE
+    raw = getattr(mm, "_mmap", None)
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
     if raw is None or last <= first or not hasattr(raw, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
         return
     try:
@@ -310,16 +310,14 @@ def release_pages(t: GGUFTensor, end: int) -> None:
         pass
 
 
+def release_pages(t: GGUFTensor, end: int) -> None:
+    """Tensor t's first `end` bytes leave the resident set (the loader calls it behind a copy it
+    made in another layout), whole pages only."""
+    _dontneed(t.data, t.offset, t.offset + min(end, t.nbytes))
+
+
 def _drop_pages(mm: np.memmap, end: int) -> None:
     """The header's pages are parsed into Python objects and never read again: let them go from
     this process's resident set (SmolLM2's vocab and merges: ~6 MB). Only whole pages before
-    `end`; tensor data may share the last one. Best effort: skipped where madvise is missing."""
-    import mmap
-    raw = getattr(mm, "_mmap", None)
-    pages = end // mmap.PAGESIZE * mmap.PAGESIZE
-    if raw is None or pages == 0 or not hasattr(raw, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    try:
-        raw.madvise(mmap.MADV_DONTNEED, 0, pages)
-    except (OSError, ValueError):
-        pass
+    `end`; tensor data may share the last one."""
+    _dontneed(mm, 0, end)

@@ -68,7 +68,6 @@ class QLinear(nn.Module):
             torch.mm(x2, w.t(), out=y[:, rows])
         return y.view(*x.shape[:-1], end - start)
 
-
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (int64 [n]) of W, dequantized: float32 [n, in_features] (embedding lookups)."""
         return self.ops.dequantize(self.qweight.index_select(0, ids), self.qtype, self.in_features)
