@@ -1235,6 +1235,62 @@ void pack_nibbles(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, i
     }
 }
 
+// pack_panel for Q6_K, 16 columns at a time as pack_nibbles: per half of a 256-value superblock
+// its 32 bytes of high bits are read once for its four 32-value blocks, and each 32 bytes of
+// low nibbles once for the two blocks that share them; scales for 16 columns at once.
+// Block j = 8 sb + 4 half + k holds values 32 k .. 32 k + 31 of the half: nibbles (k < 2 low, else
+// high) of ql[64 half + 32 (k % 2) ..], bits 2k, 2k + 1 of qh[128 + 32 half ..], scales sc[8 half + 2k, + 1].
+inline void pack_q6k(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int64_t K,
+                     int32_t* pw, float* ps, const uint8_t* next, int64_t next_bytes) {
+    constexpr int SB = 210;
+    const int64_t nb = K / 32, steps = GP / 16 * nb;
+    const int64_t lines = (next_bytes + 63) / 64, per_step = (lines + steps - 1) / steps;
+    const __m512i low4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30), off = _mm512_set1_epi16(32);
+    const __m512i pair0 = _mm512_set4_epi32(int(0x800D800Cu), int(0x80098008u), int(0x80058004u), int(0x80018000u));
+    const __m512i pair1 = _mm512_set4_epi32(int(0x800F800Eu), int(0x800B800Au), int(0x80078006u), int(0x80038002u));
+    alignas(64) static const uint8_t none[SB] = {};     // stands in for the columns past np
+    for (int h = 0; h < GP / 16; ++h) {
+        const int64_t c0 = h * 16;
+        const uint8_t* rows[16];
+        for (int c = 0; c < 16; ++c) rows[c] = c0 + c < np ? w + (n0 + c0 + c) * row_bytes : none;
+        for (int64_t sb = 0; sb < K / 256; ++sb) {
+            const uint8_t* at[16];
+            for (int c = 0; c < 16; ++c) at[c] = rows[c] == none ? none : rows[c] + sb * SB;
+            __m512i sc[4], tail[4];
+            lanes16(at, 192, sc);          // scales 0 .. 15 as int8, four to a word
+            lanes16(at, 194, tail);        // word 3: bytes 206 .. 209, d in the upper half
+            const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(tail[3], 16)));
+            for (int half = 0; half < 2; ++half) {
+                __m512i qh[8];
+                lanes16(at, 128 + 32 * half, qh);
+                lanes16(at, 128 + 32 * half + 16, qh + 4);
+                for (int odd = 0; odd < 2; ++odd) {
+                    __m512i ql[8];
+                    lanes16(at, 64 * half + 32 * odd, ql);
+                    lanes16(at, 64 * half + 32 * odd + 16, ql + 4);
+                    for (int k = odd; k < 4; k += 2) {
+                        const int64_t j = sb * 8 + 4 * half + k;
+                        prefetch_part(next, lines, per_step, h * nb + j);
+                        for (int t = 0; t < 2; ++t) {
+                            const int i = 8 * half + 2 * k + t;     // byte i % 4 of word i / 4, sign-extended
+                            const __m512i s8 = _mm512_srai_epi32(_mm512_slli_epi32(sc[i / 4], 24 - 8 * (i % 4)), 24);
+                            _mm512_storeu_ps(ps + (j * 2 + t) * GP + c0, _mm512_mul_ps(d, _mm512_cvtepi32_ps(s8)));
+                        }
+                        for (int q = 0; q < 8; ++q) {               // values 4q .. 4q + 3 of the block
+                            const __m512i lo = _mm512_and_si512(k >= 2 ? _mm512_srli_epi16(ql[q], 4) : ql[q], low4);
+                            // bits 2k, 2k + 1 of each byte to bits 4, 5 (16-bit shifts: what crosses bytes is masked)
+                            const __m512i hb = k == 3 ? _mm512_srli_epi16(qh[q], 2) : _mm512_slli_epi16(qh[q], 4 - 2 * k);
+                            const __m512i u = _mm512_ternarylogic_epi32(lo, hb, m30, 0xF8);   // lo | (hb & m30)
+                            _mm512_store_si512(pw + ((j * 16 + 2 * q) * GP + c0), _mm512_sub_epi16(_mm512_shuffle_epi8(u, pair0), off));
+                            _mm512_store_si512(pw + ((j * 16 + 2 * q + 1) * GP + c0), _mm512_sub_epi16(_mm512_shuffle_epi8(u, pair1), off));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 // Weight rows n0 .. n0 + np of W unpacked into a panel: pw [K / 2][GP] int16 pairs, ps and pm
 // [K / KB][GP] scales and offsets (zero beyond np, so a part-full panel computes zeros).
 // `next` (`next_bytes` long) is requested from memory meanwhile, a slice per block column:
@@ -1246,6 +1302,9 @@ void pack_panel(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int
                 int32_t* pw, float* ps, float* pm, const uint8_t* next, int64_t next_bytes) {
     if constexpr (NibbleBlock<G>::ok) {
         pack_nibbles<G>(w, row_bytes, n0, np, K, pw, ps, pm, next, next_bytes);
+        return;
+    } else if constexpr (std::is_same_v<G, G_Q6_K>) {
+        pack_q6k(w, row_bytes, n0, np, K, pw, ps, next, next_bytes);
         return;
     }
     constexpr int SUB = 32 / G::KB;
