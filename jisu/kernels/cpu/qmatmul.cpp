@@ -1291,6 +1291,62 @@ inline void pack_q6k(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np
     }
 }
 
+// pack_panel for Q4_K, 16 columns at a time as pack_nibbles: a superblock's d, dmin and twelve
+// bytes of 6-bit scales and minimums come in one lanes16, each 32 bytes of nibbles once for the
+// two 32-value blocks sharing them (block 2p low nibbles, 2p + 1 high); as G_Q4_K::ints, weights
+// d sc (u - 8) with the offset d sc 8 - dmin m.
+inline void pack_q4k(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int64_t K,
+                     int32_t* pw, float* ps, float* pm, const uint8_t* next, int64_t next_bytes) {
+    constexpr int SB = 144;
+    const int64_t nb = K / 32, steps = GP / 16 * nb;
+    const int64_t lines = (next_bytes + 63) / 64, per_step = (lines + steps - 1) / steps;
+    const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi16(8);
+    const __m512i pair0 = _mm512_set4_epi32(int(0x800D800Cu), int(0x80098008u), int(0x80058004u), int(0x80018000u));
+    const __m512i pair1 = _mm512_set4_epi32(int(0x800F800Eu), int(0x800B800Au), int(0x80078006u), int(0x80038002u));
+    alignas(64) static const uint8_t none[SB] = {};     // stands in for the columns past np
+    for (int h = 0; h < GP / 16; ++h) {
+        const int64_t c0 = h * 16;
+        const uint8_t* rows[16];
+        for (int c = 0; c < 16; ++c) rows[c] = c0 + c < np ? w + (n0 + c0 + c) * row_bytes : none;
+        for (int64_t sb = 0; sb < K / 256; ++sb) {
+            const uint8_t* at[16];
+            for (int c = 0; c < 16; ++c) at[c] = rows[c] == none ? none : rows[c] + sb * SB;
+            __m512i hd[4];
+            lanes16(at, 0, hd);            // word 0: d, dmin; words 1 .. 3: the twelve scale bytes
+            const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(hd[0]));
+            const __m512 dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(hd[0], 16)));
+            auto byte = [&](int i) { return _mm512_and_si512(_mm512_srli_epi32(hd[1 + i / 4], 8 * (i % 4)), _mm512_set1_epi32(0xFF)); };
+            for (int p = 0; p < 4; ++p) {
+                __m512i raw[8];
+                lanes16(at, 16 + 32 * p, raw);
+                lanes16(at, 32 + 32 * p, raw + 4);
+                for (int odd = 0; odd < 2; ++odd) {
+                    const int sub = 2 * p + odd;
+                    const int64_t j = sb * 8 + sub;
+                    prefetch_part(next, lines, per_step, h * nb + j);
+                    __m512i sc, mn;            // scale_min_k4, 16 columns at once
+                    if (sub < 4) {
+                        sc = _mm512_and_si512(byte(sub), _mm512_set1_epi32(63));
+                        mn = _mm512_and_si512(byte(sub + 4), _mm512_set1_epi32(63));
+                    } else {
+                        sc = _mm512_or_si512(_mm512_and_si512(byte(sub + 4), _mm512_set1_epi32(0xF)),
+                                             _mm512_slli_epi32(_mm512_srli_epi32(byte(sub - 4), 6), 4));
+                        mn = _mm512_or_si512(_mm512_srli_epi32(byte(sub + 4), 4), _mm512_slli_epi32(_mm512_srli_epi32(byte(sub), 6), 4));
+                    }
+                    const __m512 s = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+                    _mm512_storeu_ps(ps + j * GP + c0, s);
+                    _mm512_storeu_ps(pm + j * GP + c0, _mm512_fmsub_ps(_mm512_set1_ps(8.f), s, _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn))));
+                    for (int q = 0; q < 8; ++q) {               // values 4q .. 4q + 3 of the block
+                        const __m512i u = _mm512_and_si512(odd ? _mm512_srli_epi16(raw[q], 4) : raw[q], low4);
+                        _mm512_store_si512(pw + ((j * 16 + 2 * q) * GP + c0), _mm512_sub_epi16(_mm512_shuffle_epi8(u, pair0), eight));
+                        _mm512_store_si512(pw + ((j * 16 + 2 * q + 1) * GP + c0), _mm512_sub_epi16(_mm512_shuffle_epi8(u, pair1), eight));
+                    }
+                }
+            }
+        }
+    }
+}
+
 // Weight rows n0 .. n0 + np of W unpacked into a panel: pw [K / 2][GP] int16 pairs, ps and pm
 // [K / KB][GP] scales and offsets (zero beyond np, so a part-full panel computes zeros).
 // `next` (`next_bytes` long) is requested from memory meanwhile, a slice per block column:
@@ -1305,6 +1361,9 @@ void pack_panel(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int
         return;
     } else if constexpr (std::is_same_v<G, G_Q6_K>) {
         pack_q6k(w, row_bytes, n0, np, K, pw, ps, next, next_bytes);
+        return;
+    } else if constexpr (std::is_same_v<G, G_Q4_K>) {
+        pack_q4k(w, row_bytes, n0, np, K, pw, ps, pm, next, next_bytes);
         return;
     }
     constexpr int SUB = 32 / G::KB;
