@@ -1183,6 +1183,28 @@ inline void lanes16(const uint8_t* const rows[16], int64_t off, __m512i o[4]) {
     o[3] = _mm512_unpackhi_epi64(t1, t3);
 }
 
+// 16 columns c0 .. c0 + 15 of a panel: their weight rows, and a block of zeros standing in for
+// the columns past np (at least `bytes` long, as many as one block of the type)
+struct Columns16 {
+    const uint8_t* rows[16];
+    const uint8_t* none;
+    Columns16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int64_t c0, const uint8_t* zeros) : none(zeros) {
+        for (int c = 0; c < 16; ++c) rows[c] = c0 + c < np ? w + (n0 + c0 + c) * row_bytes : none;
+    }
+    void at(int64_t off, const uint8_t* out[16]) const {      // each row `off` bytes on (the zeros stay)
+        for (int c = 0; c < 16; ++c) out[c] = rows[c] == none ? none : rows[c] + off;
+    }
+};
+
+// A vector of quads (bytes 4q .. 4q + 3 of 16 columns, as values plus `mid`) into the panel as
+// the int16 pairs g and g + 1 of block j, zero-extended and less mid
+inline void store_pairs(int32_t* pw, int64_t j, int g, int64_t c0, __m512i u, __m512i mid) {
+    const __m512i pair0 = _mm512_set4_epi32(int(0x800D800Cu), int(0x80098008u), int(0x80058004u), int(0x80018000u));
+    const __m512i pair1 = _mm512_set4_epi32(int(0x800F800Eu), int(0x800B800Au), int(0x80078006u), int(0x80038002u));
+    _mm512_store_si512(pw + ((j * 16 + g) * GP + c0), _mm512_sub_epi16(_mm512_shuffle_epi8(u, pair0), mid));
+    _mm512_store_si512(pw + ((j * 16 + g + 1) * GP + c0), _mm512_sub_epi16(_mm512_shuffle_epi8(u, pair1), mid));
+}
+
 // pack_panel for the nibble types, 16 columns at a time: lanes16 puts every column's block side
 // by side (its first 16 bytes: d, m or qh; and its 16 bytes of nibbles), so that every later
 // step (nibbles, fifth bits, offset, int16 pairs, scales) works on 16 columns at once. The
@@ -1195,19 +1217,15 @@ void pack_nibbles(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, i
     const int64_t nb = K / 32, steps = GP / 16 * nb;
     const int64_t lines = (next_bytes + 63) / 64, per_step = (lines + steps - 1) / steps;
     const __m512i low4 = _mm512_set1_epi8(0x0F), mid = _mm512_set1_epi16(L::MID), sixteen = _mm512_set1_epi8(16);
-    // int16 pairs from the bytes of each 32-bit word: (b0, b1) and (b2, b3), zero-extended
-    const __m512i pair0 = _mm512_set4_epi32(int(0x800D800Cu), int(0x80098008u), int(0x80058004u), int(0x80018000u));
-    const __m512i pair1 = _mm512_set4_epi32(int(0x800F800Eu), int(0x800B800Au), int(0x80078006u), int(0x80038002u));
     const __m512i word = _mm512_set4_epi32(12 * 0x01010101, 8 * 0x01010101, 4 * 0x01010101, 0);
     alignas(64) static const uint8_t none[32] = {};     // stands in for the columns past np
     for (int h = 0; h < GP / 16; ++h) {
         const int64_t c0 = h * 16;
-        const uint8_t* rows[16];
-        for (int c = 0; c < 16; ++c) rows[c] = c0 + c < np ? w + (n0 + c0 + c) * row_bytes : none;
+        const Columns16 cols(w, row_bytes, n0, np, c0, none);
         for (int64_t j = 0; j < nb; ++j) {
             prefetch_part(next, lines, per_step, h * nb + j);
             const uint8_t* at[16];
-            for (int c = 0; c < 16; ++c) at[c] = rows[c] == none ? none : rows[c] + j * L::BYTES;
+            cols.at(j * L::BYTES, at);
             __m512i o[4], hd[4];
             lanes16(at, L::QS, o);
             lanes16(at, 0, hd);        // d (low half of word 0); m (Q4_1) or qh (Q5_0) from byte 2
@@ -1226,9 +1244,7 @@ void pack_nibbles(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, i
                         const __m512i bit = _mm512_set1_epi32(int(0x08040201u << (4 * (q % 2))));
                         u = _mm512_mask_add_epi8(u, _mm512_test_epi8_mask(spread, bit), u, sixteen);
                     }
-                    const int g = 8 * half + 2 * q;
-                    _mm512_store_si512(pw + ((j * 16 + g) * GP + c0), _mm512_sub_epi16(_mm512_shuffle_epi8(u, pair0), mid));
-                    _mm512_store_si512(pw + ((j * 16 + g + 1) * GP + c0), _mm512_sub_epi16(_mm512_shuffle_epi8(u, pair1), mid));
+                    store_pairs(pw, j, 8 * half + 2 * q, c0, u, mid);
                 }
             }
         }
@@ -1246,16 +1262,13 @@ inline void pack_q6k(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np
     const int64_t nb = K / 32, steps = GP / 16 * nb;
     const int64_t lines = (next_bytes + 63) / 64, per_step = (lines + steps - 1) / steps;
     const __m512i low4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30), off = _mm512_set1_epi16(32);
-    const __m512i pair0 = _mm512_set4_epi32(int(0x800D800Cu), int(0x80098008u), int(0x80058004u), int(0x80018000u));
-    const __m512i pair1 = _mm512_set4_epi32(int(0x800F800Eu), int(0x800B800Au), int(0x80078006u), int(0x80038002u));
     alignas(64) static const uint8_t none[SB] = {};     // stands in for the columns past np
     for (int h = 0; h < GP / 16; ++h) {
         const int64_t c0 = h * 16;
-        const uint8_t* rows[16];
-        for (int c = 0; c < 16; ++c) rows[c] = c0 + c < np ? w + (n0 + c0 + c) * row_bytes : none;
+        const Columns16 cols(w, row_bytes, n0, np, c0, none);
         for (int64_t sb = 0; sb < K / 256; ++sb) {
             const uint8_t* at[16];
-            for (int c = 0; c < 16; ++c) at[c] = rows[c] == none ? none : rows[c] + sb * SB;
+            cols.at(sb * SB, at);
             __m512i sc[4], tail[4];
             lanes16(at, 192, sc);          // scales 0 .. 15 as int8, four to a word
             lanes16(at, 194, tail);        // word 3: bytes 206 .. 209, d in the upper half
@@ -1281,8 +1294,7 @@ inline void pack_q6k(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np
                             // bits 2k, 2k + 1 of each byte to bits 4, 5 (16-bit shifts: what crosses bytes is masked)
                             const __m512i hb = k == 3 ? _mm512_srli_epi16(qh[q], 2) : _mm512_slli_epi16(qh[q], 4 - 2 * k);
                             const __m512i u = _mm512_ternarylogic_epi32(lo, hb, m30, 0xF8);   // lo | (hb & m30)
-                            _mm512_store_si512(pw + ((j * 16 + 2 * q) * GP + c0), _mm512_sub_epi16(_mm512_shuffle_epi8(u, pair0), off));
-                            _mm512_store_si512(pw + ((j * 16 + 2 * q + 1) * GP + c0), _mm512_sub_epi16(_mm512_shuffle_epi8(u, pair1), off));
+                            store_pairs(pw, j, 2 * q, c0, u, off);
                         }
                     }
                 }
@@ -1301,16 +1313,13 @@ inline void pack_q4k(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np
     const int64_t nb = K / 32, steps = GP / 16 * nb;
     const int64_t lines = (next_bytes + 63) / 64, per_step = (lines + steps - 1) / steps;
     const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi16(8);
-    const __m512i pair0 = _mm512_set4_epi32(int(0x800D800Cu), int(0x80098008u), int(0x80058004u), int(0x80018000u));
-    const __m512i pair1 = _mm512_set4_epi32(int(0x800F800Eu), int(0x800B800Au), int(0x80078006u), int(0x80038002u));
     alignas(64) static const uint8_t none[SB] = {};     // stands in for the columns past np
     for (int h = 0; h < GP / 16; ++h) {
         const int64_t c0 = h * 16;
-        const uint8_t* rows[16];
-        for (int c = 0; c < 16; ++c) rows[c] = c0 + c < np ? w + (n0 + c0 + c) * row_bytes : none;
+        const Columns16 cols(w, row_bytes, n0, np, c0, none);
         for (int64_t sb = 0; sb < K / 256; ++sb) {
             const uint8_t* at[16];
-            for (int c = 0; c < 16; ++c) at[c] = rows[c] == none ? none : rows[c] + sb * SB;
+            cols.at(sb * SB, at);
             __m512i hd[4];
             lanes16(at, 0, hd);            // word 0: d, dmin; words 1 .. 3: the twelve scale bytes
             const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(hd[0]));
@@ -1337,9 +1346,7 @@ inline void pack_q4k(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np
                     _mm512_storeu_ps(ps + j * GP + c0, s);
                     _mm512_storeu_ps(pm + j * GP + c0, _mm512_fmsub_ps(_mm512_set1_ps(8.f), s, _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn))));
                     for (int q = 0; q < 8; ++q) {               // values 4q .. 4q + 3 of the block
-                        const __m512i u = _mm512_and_si512(odd ? _mm512_srli_epi16(raw[q], 4) : raw[q], low4);
-                        _mm512_store_si512(pw + ((j * 16 + 2 * q) * GP + c0), _mm512_sub_epi16(_mm512_shuffle_epi8(u, pair0), eight));
-                        _mm512_store_si512(pw + ((j * 16 + 2 * q + 1) * GP + c0), _mm512_sub_epi16(_mm512_shuffle_epi8(u, pair1), eight));
+                        store_pairs(pw, j, 2 * q, c0, _mm512_and_si512(odd ? _mm512_srli_epi16(raw[q], 4) : raw[q], low4), eight);
                     }
                 }
             }
