@@ -1153,12 +1153,6 @@ inline void transpose16(__m512i r[16]) {
 
 constexpr int GP = 32;   // weight rows (output columns) per panel: two vectors of 16 lanes
 
-// lanes of the vector of a panel's columns c0 .. c0 + 15 that hold one of its np columns
-inline __mmask16 cols16(int64_t np, int64_t c0) {
-    const int64_t n = std::clamp<int64_t>(np - c0, 0, 16);
-    return n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-}
-
 // The 32-value nibble types: byte offsets of the scale d, the offset m (Q4_1), the fifth bits
 // (Q5_0) and the 16 bytes of nibbles in a block; weights d (u - MID) (+ m + MID d with MINS).
 template <typename G> struct NibbleBlock { static constexpr bool ok = false; };
@@ -1183,8 +1177,8 @@ inline void lanes16(const uint8_t* const rows[16], int64_t off, __m512i o[4]) {
     o[3] = _mm512_unpackhi_epi64(t1, t3);
 }
 
-// 16 columns c0 .. c0 + 15 of a panel: their weight rows, and a block of zeros standing in for
-// the columns past np (at least `bytes` long, as many as one block of the type)
+// 16 columns c0 .. c0 + 15 of a panel: their weight rows, and `zeros` (as long as one block of
+// the type, superblock for the K types) standing in for the columns past np
 struct Columns16 {
     const uint8_t* rows[16];
     const uint8_t* none;
@@ -1395,6 +1389,25 @@ void pack_panel(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int
     }
 }
 
+// lanes of the vector of a panel's columns c0 .. c0 + 15 that hold one of its np columns
+inline __mmask16 cols16(int64_t np, int64_t c0) {
+    const int64_t n = std::clamp<int64_t>(np - c0, 0, 16);
+    return n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
+// One scale block of R rows into their float accumulators: acc[r] += ai[r] (the block's int32
+// sums for 16 + 16 columns) x the columns' weight scales (ps, ps + 16) x row r's activation
+// scale d[r * stride]. The int16 GEMM, p8_tile and the screen fold their blocks this way.
+template <int R>
+inline void fold_block(__m512 (&acc)[R][2], const __m512i (&ai)[R][2], const float* ps, const float* d, int64_t stride) {
+    const __m512 s0 = _mm512_loadu_ps(ps), s1 = _mm512_loadu_ps(ps + 16);
+    for (int r = 0; r < R; ++r) {
+        const __m512 dx = _mm512_set1_ps(d[r * stride]);
+        acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][0]), _mm512_mul_ps(s0, dx), acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][1]), _mm512_mul_ps(s1, dx), acc[r][1]);
+    }
+}
+
 // R activation rows against one packed panel: R x 2 vectors of int32 sums per scale block,
 // folded into R x 2 float accumulators.
 template <typename G, int R>
@@ -1424,12 +1437,7 @@ inline void gemm_tile(const XQ16& x, int64_t m0, int64_t K, const int32_t* pw, c
                 ai[r][1] = _mm512_dpwssd_epi32(ai[r][1], a, w1);
             }
         }
-        const __m512 s0 = _mm512_loadu_ps(ps + b * GP), s1 = _mm512_loadu_ps(ps + b * GP + 16);
-        for (int r = 0; r < R; ++r) {
-            const __m512 dx = _mm512_set1_ps(x.d[(m0 + r) * xb + b / SUB]);
-            acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][0]), _mm512_mul_ps(s0, dx), acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][1]), _mm512_mul_ps(s1, dx), acc[r][1]);
-        }
+        fold_block<R>(acc, ai, ps + b * GP, x.d.data() + m0 * xb + b / SUB, xb);
         if constexpr (G::MINS) {
             const __m512 mn0 = _mm512_loadu_ps(pm + b * GP), mn1 = _mm512_loadu_ps(pm + b * GP + 16);
             for (int r = 0; r < R; ++r) {
@@ -1822,12 +1830,7 @@ inline void screen_tile(const XQ8S& x, int64_t m0, int64_t K, const int32_t* pw,
                 ai[r][1] = _mm512_dpbusd_epi32(ai[r][1], w1, a);
             }
         }
-        const __m512 s0 = _mm512_loadu_ps(ps + b * GP), s1 = _mm512_loadu_ps(ps + b * GP + 16);
-        for (int r = 0; r < R; ++r) {
-            const __m512 dx = _mm512_set1_ps(x.d[(m0 + r) * xb + b / SUB]);
-            acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][0]), _mm512_mul_ps(s0, dx), acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][1]), _mm512_mul_ps(s1, dx), acc[r][1]);
-        }
+        fold_block<R>(acc, ai, ps + b * GP, x.d.data() + m0 * xb + b / SUB, xb);
     }
     __m512 bnd[R][2];
     for (int r = 0; r < R; ++r) bnd[r][0] = bnd[r][1] = _mm512_setzero_ps();
@@ -2011,12 +2014,7 @@ inline void p8_tile(const XQ2& x, int64_t m0, int64_t K, const uint8_t* panel, c
             ai[r][1] = _mm512_add_epi32(_mm512_slli_epi32(ai[r][1], 8), c);
         }
         p8_digit<R>(wp, xl + b * 32, K, ai);
-        const __m512 s0 = _mm512_loadu_ps(ps + b * GP), s1 = _mm512_loadu_ps(ps + b * GP + 16);
-        for (int r = 0; r < R; ++r) {
-            const __m512 dx = _mm512_set1_ps(x.x16.d[(m0 + r) * nb + b]);
-            acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][0]), _mm512_mul_ps(s0, dx), acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][1]), _mm512_mul_ps(s1, dx), acc[r][1]);
-        }
+        fold_block<R>(acc, ai, ps + b * GP, x.x16.d.data() + m0 * nb + b, nb);
     }
     for (int r = 0; r < R; ++r) {
         _mm512_mask_storeu_ps(y + r * ldy, k0, acc[r][0]);
