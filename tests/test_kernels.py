@@ -527,15 +527,17 @@ def test_greedy_rows_leaves_what_it_cannot_decide():
         ops.greedy_rows(x, q[:, :-1].contiguous(), int(Q.Q8_0), 512)
 
 
-def panels_of(q, k, slices=2):
-    """Q8_0 blocks q [n, k / 32 * 34] packed into panels, `slices` calls (as the loader does)."""
+def panels_of(q, k, slices=2, norms=False):
+    """Q8_0 blocks q [n, k / 32 * 34] packed into panels, `slices` calls (as the loader does);
+    with norms=True also the columns' norms."""
     n = q.shape[0]
     count = (n + ops.PANEL_ROWS - 1) // ops.PANEL_ROWS
     out = torch.full((count, k // 32 * ops.PANEL_BLOCK_BYTES), 7, dtype=torch.uint8)
+    nrm = torch.full((count, ops.PANEL_ROWS), float("nan"))
     cuts = np.linspace(0, count, slices + 1).astype(int)
     for p0, p1 in zip(cuts[:-1], cuts[1:]):
-        ops.pack_panels(q, k, int(p0), int(p1), out)
-    return out
+        ops.pack_panels(q, k, int(p0), int(p1), out, nrm)
+    return (out, nrm) if norms else out
 
 
 def test_panels_hold_the_files_values():
@@ -545,9 +547,14 @@ def test_panels_hold_the_files_values():
         assert not hasattr(ops, "pack_panels")
         return
     q, _ = random_weight(Q.Q8_0, n=1000, k=640)
-    p = panels_of(q, 640, slices=3)
+    p, nrm = panels_of(q, 640, slices=3, norms=True)
     assert p.shape == (32, 20 * 1088)                      # as many bytes per row as the file's
     want = ops.dequantize(q, int(Q.Q8_0), 640)
+    # each column's norm, rounded up (the screen's bound relies on it), zero past the last row
+    exact = want.double().norm(dim=1)
+    got = nrm.view(-1).double()
+    assert (got[:1000] >= exact).all() and (got[:1000] <= exact * (1 + 1e-5)).all()
+    assert (got[1000:] == 0).all()
     assert torch.equal(ops.panel_rows(p, torch.arange(1000), 1000, 640), want)
     ids = torch.tensor([999, 0, 31, 32, 500, 500])
     assert torch.equal(ops.panel_rows(p, ids, 1000, 640), want[ids])
@@ -617,25 +624,79 @@ def test_panel_greedy_equals_the_panel_gemm_argmax(m):
     xt, qt = near_ties(Q.Q8_0, 300, 640, rng)
     for x, q in ((x, q), (xt[:m], qt)):
         n = q.shape[0]
-        p = panels_of(q, 640)
+        p, nrm = panels_of(q, 640, norms=True)
         logits = ops.panel_matmul(x, p, n, 640, 0, n)
-        assert torch.equal(ops.panel_greedy(x, p, n, n, 640), logits.argmax(-1))
-        assert torch.equal(ops.panel_greedy(x, p, n, n - 45, 640), logits[:, :n - 45].argmax(-1))
+        assert torch.equal(ops.panel_greedy(x, p, nrm, n, n, 640), logits.argmax(-1))
+        assert torch.equal(ops.panel_greedy(x, p, nrm, n, n - 45, 640), logits[:, :n - 45].argmax(-1))
+
+
+def screen_rounding(x, qmax16):
+    """x8 - x16 for rows x as the screen's two roundings make them (quantize_x8s, quantize_x16;
+    float32 steps as the kernels take them): float64 [m, k]."""
+    xb = x.numpy().astype(np.float32).reshape(x.shape[0], -1, 32)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    id16 = (np.float32(qmax16) / amax).astype(np.float32)
+    x16 = np.rint(xb * id16) * (amax / np.float32(qmax16)).astype(np.float32).astype(np.float64)
+    rmax = amax.max(1, keepdims=True)
+    mant, e = np.frexp((amax / rmax).astype(np.float32))
+    k = np.where(mant == 0.5, e - 1, e)
+    d = np.ldexp((rmax / np.float32(127)).astype(np.float32), k)
+    x8 = np.clip(np.rint(xb * (np.float32(1) / d).astype(np.float32)), -128, 127) * d.astype(np.float64)
+    return (x8 - x16).reshape(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("m", [3, 16])
+@pytest.mark.parametrize("panels", [True, False], ids=["panels", "blocks"])
+def test_greedy_screen_bound_holds_where_it_is_tight(m, panels):
+    """Columns built against the screen's own rounding: for row r, Q_r points along x8 - x16 (its
+    int8 logit is too high by nearly the whole bound |W| |x8 - x16|) and P_r along the opposite,
+    plus enough of x16 that P_r's exact logit wins by a fifth of that. The screen finds P_r only
+    if its bound is at least ~0.9 of the Cauchy-Schwarz bound it claims: a bound scaled down, or
+    an offset or scale in the int8 sums that is off, loses P_r."""
+    if ops.isa != "avx512":
+        return
+    rng = np.random.default_rng()
+    k, n = 640, 200
+    x = torch.from_numpy((rng.standard_normal((m, k)) * np.repeat(np.exp(0.5 * rng.standard_normal((m, k // 32))), 32, 1)).astype(np.float32))
+    qmax16 = 32639.0 if panels and m < 16 else 32767.0
+    delta = screen_rounding(x, qmax16)
+    w = 1e-3 * rng.standard_normal((n, k))                    # filler columns, far below
+    x16 = x.numpy().astype(np.float64)                         # each row's int16 values, nearly
+    dual = np.linalg.pinv(x16).T                               # dual[r] . x16[s] = (r == s)
+    for r in range(m):
+        u = delta[r] / np.linalg.norm(delta[r])
+        gap = 0.5 * np.linalg.norm(delta[r])
+        # Q = u + a, P = -u + a + c dual[r]: P's logit exceeds Q's by the gap on row r (the
+        # weights' rounding moves the logits far less), and a (|a| about 0.4) lifts both above
+        # every other column on row r without touching the other rows
+        a = 0.4 * np.linalg.norm(x16[r]) * dual[r]
+        c = 2 * u @ x16[r] + gap
+        w[2 * r], w[2 * r + 1] = -u + a + c * dual[r], u + a
+    q = torch.from_numpy(np.ascontiguousarray(quantize(w.astype(np.float32), Q.Q8_0))).view(n, -1)
+    if panels:
+        p, nrm = panels_of(q, k, norms=True)
+        logits = ops.panel_matmul(x, p, n, k, 0, n)
+        got = ops.panel_greedy(x, p, nrm, n, n, k)
+    else:
+        logits = ops.gemm_i16(x, [q], [int(Q.Q8_0)], k)[0] if hasattr(ops, "gemm_i16") else ops.qmatmul(x, q, int(Q.Q8_0), k, 2)
+        got = ops.greedy_rows(x, q, int(Q.Q8_0), k)
+    assert logits.argmax(-1).tolist() == [2 * r for r in range(m)]   # the construction holds
+    assert got.tolist() == [2 * r for r in range(m)]
 
 
 def test_panel_greedy_leaves_what_it_cannot_decide():
     if ops.isa != "avx512":
         return
     q, _ = random_weight(Q.Q8_0, n=100, k=512)
-    p = panels_of(q, 512)
+    p, nrm = panels_of(q, 512, norms=True)
     x = torch.randn(6, 512)
     x[1, 3] = float("nan")
     x[2, 300] = float("inf")
     x[4] = 0.0
     x[5, 64:96] = 1e-30
-    got = ops.panel_greedy(x, p, 100, 100, 512).tolist()
+    got = ops.panel_greedy(x, p, nrm, 100, 100, 512).tolist()
     assert got[1] == got[2] == got[5] == -1
     assert [got[0], got[3], got[4]] == ops.panel_matmul(x[[0, 3, 4]], p, 100, 512, 0, 100).argmax(-1).tolist()
     assert got[4] == 0
     with pytest.raises(RuntimeError, match="N=101 columns out of 1..100"):
-        ops.panel_greedy(x, p, 100, 101, 512)
+        ops.panel_greedy(x, p, nrm, 100, 101, 512)

@@ -51,11 +51,12 @@ def _panel_linear(t: GGUFTensor, ops, slice_panels: int = 256) -> PanelLinear:
         blocks = torch.from_numpy(t.data).view(n, -1)
     rows = ops.PANEL_ROWS
     panels = torch.empty((n + rows - 1) // rows, k // 32 * ops.PANEL_BLOCK_BYTES, dtype=torch.uint8)
+    norms = torch.empty(panels.shape[0], rows)
     for p0 in range(0, panels.shape[0], slice_panels):
         p1 = min(p0 + slice_panels, panels.shape[0])
-        ops.pack_panels(blocks, k, p0, p1, panels)
+        ops.pack_panels(blocks, k, p0, p1, panels, norms)
         release_pages(t, min(p1 * rows, n) * blocks.shape[1])
-    return PanelLinear(panels, n, k, ops)
+    return PanelLinear(panels, norms, n, k, ops)
 
 
 def _panels_apply(name: str, t: GGUFTensor, tied: bool, digits: int, ops) -> bool:

@@ -82,10 +82,13 @@ class PanelLinear(QLinear):
     the kernels' panels of 32 rows (kernels/cpu/qmatmul.cpp, "Q8_0 in panels"): as many bytes as
     the file's blocks, and the batched GEMM and the greedy screen no longer transpose it every
     step. Every row count and the row lookups read the panels; the values are the file's. Its
-    qtype is -1: no ggml type describes the panels, and nothing may read qweight as blocks."""
+    qtype is -1: no ggml type describes the panels, and nothing may read qweight as blocks.
+    `norms` [panels, 32]: each column's Euclidean norm, rounded up (the screen's bound; 1 MB for
+    Gemma's 262k columns)."""
 
-    def __init__(self, panels: torch.Tensor, out_features: int, in_features: int, ops):
+    def __init__(self, panels: torch.Tensor, norms: torch.Tensor, out_features: int, in_features: int, ops):
         super().__init__(panels, -1, in_features, ops)
+        self.norms = norms
         self.out_features = out_features
         self.act_digits = 2
 
@@ -96,7 +99,7 @@ class PanelLinear(QLinear):
         return self.ops.panel_rows(self.qweight, ids, self.out_features, self.in_features)
 
     def greedy(self, x: torch.Tensor, vocab: int) -> torch.Tensor:
-        return self.ops.panel_greedy(x, self.qweight, self.out_features, vocab, self.in_features)
+        return self.ops.panel_greedy(x, self.qweight, self.norms, self.out_features, vocab, self.in_features)
 
 
 def project(lin: nn.Module, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

@@ -1619,41 +1619,54 @@ std::vector<torch::Tensor> gemm_i16(const torch::Tensor& x, const std::vector<to
 // ---- greedy rows: gemm_i16's argmax per row, without computing every logit ------------------
 // A greedy decode row needs only the index of its largest logit, and the output projection is
 // the largest GEMM of a batched step (Gemma 3: 262k x 640, half of a 32-row step). Each row is
-// also rounded to int8 per 32 values (x8 = d8 a8) and a first pass computes y8 = x8 W^T with
-// vpdpbusd, which multiplies 64 byte pairs per instruction where the int16 GEMM's vpdpwssd
-// multiplies 32, together with a bound per column on how far y8 can be from the int16 GEMM's y16:
-//     |y8 - y16| <= sum_b |s_b| sum_k |w_k| max_k |x8_k - x16_k|  =  sum_b A[n, b] E[m, b]
-// (b: the weight's scale blocks; E also holds room for both sides' float rounding, see
-// quantize_x8s). Column n can be argmax(y16) only if y8[n] + B[n] >= max_j (y8[j] - B[j]). Those
-// few candidates (on Gemma's decode rows a median of 1, at most ~80 of 262k) are computed again by
-// gemm_tile itself, so their values are the int16 GEMM's to the bit, and their first maximum is
+// also rounded to int8 (x8 = d8 a8: per 32 values d8 = D 2^k, one D per row, see screen_tile)
+// and a first pass computes y8 = x8 W^T with vpdpbusd, which multiplies 64 byte pairs per
+// instruction where the int16 GEMM's vpdpwssd multiplies 32, together with a bound on how far y8
+// can be from the int16 GEMM's y16 (Cauchy-Schwarz, W[n] the column's values as the tiles scale
+// them):
+//     |y8 - y16| <= |W[n]| (|x8 - x16| + g (|x8| + |x16|))  =  B[n] for the row
+// where g (the "rounding room") covers both sides' float rounding (quantize_x8s). Column n can be
+// argmax(y16) only if y8[n] + B[n] >= max_j (y8[j] - B[j]). Those few candidates (Gemma's decode
+// rows: a median of 1, a few dozen at most of 262k) are computed again the way the int16 GEMM's
+// tile computes them, so their values are its values to the bit, and their first maximum is
 // argmax(y16). Types with offsets per block (Q4_1, Q4_K) are not screened (their offset terms
-// would need their own rounding room); the caller computes their logits.
+// would need their own room); the caller computes their logits.
 struct XQ8S {
     std::vector<int8_t> q;      // [M, K]: x8 = d q
-    std::vector<float> d, e;    // [M, K / 32]: d, and E (a bound on |x8 - x16| per value, with rounding room)
-    std::vector<int32_t> c;     // [M, K / 16]: -128 * (sum of 16 codes): the weights enter as w + 128
+    std::vector<float> row;     // [M]: D, the row's scale: each block's d is D 2^k
+    std::vector<float> mf;      // [M, K / 32]: 1.5 2^(23 + k), the block's float offset (see screen_tile)
+    std::vector<int32_t> c;     // [M, K / 16]: offset bits - 128 * (sum of 16 codes): the weights enter as w + 128
     std::vector<int32_t> c32;   // [M, K / 32]: the same per 32 codes
-    std::vector<float> e2;      // [M, (K / 32 + 1) / 2]: max of E over each two blocks
+    std::vector<float> delta;   // [M]: |x8 - x16| + g (|x8| + |x16|), rounded up: B = |W[n]| delta
     std::vector<uint8_t> bad;   // [M]: the row has a non-finite value
 };
 
-// Rounding room: y8 and y16 are each a chain of n = K / KB fused multiply-adds of terms
-// |s dx a| <= A[n, b] max|x_b|, rounded at most n + 3 times at 2^-24 of their absolute sum; the
-// bound's own chain and y8 +- B add a few more roundings, covered by the factor 1 + 2^-12 on E.
-// (K / 8 + 32) 2^-24 max|x_b| per value covers 2 (n + 3) with room to spare for KB >= 16.
+// the smallest k with r <= 2^k, for r > 0
+inline int log2_ceil(float r) {
+    int e;
+    const float m = std::frexp(r, &e);   // r = m 2^e, m in [0.5, 1)
+    return m == 0.5f ? e - 1 : e;
+}
+
+// Rounding room: y16 is a chain of n <= K / 16 fused multiply-adds of terms s dx I (I an exact
+// integer sum, rounded once to float, s dx once), y8 one of n multiply-adds of 2^k I s and a last
+// multiply by D. Each is within (n + 2) 2^-24 sum_k |W[n]_k x_k| <= (n + 2) 2^-24 |W[n]| |x| of
+// its exact value; y8 +- B and B's own product add a few roundings of the same size: g takes
+// n + 8, and delta a factor 1 + 2^-12 beyond (the norms themselves are summed in double).
 void quantize_x8s(const float* x, int64_t M, int64_t K, const XQ16& x16, XQ8S& out) {
     const int64_t nb = K / 32;
     out.q.resize(M * K);
-    out.d.resize(M * nb);
-    out.e.resize(M * nb);
+    out.row.resize(M);
+    out.mf.resize(M * nb);
     out.c.resize(M * K / 16);
     out.c32.resize(M * nb);
-    out.e2.resize(M * ((nb + 1) / 2));
+    out.delta.resize(M);
     out.bad.assign(M, 0);
-    const float room = float(K / 8 + 32) * 0x1p-24f;
+    const double g = double(K / 16 + 8) * 0x1p-24;
     auto body = [&](int64_t m0, int64_t m1) {
+        std::vector<float> amaxes(nb);
         for (int64_t m = m0; m < m1; ++m) {
+            float rmax = 0.f;
             for (int64_t j = 0; j < nb; ++j) {
                 const int64_t i = m * nb + j;
                 const __m512 a = _mm512_loadu_ps(x + 32 * i), b = _mm512_loadu_ps(x + 32 * i + 16);
@@ -1661,49 +1674,91 @@ void quantize_x8s(const float* x, int64_t M, int64_t K, const XQ16& x16, XQ8S& o
                 // NaN or +-inf (the max above drops NaN), or a block so small that the GEMM's
                 // scale products s dx could be subnormal, where the rounding room, relative, is
                 // not room enough: such rows are left to the caller
-                if (_mm512_fpclass_ps_mask(a, 0x99) | _mm512_fpclass_ps_mask(b, 0x99) || (amax > 0.f && amax < 0x1p-60f)) {
-                    out.bad[m] = 1;
-                    std::memset(out.q.data() + 32 * i, 0, 32);
-                    out.d[i] = out.e[i] = 0.f;
-                    out.c[2 * i] = out.c[2 * i + 1] = 0;
-                    continue;
-                }
-                const __m512 id = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-                const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, id)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, id));
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + 32 * i), _mm512_cvtsepi32_epi8(qa));
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + 32 * i + 16), _mm512_cvtsepi32_epi8(qb));
-                const float d = amax / 127.f;
-                out.d[i] = d;
-                out.c[2 * i] = -128 * _mm512_reduce_add_epi32(qa);
-                out.c[2 * i + 1] = -128 * _mm512_reduce_add_epi32(qb);
-                const __m512 dv = _mm512_set1_ps(d), d16 = _mm512_set1_ps(x16.d[i]);
-                const int16_t* q16 = x16.q.data() + 32 * i;
-                const __m512 ea = _mm512_abs_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(qa), dv),
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q16)))), d16)));
-                const __m512 eb = _mm512_abs_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(qb), dv),
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q16 + 16)))), d16)));
-                out.e[i] = (_mm512_reduce_max_ps(_mm512_max_ps(ea, eb)) + room * amax) * (1.f + 0x1p-12f);
+                if (_mm512_fpclass_ps_mask(a, 0x99) | _mm512_fpclass_ps_mask(b, 0x99) || (amax > 0.f && amax < 0x1p-60f)) out.bad[m] = 1;
+                amaxes[j] = amax;
+                rmax = std::max(rmax, amax);
             }
-            for (int64_t j = 0; j < nb; ++j) out.c32[m * nb + j] = out.c[m * 2 * nb + 2 * j] + out.c[m * 2 * nb + 2 * j + 1];
-            for (int64_t j = 0; j < nb; j += 2)
-                out.e2[m * ((nb + 1) / 2) + j / 2] = std::max(out.e[m * nb + j], j + 1 < nb ? out.e[m * nb + j + 1] : 0.f);
+            // the row's scale D = max / 127, and per block the smallest d = D 2^k (k <= 0) that
+            // holds its values; a block 2^60 below the row's max is left to the caller too (the
+            // products 2^k s stay normal floats)
+            const float D = rmax / 127.f;
+            out.row[m] = D;
+            for (int64_t j = 0; j < nb && !out.bad[m]; ++j) {
+                int k = 0;
+                if (amaxes[j] > 0.f) k = log2_ceil(amaxes[j] / rmax);
+                if (k < -60) out.bad[m] = 1;
+            }
+            if (out.bad[m]) {
+                std::memset(out.q.data() + m * K, 0, K);
+                for (int64_t j = 0; j < nb; ++j) {
+                    const int64_t i = m * nb + j;
+                    out.mf[i] = 0x1.8p23f;
+                    out.c[2 * i] = out.c[2 * i + 1] = out.c32[i] = 0x4B400000;
+                }
+                out.delta[m] = 0.f;
+                continue;
+            }
+            __m512d dd = _mm512_setzero_pd(), s8 = _mm512_setzero_pd(), s16 = _mm512_setzero_pd();
+            for (int64_t j = 0; j < nb; ++j) {
+                const int64_t i = m * nb + j;
+                const __m512 a = _mm512_loadu_ps(x + 32 * i), b = _mm512_loadu_ps(x + 32 * i + 16);
+                const float amax = amaxes[j];
+                int k = 0;
+                if (amax > 0.f) k = log2_ceil(amax / rmax);   // amax / rmax <= 2^k
+                const float d = std::ldexp(D, k);
+                const float mf = std::ldexp(1.5f, 23 + k);
+                int32_t bits;
+                std::memcpy(&bits, &mf, 4);
+                const __m512 id = _mm512_set1_ps(amax > 0.f ? 1.f / d : 0.f);
+                // saturated: a value rounded past 127 is clipped, and delta measures the clip
+                const __m128i ca = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, id)));
+                const __m128i cb = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, id)));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + 32 * i), ca);
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + 32 * i + 16), cb);
+                const __m512i sa = _mm512_cvtepi8_epi32(ca), sb = _mm512_cvtepi8_epi32(cb);
+                out.mf[i] = mf;
+                const int32_t ta = -128 * _mm512_reduce_add_epi32(sa), tb = -128 * _mm512_reduce_add_epi32(sb);
+                out.c[2 * i] = bits + ta;
+                out.c[2 * i + 1] = bits + tb;
+                out.c32[i] = bits + ta + tb;
+                // |x8 - x16|, |x8|, |x16| squared, in double: each product d q is exact there
+                const __m512d d8 = _mm512_set1_pd(d), d16 = _mm512_set1_pd(x16.d[i]);
+                const __m512i q16 = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16.q.data() + 32 * i)));
+                const __m512i r16 = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16.q.data() + 32 * i + 16)));
+                const __m256i parts8[4] = {_mm512_castsi512_si256(sa), _mm512_extracti64x4_epi64(sa, 1),
+                                           _mm512_castsi512_si256(sb), _mm512_extracti64x4_epi64(sb, 1)};
+                const __m256i parts16[4] = {_mm512_castsi512_si256(q16), _mm512_extracti64x4_epi64(q16, 1),
+                                            _mm512_castsi512_si256(r16), _mm512_extracti64x4_epi64(r16, 1)};
+                for (int h = 0; h < 4; ++h) {
+                    const __m512d v8 = _mm512_mul_pd(_mm512_cvtepi32_pd(parts8[h]), d8);
+                    const __m512d v16 = _mm512_mul_pd(_mm512_cvtepi32_pd(parts16[h]), d16);
+                    const __m512d e = _mm512_sub_pd(v8, v16);
+                    dd = _mm512_fmadd_pd(e, e, dd);
+                    s8 = _mm512_fmadd_pd(v8, v8, s8);
+                    s16 = _mm512_fmadd_pd(v16, v16, s16);
+                }
+            }
+            const double delta = std::sqrt(_mm512_reduce_add_pd(dd)) +
+                                 g * (std::sqrt(_mm512_reduce_add_pd(s8)) + std::sqrt(_mm512_reduce_add_pd(s16)));
+            out.delta[m] = float(delta * (1.0 + 0x1p-12));
         }
     };
     if (M < 4) body(0, M); else at::parallel_for(0, M, 4, body);
 }
 
 // Weight rows n0 .. n0 + np as a panel of bytes w + 128: pw [K / 4][GP] (four consecutive k per
-// int32 lane), ps [K / KB][GP] scales, pa [K / KB][GP] |s| sum |w| (A above). Two 32-value
-// blocks of 16 rows are transposed at a time; the sums of |w| are taken after the transpose, one
-// vector of 16 columns per quad (a per-row sum cost more than the rest of the packing).
+// int32 lane), ps [K / KB][GP] scales, norms [GP] |W[n]| (the columns' values as ps scales them,
+// rounded up; 0 past np). Two 32-value blocks of 16 rows are transposed at a time; the sums of
+// squares are taken after the transpose, one vector of 16 columns per quad.
 template <typename G>
 void pack_panel8(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int64_t K,
-                 int32_t* pw, float* ps, float* pa, const uint8_t* next, int64_t next_bytes) {
+                 int32_t* pw, float* ps, float* norms, const uint8_t* next, int64_t next_bytes) {
     constexpr int KB = G::KB, SUB = 32 / KB;
     const int64_t nb = K / 32, pairs = (nb + 1) / 2, steps = GP / 16 * pairs;
     const int64_t lines = (next_bytes + 63) / 64, per_step = (lines + steps - 1) / steps;
-    const __m512i flip = _mm512_set1_epi8(char(0x80)), ones = _mm512_set1_epi8(1);
+    const __m512i flip = _mm512_set1_epi8(char(0x80));
     for (int h = 0; h < GP / 16; ++h) {
+        __m512d n2[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};   // sum of (s w)^2, columns 0-7, 8-15
         for (int64_t jp = 0; jp < pairs; ++jp) {
             prefetch_part(next, lines, per_step, h * pairs + jp);
             const int two = 2 * jp + 1 < nb ? 2 : 1;
@@ -1737,15 +1792,28 @@ void pack_panel8(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, in
             transpose16(r);                 // r[g]: quad g of the two blocks, for the 16 columns
             for (int u = 0; u < two; ++u) {
                 for (int t = 0; t < SUB; ++t) {
-                    __m512i n1 = _mm512_setzero_si512();
-                    for (int g = 0; g < KB / 4; ++g)
-                        n1 = _mm512_dpbusd_epi32(n1, _mm512_abs_epi8(r[8 * u + (KB / 4) * t + g]), ones);
+                    // the squares of each lane's four signed bytes, as two int16 pairs (exact)
+                    __m512i sq = _mm512_setzero_si512();
+                    for (int g = 0; g < KB / 4; ++g) {
+                        const __m512i q = r[8 * u + (KB / 4) * t + g];
+                        const __m512i lo = _mm512_srai_epi16(_mm512_slli_epi16(q, 8), 8), hi = _mm512_srai_epi16(q, 8);
+                        sq = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(sq, lo, lo), hi, hi);
+                    }
                     const int64_t at = ((2 * jp + u) * SUB + t) * GP + h * 16;
-                    _mm512_storeu_ps(pa + at, _mm512_mul_ps(_mm512_abs_ps(_mm512_loadu_ps(ps + at)), _mm512_cvtepi32_ps(n1)));
+                    const __m512 sc = _mm512_loadu_ps(ps + at);
+                    for (int e = 0; e < 2; ++e) {
+                        const __m512d s8 = _mm512_cvtps_pd(e ? _mm512_extractf32x8_ps(sc, 1) : _mm512_castps512_ps256(sc));
+                        const __m512d w8 = _mm512_cvtepi32_pd(e ? _mm512_extracti64x4_epi64(sq, 1) : _mm512_castsi512_si256(sq));
+                        n2[e] = _mm512_fmadd_pd(_mm512_mul_pd(s8, s8), w8, n2[e]);
+                    }
                 }
             }
             for (int g = 0; g < 8 * two; ++g) _mm512_store_si512(pw + ((2 * jp * 8 + g) * GP + h * 16), _mm512_xor_si512(r[g], flip));
         }
+        // rounded up: 2^-20 covers the double sums' and the conversion's rounding
+        const __m512d up = _mm512_set1_pd(1.0 + 0x1p-20);
+        _mm256_storeu_ps(norms + h * 16, _mm512_cvt_roundpd_ps(_mm512_mul_pd(_mm512_sqrt_pd(n2[0]), up), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
+        _mm256_storeu_ps(norms + h * 16 + 8, _mm512_cvt_roundpd_ps(_mm512_mul_pd(_mm512_sqrt_pd(n2[1]), up), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
     }
 }
 
@@ -1805,7 +1873,7 @@ bool survivors(const std::vector<std::vector<Screen>>& st, const XQ8S& x8, int64
 
 // R rows of x8 against one packed panel (columns n0 ..): y8 and its bound, into the rows' states.
 template <typename G, int R>
-inline void screen_tile(const XQ8S& x, int64_t m0, int64_t K, const int32_t* pw, const float* ps, const float* pa,
+inline void screen_tile(const XQ8S& x, int64_t m0, int64_t K, const int32_t* pw, const float* ps, const float* norms,
                         Screen* st, int64_t n0, int64_t np, const uint8_t* next = nullptr, int64_t next_bytes = 0) {
     constexpr int KB = G::KB, SUB = 32 / KB;
     const int64_t nb = K / KB, xb = K / 32, cb = K / 16;
@@ -1830,24 +1898,27 @@ inline void screen_tile(const XQ8S& x, int64_t m0, int64_t K, const int32_t* pw,
                 ai[r][1] = _mm512_dpbusd_epi32(ai[r][1], w1, a);
             }
         }
-        fold_block<R>(acc, ai, ps + b * GP, x.d.data() + m0 * xb + b / SUB, xb);
-    }
-    __m512 bnd[R][2];
-    for (int r = 0; r < R; ++r) bnd[r][0] = bnd[r][1] = _mm512_setzero_ps();
-    // two scale blocks per term: sum_b A E <= sum over pairs (A_b + A_b') max(E_b, E_b') (equal
-    // where KB = 16: both halves of a 32-value block have its E), half the multiply-adds
-    const int64_t xp = (xb + 1) / 2;
-    for (int64_t b = 0; b < nb; b += 2) {
-        __m512 a0 = _mm512_loadu_ps(pa + b * GP), a1 = _mm512_loadu_ps(pa + b * GP + 16);
-        if (b + 1 < nb) {
-            a0 = _mm512_add_ps(a0, _mm512_loadu_ps(pa + (b + 1) * GP));
-            a1 = _mm512_add_ps(a1, _mm512_loadu_ps(pa + (b + 1) * GP + 16));
-        }
+        // the sums began at the offset's bits: as floats they are 2^k (1.5 2^23 + sum), exactly,
+        // so one subtraction gives 2^k sum (no conversion, and no multiply by the activation
+        // scale: 2^k is in it), then one multiply-add by the weights' scales
+        const __m512 s0 = _mm512_loadu_ps(ps + b * GP), s1 = _mm512_loadu_ps(ps + b * GP + 16);
         for (int r = 0; r < R; ++r) {
-            const __m512 e = _mm512_set1_ps(KB == 32 ? x.e2[(m0 + r) * xp + b / 2] : x.e[(m0 + r) * xb + b / 2]);
-            bnd[r][0] = _mm512_fmadd_ps(a0, e, bnd[r][0]);
-            bnd[r][1] = _mm512_fmadd_ps(a1, e, bnd[r][1]);
+            const __m512 mf = _mm512_set1_ps(x.mf[(m0 + r) * xb + b / SUB]);
+            acc[r][0] = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_castsi512_ps(ai[r][0]), mf), s0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_castsi512_ps(ai[r][1]), mf), s1, acc[r][1]);
         }
+    }
+    for (int r = 0; r < R; ++r) {   // times the row's scale D
+        const __m512 D = _mm512_set1_ps(x.row[m0 + r]);
+        acc[r][0] = _mm512_mul_ps(acc[r][0], D);
+        acc[r][1] = _mm512_mul_ps(acc[r][1], D);
+    }
+    const __m512 n0v = _mm512_loadu_ps(norms), n1v = _mm512_loadu_ps(norms + 16);
+    __m512 bnd[R][2];
+    for (int r = 0; r < R; ++r) {
+        const __m512 dr = _mm512_set1_ps(x.delta[m0 + r]);
+        bnd[r][0] = _mm512_mul_ps(n0v, dr);
+        bnd[r][1] = _mm512_mul_ps(n1v, dr);
     }
     const __mmask16 k0 = cols16(np, 0), k1 = cols16(np, 16);
     for (int r = 0; r < R; ++r) {
@@ -1857,11 +1928,11 @@ inline void screen_tile(const XQ8S& x, int64_t m0, int64_t K, const int32_t* pw,
 
 template <typename G>
 void screen_panel(const XQ8S& x8, const uint8_t* w, int64_t M, int64_t N, int64_t K, int64_t row_bytes, int64_t p,
-                  int32_t* pw, float* ps, float* pa, Screen* st) {
+                  int32_t* pw, float* ps, float* norms, Screen* st) {
     const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
     const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(GP, N - n0 - GP));
-    pack_panel8<G>(w, row_bytes, n0, np, K, pw, ps, pa, w + (n0 + GP) * row_bytes, next_rows * row_bytes);
-    by_tiles<7>(M, [&](auto R, int64_t m) { screen_tile<G, decltype(R)::value>(x8, m, K, pw, ps, pa, st, n0, np); });
+    pack_panel8<G>(w, row_bytes, n0, np, K, pw, ps, norms, w + (n0 + GP) * row_bytes, next_rows * row_bytes);
+    by_tiles<7>(M, [&](auto R, int64_t m) { screen_tile<G, decltype(R)::value>(x8, m, K, pw, ps, norms, st, n0, np); });
 }
 
 // argmax over n of gemm_i16(x, w)[m, n] for every row m of x [M, K]: int64 [M], -1 where it is
@@ -1888,9 +1959,9 @@ torch::Tensor greedy_rows(torch::Tensor x, torch::Tensor w, int64_t qtype, int64
             std::vector<std::vector<Screen>> st(at::get_num_threads(), std::vector<Screen>(M));
             at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
                 int32_t* pw = static_cast<int32_t*>(std::aligned_alloc(64, sizeof(int32_t) * (K / 4) * GP));
-                std::vector<float> ps(K / 16 * GP), pa(K / 16 * GP);
+                std::vector<float> ps(K / 16 * GP), norms(GP);
                 Screen* mine = st[at::get_thread_num()].data();
-                for (int64_t p = p0; p < p1; ++p) screen_panel<G>(x8, wb, M, N, K, row_bytes, p, pw, ps.data(), pa.data(), mine);
+                for (int64_t p = p0; p < p1; ++p) screen_panel<G>(x8, wb, M, N, K, row_bytes, p, pw, ps.data(), norms.data(), mine);
                 std::free(pw);
             });
             // per row: the candidates above the final threshold, in column order, through gemm_tile
@@ -2058,21 +2129,29 @@ void check_panels(const torch::Tensor& w, int64_t N, int64_t K) {
                 "(the tiles read it with aligned loads)");
 }
 
-// Panels p0 .. p1 - 1 of out from the Q8_0 matrix w [N, K / 32 * 34] (rows p0 GP ..). The loader
-// packs a large matrix a slice at a time and lets the file's pages go behind it.
-void pack_panels(torch::Tensor w, int64_t K, int64_t p0, int64_t p1, torch::Tensor out) {
+void check_norms(const torch::Tensor& norms, const torch::Tensor& w) {
+    TORCH_CHECK(norms.dtype() == torch::kFloat32 && norms.dim() == 2 && norms.is_contiguous() && norms.size(0) == w.size(0) &&
+                norms.size(1) == GP, "panels: norms must be contiguous float32 [", w.size(0), ", ", GP, "]");
+}
+
+// Panels p0 .. p1 - 1 of out from the Q8_0 matrix w [N, K / 32 * 34] (rows p0 GP ..), and their
+// columns' norms |W[n]| (rounded up; the greedy screen's bound). The loader packs a large matrix
+// a slice at a time and lets the file's pages go behind it.
+void pack_panels(torch::Tensor w, int64_t K, int64_t p0, int64_t p1, torch::Tensor out, torch::Tensor norms) {
     const int64_t N = w.size(0), nb = K / 32;
     check_weight(w, K, 32, 34);
     check_panels(out, N, K);
+    check_norms(norms, out);
     TORCH_CHECK(0 <= p0 && p0 <= p1 && p1 <= out.size(0), "pack_panels: panel range ", p0, "..", p1, " out of 0..", out.size(0));
     const uint8_t* wb = w.data_ptr<uint8_t>();
     uint8_t* ob = out.data_ptr<uint8_t>();
+    float* nb_out = norms.data_ptr<float>();
     at::parallel_for(p0, p1, 1, [&](int64_t a, int64_t b) {
         int32_t* pw = static_cast<int32_t*>(std::aligned_alloc(64, P8_QUADS * nb));
-        std::vector<float> ps(nb * GP), pa(nb * GP);
+        std::vector<float> ps(nb * GP);
         for (int64_t p = a; p < b; ++p) {
             const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
-            pack_panel8<G_Q8_0>(wb, w.size(1), n0, np, K, pw, ps.data(), pa.data(), nullptr, 0);
+            pack_panel8<G_Q8_0>(wb, w.size(1), n0, np, K, pw, ps.data(), nb_out + p * GP, nullptr, 0);
             uint8_t* panel = ob + p * nb * P8_BLOCK;
             std::memcpy(panel, pw, P8_QUADS * nb);
             for (int64_t i = 0; i < nb * GP; i += 16)   // the scales came from fp16: exact
@@ -2179,12 +2258,31 @@ torch::Tensor panel_rows(torch::Tensor w, torch::Tensor ids, int64_t N, int64_t 
     return y;
 }
 
+// Column c of a panel for row m of x: the value gemm_tile and p8_tile give it, to the bit. Per
+// block the exact integer sum of w q, then their float steps in their order: the block's fp16
+// scale times the row's activation scale, multiplied and added into the running sum.
+float panel_column(const uint8_t* panel, int64_t nb, int c, const XQ16& x, int64_t m, int64_t K) {
+    const __m512i flip = _mm512_set1_epi8(char(0x80));
+    float acc = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+        // the block's eight quads of column c lie GP * 4 bytes apart
+        const __m256i quads = _mm256_i32gather_epi32(reinterpret_cast<const int*>(panel + b * P8_QUADS + 4 * c),
+                                                      _mm256_setr_epi32(0, GP, 2 * GP, 3 * GP, 4 * GP, 5 * GP, 6 * GP, 7 * GP), 4);
+        const __m512i w = _mm512_cvtepi8_epi16(_mm256_xor_si256(quads, _mm512_castsi512_si256(flip)));
+        const __m512i q = _mm512_loadu_si512(x.q.data() + m * K + 32 * b);
+        const int32_t sum = _mm512_reduce_add_epi32(_mm512_madd_epi16(w, q));
+        const float s = f16(panel + nb * P8_QUADS + (b * GP + c) * 2);
+        acc = std::fma(float(sum), s * x.d[m * nb + b], acc);
+    }
+    return acc;
+}
+
 // greedy_rows for W in panels: argmax over the first N columns of panel_matmul(x, W) per row,
-// -1 where a row has a non-finite value (or a block below 2^-60). The screen reads the panels as
-// they are; the sums of |w| its bound needs are taken per panel (16 dpbusd a block, against the
-// rows' 8 M).
-torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, int64_t rows, int64_t N, int64_t K) {
+// -1 where a row has a non-finite value (or a block below 2^-60, or 2^-60 below the row's
+// largest). The screen reads the panels as they are, and the columns' norms pack_panels gave.
+torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms, int64_t rows, int64_t N, int64_t K) {
     check_panels(w, rows, K);
+    check_norms(norms, w);
     TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == K && x.size(0) > 0,
                 "panel_greedy: x must be float32 [M > 0, K]");
     TORCH_CHECK(0 < N && N <= rows, "panel_greedy: N=", N, " columns out of 1..", rows);
@@ -2193,7 +2291,8 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, int64_t rows, int64
     auto out = torch::full({M}, int64_t(-1), torch::dtype(torch::kInt64));
     int64_t* o = out.data_ptr<int64_t>();
     const uint8_t* wb = w.data_ptr<uint8_t>();
-    // the codes of panel_matmul's path for M rows: its candidates are recomputed by that path's tile
+    const float* nw = norms.data_ptr<float>();
+    // the codes of panel_matmul's path for M rows: its candidates are recomputed as that path's tile
     const bool i16 = M >= PANEL_I16_ROWS;
     XQ2 x2;
     XQ16 x16;
@@ -2203,66 +2302,42 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, int64_t rows, int64
     quantize_x8s(x.data_ptr<float>(), M, K, i16 ? x16 : x2.x16, x8);
     std::vector<std::vector<Screen>> st(at::get_num_threads(), std::vector<Screen>(M));
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-        std::vector<float> ps(nb * GP), pa(nb * GP);
+        std::vector<float> ps(nb * GP);
         Screen* mine = st[at::get_thread_num()].data();
-        const __m512i flip = _mm512_set1_epi8(char(0x80)), ones = _mm512_set1_epi8(1);
         for (int64_t p = p0; p < p1; ++p) {
             const uint8_t* panel = wb + p * nb * P8_BLOCK;
             panel_scales(panel, nb, ps.data());
-            for (int64_t j = 0; j < nb; ++j) {
-                for (int h = 0; h < 2; ++h) {
-                    __m512i n1 = _mm512_setzero_si512();
-                    for (int g = 0; g < 8; ++g) {
-                        const __m512i q = _mm512_load_si512(panel + j * P8_QUADS + (g * GP + 16 * h) * 4);
-                        n1 = _mm512_dpbusd_epi32(n1, _mm512_abs_epi8(_mm512_xor_si512(q, flip)), ones);
-                    }
-                    const int64_t at = j * GP + 16 * h;
-                    _mm512_storeu_ps(pa.data() + at, _mm512_mul_ps(_mm512_abs_ps(_mm512_loadu_ps(ps.data() + at)), _mm512_cvtepi32_ps(n1)));
-                }
-            }
             const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
             const int32_t* pw = reinterpret_cast<const int32_t*>(panel);
             // the next panel is requested a share per tile: all of it in the first tile stalled on
-            // full miss buffers (32 rows: 11.7 -> 11.5 ms)
-            const int64_t lines = p + 1 < p1 ? nb * P8_BLOCK / 64 : 0;
+            // full miss buffers (32 rows: 11.7 -> 11.5 ms); its scales, read first, at once
+            const uint8_t* next = panel + nb * P8_BLOCK;
+            if (p + 1 < p1) prefetch_row(next + nb * P8_QUADS, nb * P8_SCALES);
+            const int64_t lines = p + 1 < p1 ? nb * P8_QUADS / 64 : 0;
             by_tiles<7>(M, [&](auto R, int64_t m) {
                 const auto [l0, l1] = tile_lines<7>(m, M, lines);
-                screen_tile<G_Q8_0, decltype(R)::value>(x8, m, K, pw, ps.data(), pa.data(), mine, n0, np,
-                                                        panel + nb * P8_BLOCK + 64 * l0, 64 * (l1 - l0));
+                screen_tile<G_Q8_0, decltype(R)::value>(x8, m, K, pw, ps.data(), nw + p * GP, mine, n0, np,
+                                                        next + 64 * l0, 64 * (l1 - l0));
             });
         }
     });
-    // per row: the candidates above the final threshold, their panels through that tile
+    // per row: the candidates above the final threshold, each computed alone as the tiles of
+    // panel_matmul's path would (panel_column)
+    const XQ16& xq = i16 ? x16 : x2.x16;
     at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-        std::vector<float> ps(nb * GP);
-        int32_t* pw = static_cast<int32_t*>(std::aligned_alloc(64, sizeof(int32_t) * (K / 2) * GP));
         for (int64_t m = m0; m < m1; ++m) {
             std::vector<int32_t> cols;
             if (!survivors(st, x8, m, cols)) continue;
             float best = -INFINITY;
-            int64_t arg = -1, done = -1;
+            int64_t arg = -1;
             bool nan = false;
-            alignas(64) float y[GP];
             for (int32_t col : cols) {
-                const int64_t p = col / GP;
-                if (p != done) {
-                    const uint8_t* panel = wb + p * nb * P8_BLOCK;
-                    panel_scales(panel, nb, ps.data());
-                    if (i16) {
-                        widen_panel(panel, nb, pw);
-                        gemm_tile<G_Q8_0, 1>(x16, m, K, pw, ps.data(), nullptr, y, 0, GP);   // N = 0: row m lands in y
-                    } else {
-                        p8_tile<1>(x2, m, K, panel, ps.data(), y, 0, __mmask16(0xFFFF), __mmask16(0xFFFF));
-                    }
-                    done = p;
-                }
-                const float v = y[col % GP];
+                const float v = panel_column(wb + col / GP * nb * P8_BLOCK, nb, col % GP, xq, m, K);
                 if (std::isnan(v)) nan = true;
                 if (v > best || arg < 0) { best = v; arg = col; }
             }
             if (!nan) o[m] = arg;
         }
-        std::free(pw);
     });
     return out;
 }
@@ -3184,7 +3259,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("greedy_rows", &greedy_rows, "argmax of each row of the int16 GEMM x W^T, screened in int8 (-1: undecided)", release());
     m.attr("PANEL_ROWS") = GP;
     m.attr("PANEL_BLOCK_BYTES") = P8_BLOCK;
-    m.def("pack_panels", &pack_panels, "Q8_0 rows into panels p0..p1 of out", release());
+    m.def("pack_panels", &pack_panels, "Q8_0 rows into panels p0..p1 of out, their columns' norms into norms", release());
     m.def("panel_matmul", &panel_matmul, "columns start..end of x W^T for W in panels", py::arg("x"), py::arg("w"),
           py::arg("N"), py::arg("K"), py::arg("start"), py::arg("end"), py::arg("out") = py::none(), release());
     m.def("panel_rows", &panel_rows, "rows of W in panels, dequantized", release());
