@@ -1872,8 +1872,12 @@ bool survivors(const std::vector<std::vector<Screen>>& st, const XQ8S& x8, int64
 }
 
 // R rows of x8 against one packed panel (columns n0 ..): y8 and its bound, into the rows' states.
-template <typename G, int R>
-inline void screen_tile(const XQ8S& x, int64_t m0, int64_t K, const int32_t* pw, const float* ps, const float* norms,
+// 16 scales at p: floats, or the panels' fp16 (converted as they are read)
+inline __m512 scales16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 scales16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+template <typename G, int R, typename S = float>
+inline void screen_tile(const XQ8S& x, int64_t m0, int64_t K, const int32_t* pw, const S* ps, const float* norms,
                         Screen* st, int64_t n0, int64_t np, const uint8_t* next = nullptr, int64_t next_bytes = 0) {
     constexpr int KB = G::KB, SUB = 32 / KB;
     const int64_t nb = K / KB, xb = K / 32, cb = K / 16;
@@ -1901,7 +1905,7 @@ inline void screen_tile(const XQ8S& x, int64_t m0, int64_t K, const int32_t* pw,
         // the sums began at the offset's bits: as floats they are 2^k (1.5 2^23 + sum), exactly,
         // so one subtraction gives 2^k sum (no conversion, and no multiply by the activation
         // scale: 2^k is in it), then one multiply-add by the weights' scales
-        const __m512 s0 = _mm512_loadu_ps(ps + b * GP), s1 = _mm512_loadu_ps(ps + b * GP + 16);
+        const __m512 s0 = scales16(ps + b * GP), s1 = scales16(ps + b * GP + 16);
         for (int r = 0; r < R; ++r) {
             const __m512 mf = _mm512_set1_ps(x.mf[(m0 + r) * xb + b / SUB]);
             acc[r][0] = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_castsi512_ps(ai[r][0]), mf), s0, acc[r][0]);
@@ -2302,11 +2306,10 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
     quantize_x8s(x.data_ptr<float>(), M, K, i16 ? x16 : x2.x16, x8);
     std::vector<std::vector<Screen>> st(at::get_num_threads(), std::vector<Screen>(M));
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-        std::vector<float> ps(nb * GP);
         Screen* mine = st[at::get_thread_num()].data();
         for (int64_t p = p0; p < p1; ++p) {
             const uint8_t* panel = wb + p * nb * P8_BLOCK;
-            panel_scales(panel, nb, ps.data());
+            const c10::Half* ps = reinterpret_cast<const c10::Half*>(panel + nb * P8_QUADS);   // read by the tiles
             const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
             const int32_t* pw = reinterpret_cast<const int32_t*>(panel);
             // the next panel is requested a share per tile: all of it in the first tile stalled on
@@ -2316,7 +2319,7 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
             const int64_t lines = p + 1 < p1 ? nb * P8_QUADS / 64 : 0;
             by_tiles<7>(M, [&](auto R, int64_t m) {
                 const auto [l0, l1] = tile_lines<7>(m, M, lines);
-                screen_tile<G_Q8_0, decltype(R)::value>(x8, m, K, pw, ps.data(), nw + p * GP, mine, n0, np,
+                screen_tile<G_Q8_0, decltype(R)::value>(x8, m, K, pw, ps, nw + p * GP, mine, n0, np,
                                                         next + 64 * l0, 64 * (l1 - l0));
             });
         }
