@@ -700,3 +700,38 @@ def test_panel_greedy_leaves_what_it_cannot_decide():
     assert got[4] == 0
     with pytest.raises(RuntimeError, match="N=101 columns out of 1..100"):
         ops.panel_greedy(x, p, nrm, 100, 101, 512)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 33])
+@pytest.mark.parametrize("digits", [0, 1, 2])
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_non_finite_activations_give_nan_rows(qtype, digits, m):
+    """A NaN or an infinity in a row of x leaves none of that row's outputs finite on any path
+    (float32, one- and two-row integer kernels, the int16 GEMM; the integer ones give NaN), as
+    in a float matmul, and the other rows as they are. The integer paths once rounded such a
+    block to finite codes and returned finite numbers."""
+    q, _ = random_weight(qtype, n=40)
+    x = torch.randn(m, 512)
+    clean = ops.qmatmul(x, q, int(qtype), 512, digits)
+    bad = [(0, 5, float("nan")), (m - 1, 300, float("inf")), (m // 2, 511, float("-inf"))]
+    for r, c, v in bad:
+        y = x.clone()
+        y[r, c] = v
+        got = ops.qmatmul(y, q, int(qtype), 512, digits)
+        assert not torch.isfinite(got[r]).any()
+        others = [i for i in range(m) if i != r]
+        assert torch.equal(got[others], clean[others])
+
+
+def test_non_finite_activations_give_nan_rows_on_panels():
+    if ops.isa != "avx512":
+        return
+    q, _ = random_weight(Q.Q8_0, n=100, k=512)
+    p = panels_of(q, 512)
+    for m in (1, 3, 16, 20):
+        x = torch.randn(m, 512)
+        clean = ops.panel_matmul(x, p, 100, 512, 0, 100)
+        y = x.clone()
+        y[m - 1, 7] = float("nan")
+        got = ops.panel_matmul(y, p, 100, 512, 0, 100)
+        assert torch.isnan(got[m - 1]).all() and torch.equal(got[:m - 1], clean[:m - 1])

@@ -309,17 +309,21 @@ void quantize_x8(const float* x, int64_t K, XQBuffer& out, int digits) {
     for (int64_t b = 0; b < nb; ++b) {
         const float* xb = x + 32 * b;
         __m256 v[4];
-        __m256 mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+        __m256 mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps(), inf = _mm256_setzero_ps();
         for (int i = 0; i < 4; ++i) {
             v[i] = _mm256_loadu_ps(xb + 8 * i);
             mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
             sum = _mm256_add_ps(sum, v[i]);
+            inf = _mm256_or_ps(inf, _mm256_sub_ps(v[i], v[i]));    // NaN where v is NaN or +-inf
         }
         __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        const float amax = _mm_cvtss_f32(m4);
-        const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        // a non-finite value: the block's scale is NaN, so every product with it is (the max
+        // above can drop a NaN, and the codes of NaN or inf are any integer)
+        const bool finite = _mm256_movemask_ps(_mm256_cmp_ps(inf, inf, _CMP_UNORD_Q)) == 0;
+        const float amax = finite ? _mm_cvtss_f32(m4) : 0.f;
+        const float d = finite ? amax / 127.f : NAN, id = amax > 0.f ? 127.f / amax : 0.f;
         const __m256 vid = _mm256_set1_ps(id);
         __m256i qi[4], ri[4];
         __m256i codes = _mm256_setzero_si256();
@@ -1062,13 +1066,16 @@ void quantize_x16(const float* x, int64_t M, int64_t K, XQ16& out, float qmax = 
     auto body = [&](int64_t m0, int64_t m1) {
         for (int64_t i = m0 * nb; i < m1 * nb; ++i) {
             const __m512 a = _mm512_loadu_ps(x + 32 * i), b = _mm512_loadu_ps(x + 32 * i + 16);
-            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+            // a NaN or +-inf: the block's scale is NaN, so the row's outputs are (the max below
+            // can drop a NaN, and its codes would be any integer)
+            const bool finite = !(_mm512_fpclass_ps_mask(a, 0x99) | _mm512_fpclass_ps_mask(b, 0x99));
+            const float amax = finite ? _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b))) : 0.f;
             const __m512 id = _mm512_set1_ps(amax > 0.f ? qmax / amax : 0.f);
             const __m256i qa = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a, id)));
             const __m256i qb = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(b, id)));
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + 32 * i), qa);
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + 32 * i + 16), qb);
-            out.d[i] = amax / qmax;
+            out.d[i] = finite ? amax / qmax : NAN;
             out.f[i] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
         }
     };
