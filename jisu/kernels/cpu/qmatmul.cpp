@@ -1464,9 +1464,7 @@ inline void gemm_tile(const XQ16& x, int64_t m0, int64_t K, const int32_t* pw, c
 constexpr int GR = 6;   // activation rows per tile (measured: 4-8% over 4 once unrolled)
 
 // f(integral_constant<R>, m) over rows 0..M-1 in tiles of T rows, the last R = M % T (T <= 8).
-// The screen's tile takes T = 7: it holds 7 x 2 int32 and float accumulators in registers
-// (Gemma's panels, 32 real rows: 10.1 -> 9.8 ms against tiles of 6; the int16 GEMM's tile gained
-// nothing from 7, and 8 spills).
+// A tile of 7 still holds its 7 x 2 int32 and float accumulators in registers; 8 spills.
 template <int T = GR, typename F>
 inline void by_tiles(int64_t M, F&& f) {
     static_assert(T >= 1 && T <= 8, "tiles of 1 to 8 rows");
@@ -1485,14 +1483,15 @@ inline void by_tiles(int64_t M, F&& f) {
 }
 
 // f(integral_constant<R>, m) over rows 0..M-1 in tiles of 6 and 7 rows where M allows it (M =
-// 6a + 7b, M >= 30: no short last tile; Gemma's 32-row step as 7 7 6 6 6 rather than 6 6 6 6 6 2:
-// its block matrices 10.98-11.01 -> 10.61-10.88 ms, where tiles of 7 and a last one of 4 lost
-// 2-3% at 16 and 64 rows), else as by_tiles<GR>.
-template <typename F>
+// 6a + 7b, M >= 30), so no tile is short, else as by_tiles<T>. Gemma's 32-row step as 7 7 6 6 6:
+// its block matrices 10.98-11.05 -> 10.61-10.88 ms against 6 6 6 6 6 2 (tiles of 7 with a last of
+// 4 lost 2-3% at 16 and 64 rows); its screen about 2% faster than 7 7 7 7 4 (which beat tiles of
+// 6 there: 10.1 -> 9.8 ms).
+template <int T = GR, typename F>
 inline void by_tiles67(int64_t M, F&& f) {
     const int64_t sevens = M % 6;
     if (M < 30 || 7 * sevens > M) {
-        by_tiles(M, f);
+        by_tiles<T>(M, f);
         return;
     }
     int64_t m = 0;
@@ -1500,11 +1499,10 @@ inline void by_tiles67(int64_t M, F&& f) {
     for (; m < M; m += 6) f(std::integral_constant<int, 6>{}, m);
 }
 
-// The share [l0, l1) of `lines` that the tile at row m requests, in tiles of T rows over M rows
-template <int T>
-inline std::pair<int64_t, int64_t> tile_lines(int64_t m, int64_t M, int64_t lines) {
-    const int64_t tiles = (M + T - 1) / T;
-    return {m / T * lines / tiles, (m / T + 1) * lines / tiles};
+// The share [l0, l1) of `lines` that the tile of rows m .. m + R - 1 (of M) requests: in
+// proportion to its rows
+inline std::pair<int64_t, int64_t> tile_lines(int64_t m, int64_t R, int64_t M, int64_t lines) {
+    return {m * lines / M, (m + R) * lines / M};
 }
 
 // Every row of x against one packed panel (pw, ps, pm): y [M, row stride N], np columns; the
@@ -1513,8 +1511,7 @@ template <typename G>
 inline void panel_tiles(const XQ16& xq, int64_t M, int64_t K, const int32_t* pw, const float* ps, const float* pm,
                         float* y, int64_t N, int64_t np, const uint8_t* next, int64_t lines) {
     by_tiles67(M, [&](auto R, int64_t m) {
-        // a share of the lines in proportion to the tile's rows
-        const int64_t l0 = m * lines / M, l1 = (m + decltype(R)::value) * lines / M;
+        const auto [l0, l1] = tile_lines(m, decltype(R)::value, M, lines);
         gemm_tile<G, decltype(R)::value>(xq, m, K, pw, ps, pm, y, N, np, next + 64 * l0, 64 * (l1 - l0));
     });
 }
@@ -1960,7 +1957,7 @@ void screen_panel(const XQ8S& x8, const uint8_t* w, int64_t M, int64_t N, int64_
     const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
     const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(GP, N - n0 - GP));
     pack_panel8<G>(w, row_bytes, n0, np, K, pw, ps, norms, w + (n0 + GP) * row_bytes, next_rows * row_bytes);
-    by_tiles<7>(M, [&](auto R, int64_t m) { screen_tile<G, decltype(R)::value>(x8, m, K, pw, ps, norms, st, n0, np); });
+    by_tiles67<7>(M, [&](auto R, int64_t m) { screen_tile<G, decltype(R)::value>(x8, m, K, pw, ps, norms, st, n0, np); });
 }
 
 // argmax over n of gemm_i16(x, w)[m, n] for every row m of x [M, K]: int64 [M], -1 where it is
@@ -2341,8 +2338,8 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
             const uint8_t* next = panel + nb * P8_BLOCK;
             if (p + 1 < p1) prefetch_row(next + nb * P8_QUADS, nb * P8_SCALES);
             const int64_t lines = p + 1 < p1 ? nb * P8_QUADS / 64 : 0;
-            by_tiles<7>(M, [&](auto R, int64_t m) {
-                const auto [l0, l1] = tile_lines<7>(m, M, lines);
+            by_tiles67<7>(M, [&](auto R, int64_t m) {
+                const auto [l0, l1] = tile_lines(m, decltype(R)::value, M, lines);
                 screen_tile<G_Q8_0, decltype(R)::value>(x8, m, K, pw, ps, nw + p * GP, mine, n0, np,
                                                         next + 64 * l0, 64 * (l1 - l0));
             });
