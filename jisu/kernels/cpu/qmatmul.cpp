@@ -1197,6 +1197,22 @@ struct Columns16 {
     }
 };
 
+// The 16-column packers' walk: for each half of the panel (columns c0 = 0 and 16) and each unit
+// of BYTES bytes along its rows (a block, or a K type's superblock), f(c0, u, at), at[c] the
+// unit's bytes in column c0 + c (zeros past np).
+template <int BYTES, typename F>
+inline void columns16_units(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int64_t units, F&& f) {
+    alignas(64) static const uint8_t none[BYTES] = {};
+    for (int64_t c0 = 0; c0 < GP; c0 += 16) {
+        const Columns16 cols(w, row_bytes, n0, np, c0, none);
+        for (int64_t u = 0; u < units; ++u) {
+            const uint8_t* at[16];
+            cols.at(u * BYTES, at);
+            f(c0, u, at);
+        }
+    }
+}
+
 // A vector of quads (bytes 4q .. 4q + 3 of 16 columns, as values plus `mid`) into the panel as
 // the int16 pairs g and g + 1 of block j, zero-extended and less mid
 inline void store_pairs(int32_t* pw, int64_t j, int g, int64_t c0, __m512i u, __m512i mid) {
@@ -1219,37 +1235,30 @@ void pack_nibbles(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, i
     const int64_t lines = (next_bytes + 63) / 64, per_step = (lines + steps - 1) / steps;
     const __m512i low4 = _mm512_set1_epi8(0x0F), mid = _mm512_set1_epi16(L::MID), sixteen = _mm512_set1_epi8(16);
     const __m512i word = _mm512_set4_epi32(12 * 0x01010101, 8 * 0x01010101, 4 * 0x01010101, 0);
-    alignas(64) static const uint8_t none[32] = {};     // stands in for the columns past np
-    for (int h = 0; h < GP / 16; ++h) {
-        const int64_t c0 = h * 16;
-        const Columns16 cols(w, row_bytes, n0, np, c0, none);
-        for (int64_t j = 0; j < nb; ++j) {
-            prefetch_part(next, lines, per_step, h * nb + j);
-            const uint8_t* at[16];
-            cols.at(j * L::BYTES, at);
-            __m512i o[4], hd[4];
-            lanes16(at, L::QS, o);
-            lanes16(at, 0, hd);        // d (low half of word 0); m (Q4_1) or qh (Q5_0) from byte 2
-            const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(hd[0]));
-            _mm512_storeu_ps(ps + j * GP + c0, d);
-            if constexpr (L::MINS)
-                _mm512_storeu_ps(pm + j * GP + c0, _mm512_fmadd_ps(_mm512_set1_ps(float(L::MID)), d,
-                                                                 _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(hd[0], 16)))));
-            const __m512i qh = _mm512_or_si512(_mm512_srli_epi32(hd[0], 16), _mm512_slli_epi32(hd[1], 16));
-            for (int half = 0; half < 2; ++half) {
-                for (int q = 0; q < 4; ++q) {
-                    __m512i u = _mm512_and_si512(half ? _mm512_srli_epi16(o[q], 4) : o[q], low4);   // k = 16 half + 4 q + t
-                    if constexpr (L::FIFTH) {
-                        // bit 16 half + 4 q + t of the column's qh, into byte t of its word
-                        const __m512i spread = _mm512_shuffle_epi8(qh, _mm512_add_epi8(word, _mm512_set1_epi8(char(2 * half + q / 2))));
-                        const __m512i bit = _mm512_set1_epi32(int(0x08040201u << (4 * (q % 2))));
-                        u = _mm512_mask_add_epi8(u, _mm512_test_epi8_mask(spread, bit), u, sixteen);
-                    }
-                    store_pairs(pw, j, 8 * half + 2 * q, c0, u, mid);
+    columns16_units<L::BYTES>(w, row_bytes, n0, np, nb, [&](int64_t c0, int64_t j, const uint8_t* const at[16]) {
+        prefetch_part(next, lines, per_step, c0 / 16 * nb + j);
+        __m512i o[4], hd[4];
+        lanes16(at, L::QS, o);
+        lanes16(at, 0, hd);        // d (low half of word 0); m (Q4_1) or qh (Q5_0) from byte 2
+        const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(hd[0]));
+        _mm512_storeu_ps(ps + j * GP + c0, d);
+        if constexpr (L::MINS)
+            _mm512_storeu_ps(pm + j * GP + c0, _mm512_fmadd_ps(_mm512_set1_ps(float(L::MID)), d,
+                                                             _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(hd[0], 16)))));
+        const __m512i qh = _mm512_or_si512(_mm512_srli_epi32(hd[0], 16), _mm512_slli_epi32(hd[1], 16));
+        for (int half = 0; half < 2; ++half) {
+            for (int q = 0; q < 4; ++q) {
+                __m512i u = _mm512_and_si512(half ? _mm512_srli_epi16(o[q], 4) : o[q], low4);   // k = 16 half + 4 q + t
+                if constexpr (L::FIFTH) {
+                    // bit 16 half + 4 q + t of the column's qh, into byte t of its word
+                    const __m512i spread = _mm512_shuffle_epi8(qh, _mm512_add_epi8(word, _mm512_set1_epi8(char(2 * half + q / 2))));
+                    const __m512i bit = _mm512_set1_epi32(int(0x08040201u << (4 * (q % 2))));
+                    u = _mm512_mask_add_epi8(u, _mm512_test_epi8_mask(spread, bit), u, sixteen);
                 }
+                store_pairs(pw, j, 8 * half + 2 * q, c0, u, mid);
             }
         }
-    }
+    });
 }
 
 // pack_panel for Q6_K, 16 columns at a time as pack_nibbles: per half of a 256-value superblock
@@ -1263,45 +1272,38 @@ inline void pack_q6k(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np
     const int64_t nb = K / 32, steps = GP / 16 * nb;
     const int64_t lines = (next_bytes + 63) / 64, per_step = (lines + steps - 1) / steps;
     const __m512i low4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30), off = _mm512_set1_epi16(32);
-    alignas(64) static const uint8_t none[SB] = {};     // stands in for the columns past np
-    for (int h = 0; h < GP / 16; ++h) {
-        const int64_t c0 = h * 16;
-        const Columns16 cols(w, row_bytes, n0, np, c0, none);
-        for (int64_t sb = 0; sb < K / 256; ++sb) {
-            const uint8_t* at[16];
-            cols.at(sb * SB, at);
-            __m512i sc[4], tail[4];
-            lanes16(at, 192, sc);          // scales 0 .. 15 as int8, four to a word
-            lanes16(at, 194, tail);        // word 3: bytes 206 .. 209, d in the upper half
-            const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(tail[3], 16)));
-            for (int half = 0; half < 2; ++half) {
-                __m512i qh[8];
-                lanes16(at, 128 + 32 * half, qh);
-                lanes16(at, 128 + 32 * half + 16, qh + 4);
-                for (int odd = 0; odd < 2; ++odd) {
-                    __m512i ql[8];
-                    lanes16(at, 64 * half + 32 * odd, ql);
-                    lanes16(at, 64 * half + 32 * odd + 16, ql + 4);
-                    for (int k = odd; k < 4; k += 2) {
-                        const int64_t j = sb * 8 + 4 * half + k;
-                        prefetch_part(next, lines, per_step, h * nb + j);
-                        for (int t = 0; t < 2; ++t) {
-                            const int i = 8 * half + 2 * k + t;     // byte i % 4 of word i / 4, sign-extended
-                            const __m512i s8 = _mm512_srai_epi32(_mm512_slli_epi32(sc[i / 4], 24 - 8 * (i % 4)), 24);
-                            _mm512_storeu_ps(ps + (j * 2 + t) * GP + c0, _mm512_mul_ps(d, _mm512_cvtepi32_ps(s8)));
-                        }
-                        for (int q = 0; q < 8; ++q) {               // values 4q .. 4q + 3 of the block
-                            const __m512i lo = _mm512_and_si512(k >= 2 ? _mm512_srli_epi16(ql[q], 4) : ql[q], low4);
-                            // bits 2k, 2k + 1 of each byte to bits 4, 5 (16-bit shifts: what crosses bytes is masked)
-                            const __m512i hb = k == 3 ? _mm512_srli_epi16(qh[q], 2) : _mm512_slli_epi16(qh[q], 4 - 2 * k);
-                            const __m512i u = _mm512_ternarylogic_epi32(lo, hb, m30, 0xF8);   // lo | (hb & m30)
-                            store_pairs(pw, j, 2 * q, c0, u, off);
-                        }
+    columns16_units<SB>(w, row_bytes, n0, np, K / 256, [&](int64_t c0, int64_t sb, const uint8_t* const at[16]) {
+        __m512i sc[4], tail[4];
+        lanes16(at, 192, sc);          // scales 0 .. 15 as int8, four to a word
+        lanes16(at, 194, tail);        // word 3: bytes 206 .. 209, d in the upper half
+        const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(tail[3], 16)));
+        for (int half = 0; half < 2; ++half) {
+            __m512i qh[8];
+            lanes16(at, 128 + 32 * half, qh);
+            lanes16(at, 128 + 32 * half + 16, qh + 4);
+            for (int odd = 0; odd < 2; ++odd) {
+                __m512i ql[8];
+                lanes16(at, 64 * half + 32 * odd, ql);
+                lanes16(at, 64 * half + 32 * odd + 16, ql + 4);
+                for (int k = odd; k < 4; k += 2) {
+                    const int64_t j = sb * 8 + 4 * half + k;
+                    prefetch_part(next, lines, per_step, c0 / 16 * nb + j);
+                    for (int t = 0; t < 2; ++t) {
+                        const int i = 8 * half + 2 * k + t;     // byte i % 4 of word i / 4, sign-extended
+                        const __m512i s8 = _mm512_srai_epi32(_mm512_slli_epi32(sc[i / 4], 24 - 8 * (i % 4)), 24);
+                        _mm512_storeu_ps(ps + (j * 2 + t) * GP + c0, _mm512_mul_ps(d, _mm512_cvtepi32_ps(s8)));
+                    }
+                    for (int q = 0; q < 8; ++q) {               // values 4q .. 4q + 3 of the block
+                        const __m512i lo = _mm512_and_si512(k >= 2 ? _mm512_srli_epi16(ql[q], 4) : ql[q], low4);
+                        // bits 2k, 2k + 1 of each byte to bits 4, 5 (16-bit shifts: what crosses bytes is masked)
+                        const __m512i hb = k == 3 ? _mm512_srli_epi16(qh[q], 2) : _mm512_slli_epi16(qh[q], 4 - 2 * k);
+                        const __m512i u = _mm512_ternarylogic_epi32(lo, hb, m30, 0xF8);   // lo | (hb & m30)
+                        store_pairs(pw, j, 2 * q, c0, u, off);
                     }
                 }
             }
         }
-    }
+    });
 }
 
 // pack_panel for Q4_K, 16 columns at a time as pack_nibbles: a superblock's d, dmin and twelve
@@ -1314,45 +1316,38 @@ inline void pack_q4k(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np
     const int64_t nb = K / 32, steps = GP / 16 * nb;
     const int64_t lines = (next_bytes + 63) / 64, per_step = (lines + steps - 1) / steps;
     const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi16(8);
-    alignas(64) static const uint8_t none[SB] = {};     // stands in for the columns past np
-    for (int h = 0; h < GP / 16; ++h) {
-        const int64_t c0 = h * 16;
-        const Columns16 cols(w, row_bytes, n0, np, c0, none);
-        for (int64_t sb = 0; sb < K / 256; ++sb) {
-            const uint8_t* at[16];
-            cols.at(sb * SB, at);
-            __m512i hd[4];
-            lanes16(at, 0, hd);            // word 0: d, dmin; words 1 .. 3: the twelve scale bytes
-            const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(hd[0]));
-            const __m512 dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(hd[0], 16)));
-            auto byte = [&](int i) { return _mm512_and_si512(_mm512_srli_epi32(hd[1 + i / 4], 8 * (i % 4)), _mm512_set1_epi32(0xFF)); };
-            for (int p = 0; p < 4; ++p) {
-                __m512i raw[8];
-                lanes16(at, 16 + 32 * p, raw);
-                lanes16(at, 32 + 32 * p, raw + 4);
-                for (int odd = 0; odd < 2; ++odd) {
-                    const int sub = 2 * p + odd;
-                    const int64_t j = sb * 8 + sub;
-                    prefetch_part(next, lines, per_step, h * nb + j);
-                    __m512i sc, mn;            // scale_min_k4, 16 columns at once
-                    if (sub < 4) {
-                        sc = _mm512_and_si512(byte(sub), _mm512_set1_epi32(63));
-                        mn = _mm512_and_si512(byte(sub + 4), _mm512_set1_epi32(63));
-                    } else {
-                        sc = _mm512_or_si512(_mm512_and_si512(byte(sub + 4), _mm512_set1_epi32(0xF)),
-                                             _mm512_slli_epi32(_mm512_srli_epi32(byte(sub - 4), 6), 4));
-                        mn = _mm512_or_si512(_mm512_srli_epi32(byte(sub + 4), 4), _mm512_slli_epi32(_mm512_srli_epi32(byte(sub), 6), 4));
-                    }
-                    const __m512 s = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
-                    _mm512_storeu_ps(ps + j * GP + c0, s);
-                    _mm512_storeu_ps(pm + j * GP + c0, _mm512_fmsub_ps(_mm512_set1_ps(8.f), s, _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn))));
-                    for (int q = 0; q < 8; ++q) {               // values 4q .. 4q + 3 of the block
-                        store_pairs(pw, j, 2 * q, c0, _mm512_and_si512(odd ? _mm512_srli_epi16(raw[q], 4) : raw[q], low4), eight);
-                    }
+    columns16_units<SB>(w, row_bytes, n0, np, K / 256, [&](int64_t c0, int64_t sb, const uint8_t* const at[16]) {
+        __m512i hd[4];
+        lanes16(at, 0, hd);            // word 0: d, dmin; words 1 .. 3: the twelve scale bytes
+        const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(hd[0]));
+        const __m512 dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(hd[0], 16)));
+        auto byte = [&](int i) { return _mm512_and_si512(_mm512_srli_epi32(hd[1 + i / 4], 8 * (i % 4)), _mm512_set1_epi32(0xFF)); };
+        for (int p = 0; p < 4; ++p) {
+            __m512i raw[8];
+            lanes16(at, 16 + 32 * p, raw);
+            lanes16(at, 32 + 32 * p, raw + 4);
+            for (int odd = 0; odd < 2; ++odd) {
+                const int sub = 2 * p + odd;
+                const int64_t j = sb * 8 + sub;
+                prefetch_part(next, lines, per_step, c0 / 16 * nb + j);
+                __m512i sc, mn;            // scale_min_k4, 16 columns at once
+                if (sub < 4) {
+                    sc = _mm512_and_si512(byte(sub), _mm512_set1_epi32(63));
+                    mn = _mm512_and_si512(byte(sub + 4), _mm512_set1_epi32(63));
+                } else {
+                    sc = _mm512_or_si512(_mm512_and_si512(byte(sub + 4), _mm512_set1_epi32(0xF)),
+                                         _mm512_slli_epi32(_mm512_srli_epi32(byte(sub - 4), 6), 4));
+                    mn = _mm512_or_si512(_mm512_srli_epi32(byte(sub + 4), 4), _mm512_slli_epi32(_mm512_srli_epi32(byte(sub), 6), 4));
+                }
+                const __m512 s = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+                _mm512_storeu_ps(ps + j * GP + c0, s);
+                _mm512_storeu_ps(pm + j * GP + c0, _mm512_fmsub_ps(_mm512_set1_ps(8.f), s, _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn))));
+                for (int q = 0; q < 8; ++q) {               // values 4q .. 4q + 3 of the block
+                    store_pairs(pw, j, 2 * q, c0, _mm512_and_si512(odd ? _mm512_srli_epi16(raw[q], 4) : raw[q], low4), eight);
                 }
             }
         }
-    }
+    });
 }
 
 // Weight rows n0 .. n0 + np of W unpacked into a panel: pw [K / 2][GP] int16 pairs, ps and pm
@@ -1686,6 +1681,7 @@ void quantize_x8s(const float* x, int64_t M, int64_t K, const XQ16& x16, XQ8S& o
     const double g = double(K / 16 + 8) * 0x1p-24;
     auto body = [&](int64_t m0, int64_t m1) {
         std::vector<float> amaxes(nb);
+        std::vector<int> ks(nb);
         for (int64_t m = m0; m < m1; ++m) {
             float rmax = 0.f;
             for (int64_t j = 0; j < nb; ++j) {
@@ -1704,10 +1700,9 @@ void quantize_x8s(const float* x, int64_t M, int64_t K, const XQ16& x16, XQ8S& o
             // products 2^k s stay normal floats)
             const float D = rmax / 127.f;
             out.row[m] = D;
-            for (int64_t j = 0; j < nb && !out.bad[m]; ++j) {
-                int k = 0;
-                if (amaxes[j] > 0.f) k = log2_ceil(amaxes[j] / rmax);
-                if (k < -60) out.bad[m] = 1;
+            for (int64_t j = 0; j < nb; ++j) {
+                ks[j] = amaxes[j] > 0.f ? log2_ceil(amaxes[j] / rmax) : 0;   // amax / rmax <= 2^k
+                if (ks[j] < -60) out.bad[m] = 1;
             }
             if (out.bad[m]) {
                 std::memset(out.q.data() + m * K, 0, K);
@@ -1724,8 +1719,7 @@ void quantize_x8s(const float* x, int64_t M, int64_t K, const XQ16& x16, XQ8S& o
                 const int64_t i = m * nb + j;
                 const __m512 a = _mm512_loadu_ps(x + 32 * i), b = _mm512_loadu_ps(x + 32 * i + 16);
                 const float amax = amaxes[j];
-                int k = 0;
-                if (amax > 0.f) k = log2_ceil(amax / rmax);   // amax / rmax <= 2^k
+                const int k = ks[j];
                 const float d = std::ldexp(D, k);
                 const float mf = std::ldexp(1.5f, 23 + k);
                 int32_t bits;
