@@ -15,6 +15,7 @@ from torch import nn
 
 from jisu.config import ModelConfig
 from jisu.kernels.dequant import dequantize
+from jisu.kernels.memory import empty_huge
 from jisu.loader.gguf import GGUFError, GGUFFile, GGUFTensor, release_pages
 from jisu.model.gemma3 import Gemma3, Gemma3Block
 from jisu.model.layers import Attention, PanelLinear, QEmbedding, QLinear, RMSNorm, Rotary
@@ -50,7 +51,8 @@ def _panel_linear(t: GGUFTensor, ops, slice_panels: int = 256) -> PanelLinear:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         blocks = torch.from_numpy(t.data).view(n, -1)
     rows = ops.PANEL_ROWS
-    panels = torch.empty((n + rows - 1) // rows, k // 32 * ops.PANEL_BLOCK_BYTES, dtype=torch.uint8)
+    count, width = (n + rows - 1) // rows, k // 32 * ops.PANEL_BLOCK_BYTES
+    panels = empty_huge(count * width).view(count, width)     # read whole every step: huge pages
     norms = torch.empty(panels.shape[0], rows)
     for p0 in range(0, panels.shape[0], slice_panels):
         p1 = min(p0 + slice_panels, panels.shape[0])

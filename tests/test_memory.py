@@ -1,0 +1,58 @@
+"""empty_huge: the buffers the kernels stream every step (the output matrix's panels) in huge pages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from jisu.kernels.memory import HUGE_PAGE, empty_huge
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def vm_flags(addr: int) -> list[str]:
+    """VmFlags of the mapping holding addr, from /proc/self/smaps."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+def test_empty_huge_is_aligned_writable_and_sized():
+    n = 3 * HUGE_PAGE + 12345
+    t = empty_huge(n)
+    assert t.dtype == torch.uint8 and t.shape == (n,) and t.is_contiguous()
+    assert t.data_ptr() % HUGE_PAGE == 0
+    t.fill_(7)
+    t[-1] = 9
+    assert int(t[:-1].sum()) == 7 * (n - 1) and int(t[-1]) == 9
+    small = empty_huge(1000)
+    assert small.shape == (1000,)
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(),
+                    reason="this kernel offers no transparent huge pages")
+def test_empty_huge_asks_for_huge_pages():
+    t = empty_huge(4 * HUGE_PAGE)
+    assert "hg" in vm_flags(t.data_ptr())             # MADV_HUGEPAGE on its mapping
+    assert "hg" in vm_flags(t.data_ptr() + 4 * HUGE_PAGE - 1)
+    plain = torch.empty(4 * HUGE_PAGE, dtype=torch.uint8)
+    assert "hg" not in vm_flags(plain.data_ptr())      # the check itself can tell them apart
+
+
+def test_output_panels_are_huge_page_buffers(real_llm):
+    """Both real models' output matrices (Q8_0) are kept as panels: in an empty_huge buffer."""
+    from jisu.model.layers import PanelLinear
+    out = real_llm.model.output
+    assert isinstance(out, PanelLinear)
+    assert out.qweight.data_ptr() % HUGE_PAGE == 0
+    if THP.exists() and "[never]" not in THP.read_text():
+        assert "hg" in vm_flags(out.qweight.data_ptr())
