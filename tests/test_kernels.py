@@ -352,8 +352,10 @@ def test_fused_decode_block_equals_python_block(tmp_path, arch, activations):
         out = llm.generate(prompts, params, use_tqdm=False)
         return [o.token_ids for o in out], [[lp["logprob"] for lp in o.outputs[0].logprobs] for o in out]
 
-    # three sequences decode together; one or two take the integer one-row / two-row paths
-    for prompts in (["the cat sat on the mat", "a b c", "hello there friend"], ["the dog"], ["a b", "the dog"]):
+    # three sequences decode together; one or two take the integer one-row / two-row paths; from
+    # eight, decode_block runs its row-wise steps in parallel regions
+    nine = [f"story {i}:" + " the cat" * i for i in range(9)]
+    for prompts in (["the cat sat on the mat", "a b c", "hello there friend"], ["the dog"], ["a b", "the dog"], nine):
         one_call = run(prompts, True, True)
         assert sum(calls) >= 19 * len(fused) and len(calls) < 25     # a decode step = one decode_layers call
         per_block = run(prompts, True, False)

@@ -2414,6 +2414,20 @@ torch::Tensor dequantize(torch::Tensor w, int64_t qtype, int64_t K) {
 
 // y = x * rsqrt(mean(x^2) + eps) * w over the last dimension, in that order (as transformers
 // computes it); one dispatch instead of torch's six.
+// y = x / rms(x) * w for one row of D (y may be x)
+inline void rms_row(const float* xr, const float* wp, float* yr, int64_t D, double eps) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8) {
+        const __m256 v = _mm256_loadu_ps(xr + i);
+        acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float ss = hsum(acc);
+    for (; i < D; ++i) ss += xr[i] * xr[i];
+    const float scale = 1.0f / std::sqrt(ss / float(D) + float(eps));
+    for (i = 0; i < D; ++i) yr[i] = (xr[i] * scale) * wp[i];
+}
+
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32 && w.dim() == 1 &&
                 x.size(-1) == w.size(0), "rms_norm: x [..., D] and w [D] must be float32");
@@ -2425,20 +2439,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     const float* wp = w.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     auto body = [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-            const float* xr = xp + r * D;
-            float* yr = yp + r * D;
-            __m256 acc = _mm256_setzero_ps();
-            int64_t i = 0;
-            for (; i + 8 <= D; i += 8) {
-                const __m256 v = _mm256_loadu_ps(xr + i);
-                acc = _mm256_fmadd_ps(v, v, acc);
-            }
-            float ss = hsum(acc);
-            for (; i < D; ++i) ss += xr[i] * xr[i];
-            const float scale = 1.0f / std::sqrt(ss / float(D) + float(eps));
-            for (i = 0; i < D; ++i) yr[i] = (xr[i] * scale) * wp[i];
-        }
+        for (int64_t r = r0; r < r1; ++r) rms_row(xp + r * D, wp, yp + r * D, D, eps);
     };
     if (rows * D < (1 << 16)) body(0, rows); else at::parallel_for(0, rows, 16, body);
     return y;
@@ -3023,18 +3024,26 @@ void act_mul_(torch::Tensor g, torch::Tensor u, bool gelu) {
     });
 }
 
-// a + b into a new tensor, without ATen's dispatch (decode rows are a few hundred floats)
-torch::Tensor add_rows(const torch::Tensor& a, const torch::Tensor& b) {
-    TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.numel() == b.numel(), "add_rows: shape mismatch");
-    auto y = torch::empty_like(a);
-    const float* ap = a.data_ptr<float>();
-    const float* bp = b.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    const int64_t n = a.numel();
+// y = a + b over n floats (y may be a or b)
+inline void add_row(const float* ap, const float* bp, float* yp, int64_t n) {
     int64_t i = 0;
     for (; i + VL <= n; i += VL) vstore(yp + i, vadd(vload(ap + i), vload(bp + i)));
     for (; i < n; ++i) yp[i] = ap[i] + bp[i];
-    return y;
+}
+
+// one position's heads [heads, D] rotated in place by its cos/sin table rows c, s [D/2]
+inline void rope_row(float* xp, int64_t heads, int64_t D, const float* c, const float* s, bool interleaved) {
+    const int64_t half = D / 2;
+    for (int64_t h = 0; h < heads; ++h) {
+        float* v = xp + h * D;
+        for (int64_t i = 0; i < half; ++i) {
+            float* a = interleaved ? v + 2 * i : v + i;
+            float* b = interleaved ? v + 2 * i + 1 : v + i + half;
+            const float x0 = *a, x1 = *b;
+            *a = x0 * c[i] - x1 * s[i];
+            *b = x0 * s[i] + x1 * c[i];
+        }
+    }
 }
 
 // Rotary position embedding applied in place to q [B, T, H, D] and k [B, T, KVH, D] with
@@ -3058,50 +3067,25 @@ void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Ten
         const int64_t heads = x->size(2);
         float* xp = x->data_ptr<float>();
         auto body = [&](int64_t r0, int64_t r1) {
-            for (int64_t r = r0; r < r1; ++r) {          // r = b * T + t
-                const float* c = cp + pos[r] * half;
-                const float* s = sp + pos[r] * half;
-                for (int64_t h = 0; h < heads; ++h) {
-                    float* v = xp + (r * heads + h) * D;
-                    for (int64_t i = 0; i < half; ++i) {
-                        float* a = interleaved ? v + 2 * i : v + i;
-                        float* b = interleaved ? v + 2 * i + 1 : v + i + half;
-                        const float x0 = *a, x1 = *b;
-                        *a = x0 * c[i] - x1 * s[i];
-                        *b = x0 * s[i] + x1 * c[i];
-                    }
-                }
-            }
+            for (int64_t r = r0; r < r1; ++r)            // r = b * T + t
+                rope_row(xp + r * heads * D, heads, D, cp + pos[r] * half, sp + pos[r] * half, interleaved);
         };
         if (B * T * (q.size(-2) + k.size(-2)) * D < (1 << 16)) body(0, B * T); else at::parallel_for(0, B * T, 16, body);
     }
 }
 
-// cache[slots[b]] = rows[b] (index_copy_ without its dispatch and checks, on contiguous rows)
-void write_slots(torch::Tensor& cache, const torch::Tensor& slots, const torch::Tensor& rows) {
-    TORCH_CHECK(cache.is_contiguous() && rows.is_contiguous() && slots.dtype() == torch::kLong &&
-                rows.size(1) == cache.numel() / cache.size(0) && slots.numel() == rows.size(0),
-                "write_slots: shape mismatch");
-    const int64_t width = rows.size(1), S = cache.size(0);
-    const torch::Tensor sl = slots.contiguous();            // held: a temporary's pointer would dangle
-    const int64_t* sp = sl.data_ptr<int64_t>();
-    const float* rp = rows.data_ptr<float>();
-    const bool half = cache.scalar_type() == torch::kHalf;
-    TORCH_CHECK(half || cache.scalar_type() == torch::kFloat32, "write_slots: cache must be float32 or float16");
-    float* cf = half ? nullptr : cache.data_ptr<float>();
-    c10::Half* ch = half ? static_cast<c10::Half*>(cache.data_ptr()) : nullptr;
-    for (int64_t b = 0; b < rows.size(0); ++b) {
-        TORCH_CHECK(sp[b] >= 0 && sp[b] < S, "write_slots: slot ", sp[b], " outside the cache");
-        const float* src = rp + b * width;
-        if (cf) std::memcpy(cf + sp[b] * width, src, sizeof(float) * width);
-        else {   // round to nearest even, as c10::Half does (its scalar conversion took ~2% of a 32-row step)
-            c10::Half* dst = ch + sp[b] * width;
-            int64_t i = 0;
-            for (; i + 8 <= width; i += 8)
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-            for (; i < width; ++i) dst[i] = c10::Half(src[i]);
-        }
+// one row of width floats into slot `slot` of a float32 (cf) or float16 (ch) cache
+inline void write_row(float* cf, c10::Half* ch, int64_t slot, const float* src, int64_t width) {
+    if (cf) {
+        std::memcpy(cf + slot * width, src, sizeof(float) * width);
+        return;
     }
+    // round to nearest even, as c10::Half does (its scalar conversion took ~2% of a 32-row step)
+    c10::Half* dst = ch + slot * width;
+    int64_t i = 0;
+    for (; i + 8 <= width; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < width; ++i) dst[i] = c10::Half(src[i]);
 }
 
 // One transformer block for B decoding sequences (one new token each) in a single call. The
@@ -3138,30 +3122,83 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
         for (size_t i = 0; i < ws.size(); ++i) ys.push_back(qmatmul(in, ws[i], ts[i], K, digits, c10::nullopt).view({B, -1}));
         return ys;
     };
+    x = x.contiguous();
     auto h = rms_norm(x, norms[0], eps);
     auto qkv = lin(h, {0, 1, 2}, D);
-    auto q = qkv[0].view({1, B, n_heads, head_dim});
-    auto k = qkv[1].view({1, B, n_kv_heads, head_dim});
-    auto v = qkv[2].view({B, n_kv_heads, head_dim});
-    if (gemma) {
-        q = rms_norm(q, norms[2], eps);
-        k = rms_norm(k, norms[3], eps);
+    // The steps between the matrices work row by row, one stretch at a time (norms, RoPE and cache
+    // writes; norm, residual and norm; norm and residual), each row through the same row functions
+    // as rms_norm, rope_, write_slots and add_rows; from 8 rows a stretch is one parallel region.
+    // Op by op they were below those ops' thresholds and ran on one thread: 0.6-1.3 ms of a 32-row
+    // Gemma step.
+    const int64_t KW = n_kv_heads * head_dim, half = head_dim / 2;
+    for (int i = 0; i < 3; ++i)
+        TORCH_CHECK(qkv[i].is_contiguous() && qkv[i].size(0) == B, "decode_block: q/k/v rows");
+    TORCH_CHECK(qkv[0].size(1) == HD && qkv[1].size(1) == KW && qkv[2].size(1) == KW, "decode_block: q/k/v widths");
+    check_caches(k_cache, v_cache);
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
+                k_cache.numel() / k_cache.size(0) == KW, "decode_block: caches must be contiguous rows of k's width");
+    for (size_t i = 1; i < norms.size(); ++i)
+        TORCH_CHECK(norms[i].is_contiguous() && norms[i].dtype() == torch::kFloat32 &&
+                    norms[i].numel() == (i == 2 || i == 3 ? head_dim : D), "decode_block: norm ", i, " has the wrong size");
+    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(1) == half && sin.sizes() == cos.sizes(),
+                "decode_block: bad cos/sin tables");
+    const auto pos_t = positions.contiguous(), slot_t = slot_mapping.contiguous();
+    TORCH_CHECK(pos_t.numel() == B && slot_t.numel() == B && slot_t.dtype() == torch::kLong, "decode_block: one position and slot per row");
+    const int64_t* pos = pos_t.data_ptr<int64_t>();
+    const int64_t* slot = slot_t.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+        TORCH_CHECK(pos[b] >= 0 && pos[b] < cos.size(0), "decode_block: position ", pos[b], " outside the ", cos.size(0), "-row cos/sin tables");
+        TORCH_CHECK(slot[b] >= 0 && slot[b] < k_cache.size(0), "decode_block: slot ", slot[b], " outside the cache");
     }
-    rope_(q, k, positions, cos, sin, interleaved);
-    write_slots(k_cache, slot_mapping, k.view({B, n_kv_heads * head_dim}));
-    write_slots(v_cache, slot_mapping, v.view({B, n_kv_heads * head_dim}));
-    auto a = paged_attention_decode(q.view({B, n_heads, head_dim}), k_cache, v_cache, decode_slots, decode_lens,
+    auto rows = [&](auto&& f) {
+        auto body = [&](int64_t r0, int64_t r1) { for (int64_t r = r0; r < r1; ++r) f(r); };
+        if (B >= 8) at::parallel_for(0, B, 4, body);
+        else body(0, B);
+    };
+    const bool f16 = k_cache.scalar_type() == torch::kHalf;
+    float* qp = qkv[0].data_ptr<float>();
+    float* kp = qkv[1].data_ptr<float>();
+    const float* vp = qkv[2].data_ptr<float>();
+    const float* cp = cos.data_ptr<float>();
+    const float* sp = sin.data_ptr<float>();
+    rows([&](int64_t b) {
+        float* qb = qp + b * HD;
+        float* kb = kp + b * KW;
+        if (gemma) {
+            for (int64_t i = 0; i < n_heads; ++i) rms_row(qb + i * head_dim, norms[2].data_ptr<float>(), qb + i * head_dim, head_dim, eps);
+            for (int64_t i = 0; i < n_kv_heads; ++i) rms_row(kb + i * head_dim, norms[3].data_ptr<float>(), kb + i * head_dim, head_dim, eps);
+        }
+        rope_row(qb, n_heads, head_dim, cp + pos[b] * half, sp + pos[b] * half, interleaved);
+        rope_row(kb, n_kv_heads, head_dim, cp + pos[b] * half, sp + pos[b] * half, interleaved);
+        write_row(f16 ? nullptr : k_cache.data_ptr<float>(), f16 ? static_cast<c10::Half*>(k_cache.data_ptr()) : nullptr, slot[b], kb, KW);
+        write_row(f16 ? nullptr : v_cache.data_ptr<float>(), f16 ? static_cast<c10::Half*>(v_cache.data_ptr()) : nullptr, slot[b], vp + b * KW, KW);
+    });
+    auto a = paged_attention_decode(qkv[0].view({B, n_heads, head_dim}), k_cache, v_cache, decode_slots, decode_lens,
                                     scale, window);
-    auto o = lin(a.view({B, HD}), {3}, HD)[0];
-    if (gemma) o = rms_norm(o, norms[4], eps);
-    x = add_rows(x.contiguous(), o.contiguous());
-    h = rms_norm(x, norms[1], eps);
+    auto o = lin(a.view({B, HD}), {3}, HD)[0].contiguous();
+    auto x1 = torch::empty_like(x);
+    h = torch::empty_like(x);
+    const float* xp = x.data_ptr<float>();
+    float* op = o.data_ptr<float>();
+    float* x1p = x1.data_ptr<float>();
+    float* hp = h.data_ptr<float>();
+    rows([&](int64_t b) {
+        if (gemma) rms_row(op + b * D, norms[4].data_ptr<float>(), op + b * D, D, eps);
+        add_row(xp + b * D, op + b * D, x1p + b * D, D);
+        rms_row(x1p + b * D, norms[1].data_ptr<float>(), hp + b * D, D, eps);
+    });
     auto gu = lin(h, {4, 5}, D);
     auto g = gu[0].contiguous();
-    act_mul_(g, gu[1].contiguous(), gemma);     // as the Python block does, so the same numbers
-    auto d = lin(g, {6}, g.size(1))[0];
-    if (gemma) d = rms_norm(d, norms[5], eps);
-    return add_rows(x, d.contiguous());
+    act_mul_(g, gu[1].contiguous(), gemma);
+    auto d = lin(g, {6}, g.size(1))[0].contiguous();
+    auto y = torch::empty_like(x);
+    float* dp = d.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    rows([&](int64_t b) {
+        if (gemma) rms_row(dp + b * D, norms[5].data_ptr<float>(), dp + b * D, D, eps);
+        add_row(x1p + b * D, dp + b * D, yp + b * D, D);
+    });
+    return y;
 }
 
 // A block's fixed arguments to decode_block, held on the C++ side so that a decode step passes
