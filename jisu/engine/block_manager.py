@@ -38,6 +38,9 @@ class BlockManager:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.windows = windows or [None]              # one entry per KV group
+        # the fewest computed tokens at which some window group's first needed block is past 0
+        # (_first_needed): after_step frees nothing below it
+        self._free_from = min((w - 1 + block_size for w in self.windows if w is not None), default=1 << 62)
         self.blocks = [Block(i) for i in range(num_blocks)]
         # unreferenced pages in eviction order: empty ones first, then cached ones, least
         # recently freed first
@@ -74,7 +77,9 @@ class BlockManager:
         n = -(-num_tokens // self.block_size)
         if not seq.block_tables:
             return len(self.windows) * n
-        return sum(max(0, n - len(t)) for t in seq.block_tables)
+        # every group's table has the same length: they grow together (allocate, match_prefix)
+        # and a window group keeps NO_BLOCK where it freed a page
+        return len(seq.block_tables) * max(0, n - len(seq.block_tables[0]))
 
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
         return self.blocks_needed(seq, num_tokens) <= self.num_free_blocks
@@ -177,6 +182,8 @@ class BlockManager:
                         block = self.blocks[table[i]]
                         block.key, block.token_ids = (g, h), tokens
                         self.cached[(g, h)] = block.block_id
+        if seq.num_computed_tokens < self._free_from:
+            return                               # no window group frees a page yet
         for g, table in enumerate(seq.block_tables):
             if self.windows[g] is None:
                 continue

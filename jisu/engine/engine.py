@@ -135,11 +135,13 @@ class LLMEngine:
             seq.finish_reason = reason
             self.scheduler.finish(seq)
             visible = len(seq.text)
-        else:
+        elif p.stop:
             # hold back a tail that may be the start of a stop string, so streamed text never
             # has to be taken back
             visible = len(seq.text) - max((k for s in p.stop for k in range(len(s) - 1, 0, -1)
                                            if seq.text.endswith(s[:k])), default=0)
+        else:
+            visible = len(seq.text)
         new_text = seq.text[seq.num_emitted:visible]
         seq.num_emitted += len(new_text)
         return StepOutput(seq, token, new_text)
