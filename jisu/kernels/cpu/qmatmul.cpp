@@ -3099,7 +3099,8 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
                            double eps, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slot_mapping,
                            torch::Tensor decode_slots, torch::Tensor decode_lens, torch::Tensor positions,
                            torch::Tensor cos, torch::Tensor sin, bool interleaved, double scale, int64_t window,
-                           bool gemma, int64_t digits) {
+                           bool gemma, int64_t digits, torch::Tensor h = {}, const torch::Tensor* next_norm = nullptr,
+                           double next_eps = 0.0, torch::Tensor* h_next = nullptr) {
     TORCH_CHECK(x.dim() == 2 && w.size() == 7 && qtypes.size() == 7 && norms.size() == (gemma ? 6u : 2u),
                 "decode_block: x [B, D], 7 weights, 2 (llama) or 6 (gemma) norms");
     const int64_t B = x.size(0), D = x.size(1), HD = n_heads * head_dim;
@@ -3123,7 +3124,7 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
         return ys;
     };
     x = x.contiguous();
-    auto h = rms_norm(x, norms[0], eps);
+    if (!h.defined()) h = rms_norm(x, norms[0], eps);   // else the previous block's last stretch computed it
     auto qkv = lin(h, {0, 1, 2}, D);
     // The steps between the matrices work row by row, one stretch at a time (norms, RoPE and cache
     // writes; norm, residual and norm; norm and residual), each row through the same row functions
@@ -3194,9 +3195,18 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
     auto y = torch::empty_like(x);
     float* dp = d.data_ptr<float>();
     float* yp = y.data_ptr<float>();
+    // and the next block's first norm (its input's), from the same rows while they are at hand
+    float* hn = nullptr;
+    if (next_norm) {
+        TORCH_CHECK(next_norm->is_contiguous() && next_norm->dtype() == torch::kFloat32 && next_norm->numel() == D,
+                    "decode_block: the next block's norm has the wrong size");
+        *h_next = torch::empty_like(x);
+        hn = h_next->data_ptr<float>();
+    }
     rows([&](int64_t b) {
         if (gemma) rms_row(dp + b * D, norms[5].data_ptr<float>(), dp + b * D, D, eps);
         add_row(x1p + b * D, dp + b * D, yp + b * D, D);
+        if (hn) rms_row(yp + b * D, next_norm->data_ptr<float>(), hn + b * D, D, next_eps);
     });
     return y;
 }
@@ -3237,9 +3247,17 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<std::shared_ptr<D
         TORCH_CHECK(l->group >= 0 && l->group < int64_t(slot_mappings.size()) && l->group < int64_t(decode_slots.size()) &&
                     l->rotary >= 0 && l->rotary < int64_t(cos.size()) && l->rotary < int64_t(sin.size()),
                     "decode_layers: a layer's group or rotary index is out of range");
+    }
+    torch::Tensor h;     // the next block's normed input, computed with the block before it
+    for (size_t i = 0; i < layers.size(); ++i) {
+        const auto& l = layers[i];
+        const DecodeLayer* next = i + 1 < layers.size() ? layers[i + 1].get() : nullptr;
+        torch::Tensor h_next;
         x = decode_block(x, l->w, l->qtypes, l->norms, l->n_heads, l->n_kv_heads, l->head_dim, l->eps, l->k_cache,
                          l->v_cache, slot_mappings[l->group], decode_slots[l->group], decode_lens, positions,
-                         cos[l->rotary], sin[l->rotary], l->interleaved, l->scale, l->window, l->gemma, l->digits);
+                         cos[l->rotary], sin[l->rotary], l->interleaved, l->scale, l->window, l->gemma, l->digits,
+                         h, next ? &next->norms[0] : nullptr, next ? next->eps : 0.0, &h_next);
+        h = h_next;
     }
     return x;
 }
