@@ -3125,10 +3125,11 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
     };
     x = x.contiguous();
     if (!h.defined()) h = rms_norm(x, norms[0], eps);   // else the previous block's last stretch computed it
+    TORCH_CHECK(h.is_contiguous() && h.sizes() == x.sizes() && h.dtype() == torch::kFloat32, "decode_block: h must be x's normed rows");
     auto qkv = lin(h, {0, 1, 2}, D);
     // The steps between the matrices work row by row, one stretch at a time (norms, RoPE and cache
-    // writes; norm, residual and norm; norm and residual), each row through the same row functions
-    // as rms_norm, rope_, write_slots and add_rows; from 8 rows a stretch is one parallel region.
+    // writes; norm, residual and norm; norm, residual and the next block's norm), each row through
+    // the same row functions as rms_norm and rope_; from 8 rows a stretch is one parallel region.
     // Op by op they were below those ops' thresholds and ran on one thread: 0.6-1.3 ms of a 32-row
     // Gemma step.
     const int64_t KW = n_kv_heads * head_dim, half = head_dim / 2;
@@ -3157,6 +3158,12 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
         else body(0, B);
     };
     const bool f16 = k_cache.scalar_type() == torch::kHalf;
+    float* kf = f16 ? nullptr : k_cache.data_ptr<float>();
+    float* vf = f16 ? nullptr : v_cache.data_ptr<float>();
+    c10::Half* kh = f16 ? static_cast<c10::Half*>(k_cache.data_ptr()) : nullptr;
+    c10::Half* vh = f16 ? static_cast<c10::Half*>(v_cache.data_ptr()) : nullptr;
+    auto norm_w = [&](size_t i) { return gemma || i < 2 ? norms[i].data_ptr<float>() : nullptr; };
+    const float *w_ffn = norm_w(1), *w_q = norm_w(2), *w_k = norm_w(3), *w_post_attn = norm_w(4), *w_post_ffw = norm_w(5);
     float* qp = qkv[0].data_ptr<float>();
     float* kp = qkv[1].data_ptr<float>();
     const float* vp = qkv[2].data_ptr<float>();
@@ -3166,13 +3173,13 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
         float* qb = qp + b * HD;
         float* kb = kp + b * KW;
         if (gemma) {
-            for (int64_t i = 0; i < n_heads; ++i) rms_row(qb + i * head_dim, norms[2].data_ptr<float>(), qb + i * head_dim, head_dim, eps);
-            for (int64_t i = 0; i < n_kv_heads; ++i) rms_row(kb + i * head_dim, norms[3].data_ptr<float>(), kb + i * head_dim, head_dim, eps);
+            for (int64_t i = 0; i < n_heads; ++i) rms_row(qb + i * head_dim, w_q, qb + i * head_dim, head_dim, eps);
+            for (int64_t i = 0; i < n_kv_heads; ++i) rms_row(kb + i * head_dim, w_k, kb + i * head_dim, head_dim, eps);
         }
         rope_row(qb, n_heads, head_dim, cp + pos[b] * half, sp + pos[b] * half, interleaved);
         rope_row(kb, n_kv_heads, head_dim, cp + pos[b] * half, sp + pos[b] * half, interleaved);
-        write_row(f16 ? nullptr : k_cache.data_ptr<float>(), f16 ? static_cast<c10::Half*>(k_cache.data_ptr()) : nullptr, slot[b], kb, KW);
-        write_row(f16 ? nullptr : v_cache.data_ptr<float>(), f16 ? static_cast<c10::Half*>(v_cache.data_ptr()) : nullptr, slot[b], vp + b * KW, KW);
+        write_row(kf, kh, slot[b], kb, KW);
+        write_row(vf, vh, slot[b], vp + b * KW, KW);
     });
     auto a = paged_attention_decode(qkv[0].view({B, n_heads, head_dim}), k_cache, v_cache, decode_slots, decode_lens,
                                     scale, window);
@@ -3184,9 +3191,9 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
     float* x1p = x1.data_ptr<float>();
     float* hp = h.data_ptr<float>();
     rows([&](int64_t b) {
-        if (gemma) rms_row(op + b * D, norms[4].data_ptr<float>(), op + b * D, D, eps);
+        if (gemma) rms_row(op + b * D, w_post_attn, op + b * D, D, eps);
         add_row(xp + b * D, op + b * D, x1p + b * D, D);
-        rms_row(x1p + b * D, norms[1].data_ptr<float>(), hp + b * D, D, eps);
+        rms_row(x1p + b * D, w_ffn, hp + b * D, D, eps);
     });
     auto gu = lin(h, {4, 5}, D);
     auto g = gu[0].contiguous();
@@ -3197,16 +3204,18 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
     float* yp = y.data_ptr<float>();
     // and the next block's first norm (its input's), from the same rows while they are at hand
     float* hn = nullptr;
+    const float* w_next = nullptr;
     if (next_norm) {
         TORCH_CHECK(next_norm->is_contiguous() && next_norm->dtype() == torch::kFloat32 && next_norm->numel() == D,
                     "decode_block: the next block's norm has the wrong size");
         *h_next = torch::empty_like(x);
         hn = h_next->data_ptr<float>();
+        w_next = next_norm->data_ptr<float>();
     }
     rows([&](int64_t b) {
-        if (gemma) rms_row(dp + b * D, norms[5].data_ptr<float>(), dp + b * D, D, eps);
+        if (gemma) rms_row(dp + b * D, w_post_ffw, dp + b * D, D, eps);
         add_row(x1p + b * D, dp + b * D, yp + b * D, D);
-        if (hn) rms_row(yp + b * D, next_norm->data_ptr<float>(), hn + b * D, D, next_eps);
+        if (hn) rms_row(yp + b * D, w_next, hn + b * D, D, next_eps);
     });
     return y;
 }
