@@ -38,8 +38,9 @@ def _madvise_huge(addr: int, length: int) -> bool:
 
 def empty_huge(nbytes: int) -> torch.Tensor:
     """An uninitialized uint8 tensor of nbytes: 2 MiB-aligned and advised for huge pages when it
-    spans at least one (see the module's note). The 4 MiB of slack around it stays untouched,
-    so it never becomes resident."""
+    spans at least one (see the module's note). It sits in a buffer 4 MiB longer: the slack before
+    it is never touched, and of the slack after it only what shares its last huge page becomes
+    resident (under 2 MiB)."""
     if nbytes < HUGE_PAGE:
         return torch.empty(nbytes, dtype=torch.uint8)
     buf = torch.empty(nbytes + 2 * HUGE_PAGE, dtype=torch.uint8)

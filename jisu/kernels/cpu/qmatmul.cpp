@@ -2412,8 +2412,6 @@ torch::Tensor dequantize(torch::Tensor w, int64_t qtype, int64_t K) {
     return y;
 }
 
-// y = x * rsqrt(mean(x^2) + eps) * w over the last dimension, in that order (as transformers
-// computes it); one dispatch instead of torch's six.
 // y = x / rms(x) * w for one row of D (y may be x)
 inline void rms_row(const float* xr, const float* wp, float* yr, int64_t D, double eps) {
     __m256 acc = _mm256_setzero_ps();
@@ -2428,6 +2426,8 @@ inline void rms_row(const float* xr, const float* wp, float* yr, int64_t D, doub
     for (i = 0; i < D; ++i) yr[i] = (xr[i] * scale) * wp[i];
 }
 
+// y = x * rsqrt(mean(x^2) + eps) * w over the last dimension, in that order (as transformers
+// computes it); one dispatch instead of torch's six.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32 && w.dim() == 1 &&
                 x.size(-1) == w.size(0), "rms_norm: x [..., D] and w [D] must be float32");
