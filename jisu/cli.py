@@ -52,13 +52,17 @@ def _params(kw):
         raise click.BadParameter(str(e)) from None
 
 
+# what a bad model name, file or option raises while loading: shown as a one-line error
+LOAD_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
+
+
 def _load(model: str | None, threads: int | None, max_model_len: int | None = None, activations: str = "int16",
           kv_cache_dtype: str = "auto"):
     from jisu import LLM
     try:
         return LLM(model, num_threads=threads, max_model_len=max_model_len, activations=activations,
                    kv_cache_dtype=kv_cache_dtype)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except LOAD_ERRORS as e:
         raise click.ClickException(str(e)) from None
 
 
@@ -196,7 +200,7 @@ def serve(model, host, port, api_key, served_model_name, kv_cache_gb, kv_cache_f
     loader.join()
     if "error" in built:
         e = built["error"]
-        if isinstance(e, (FileNotFoundError, ValueError, RuntimeError)):
+        if isinstance(e, LOAD_ERRORS):
             raise click.ClickException(str(e)) from None
         raise e
     llm = built["llm"]

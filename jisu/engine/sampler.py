@@ -73,13 +73,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, dict |
     out = []
     for b, seq in enumerate(seqs):
         p = seq.params
-        if b in fast and p.logprobs is None:
-            out.append((fast[b], None))
+        token = fast.get(b)
+        if token is not None and p.logprobs is None:
+            out.append((token, None))
             continue
         row = raw = logits[b]
-        if b in fast:
-            token = fast[b]
-        else:
+        if token is None:
             row = apply_penalties(row, seq)
             if p.greedy:
                 token = argmax(row)
