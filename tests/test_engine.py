@@ -201,6 +201,23 @@ def test_window_group_frees_pages_behind_the_window():
     assert bm.num_free_blocks == 32
 
 
+def test_window_group_frees_each_page_the_step_it_leaves_the_window():
+    # one token a step, as decoding goes: after each step exactly the blocks before the next
+    # query's first visible key (position n - window + 1) are freed, no later and no sooner
+    from jisu.engine.block_manager import NO_BLOCK
+    for window, bs in ((8, 4), (5, 4), (4, 4), (9, 2)):
+        bm = BlockManager(num_blocks=64, block_size=bs, windows=[None, window])
+        s = seq_of([7])
+        for n in range(1, 40):
+            bm.allocate(s, n)
+            s.num_computed_tokens = n
+            bm.after_step(s)
+            local = s.block_tables[1]
+            gone = max(0, n - window + 1) // bs
+            assert local[:gone] == [NO_BLOCK] * gone and NO_BLOCK not in local[gone:], (window, bs, n)
+            s.token_ids.append(7)
+
+
 def test_window_group_prefix_hit_needs_only_the_window():
     bm = BlockManager(num_blocks=32, block_size=4, windows=[None, 8])
     a = seq_of(range(40))
