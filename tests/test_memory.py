@@ -44,6 +44,8 @@ def test_empty_huge_asks_for_huge_pages():
     t = empty_huge(4 * HUGE_PAGE)
     assert "hg" in vm_flags(t.data_ptr())             # MADV_HUGEPAGE on its mapping
     assert "hg" in vm_flags(t.data_ptr() + 4 * HUGE_PAGE - 1)
+    part = empty_huge(2 * HUGE_PAGE + 4096)           # the partial last page stays small
+    assert "hg" in vm_flags(part.data_ptr()) and "hg" not in vm_flags(part.data_ptr() + 2 * HUGE_PAGE)
     plain = torch.empty(4 * HUGE_PAGE, dtype=torch.uint8)
     assert "hg" not in vm_flags(plain.data_ptr())      # the check itself can tell them apart
 

@@ -37,15 +37,14 @@ def _madvise_huge(addr: int, length: int) -> bool:
 
 
 def empty_huge(nbytes: int) -> torch.Tensor:
-    """An uninitialized uint8 tensor of nbytes: 2 MiB-aligned and advised for huge pages when it
-    spans at least one (see the module's note). It sits in a buffer 4 MiB longer: the slack before
-    it is never touched, and of the slack after it only what shares its last huge page becomes
-    resident (under 2 MiB)."""
+    """An uninitialized uint8 tensor of nbytes: 2 MiB-aligned, its whole huge pages advised (see
+    the module's note); a last partial one stays in small pages, so nothing past nbytes becomes
+    resident (a whole last huge page would hold up to 2 MiB more). It sits in a buffer 2 MiB
+    longer whose slack before it is never touched."""
     if nbytes < HUGE_PAGE:
         return torch.empty(nbytes, dtype=torch.uint8)
-    buf = torch.empty(nbytes + 2 * HUGE_PAGE, dtype=torch.uint8)
+    buf = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
     start = -buf.data_ptr() % HUGE_PAGE
     out = buf[start:start + nbytes]
-    # whole huge pages, the last one past nbytes into the slack (a partial one would stay small)
-    _madvise_huge(out.data_ptr(), -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
+    _madvise_huge(out.data_ptr(), nbytes // HUGE_PAGE * HUGE_PAGE)
     return out
