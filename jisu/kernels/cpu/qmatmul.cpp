@@ -3054,6 +3054,17 @@ inline void rope_row(float* xp, int64_t heads, int64_t D, const float* c, const 
     }
 }
 
+// RoPE's tables (cos/sin [max_len, half], contiguous, one shape) and that each of the n positions
+// has its row: the tables grow with the context (Rotary.reserve)
+void check_rope_tables(const torch::Tensor& cos, const torch::Tensor& sin, int64_t half, const int64_t* pos,
+                       int64_t n, const char* who) {
+    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(1) == half && sin.sizes() == cos.sizes(),
+                who, ": bad cos/sin tables");
+    for (int64_t r = 0; r < n; ++r)
+        TORCH_CHECK(pos[r] >= 0 && pos[r] < cos.size(0), who, ": position ", pos[r], " outside the ",
+                    cos.size(0), "-row cos/sin tables");
+}
+
 // Rotary position embedding applied in place to q [B, T, H, D] and k [B, T, KVH, D] with
 // cos/sin tables [max_len, D/2] at positions [B, T]. interleaved: pairs (x[2i], x[2i+1]) (llama
 // GGUFs); otherwise (x[i], x[i + D/2]) (neox layout, Gemma).
@@ -3063,12 +3074,9 @@ void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor positions, torch::Ten
                 q.dim() == 4 && k.dim() == 4, "rope_: q and k must be contiguous float32 [B, T, H, D]");
     positions = positions.contiguous();
     const int64_t B = q.size(0), T = q.size(1), D = q.size(3), half = D / 2;
-    TORCH_CHECK(cos.size(1) == half && k.size(3) == D && positions.numel() == B * T, "rope_: shape mismatch");
-    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && sin.sizes() == cos.sizes(), "rope_: bad cos/sin tables");
+    TORCH_CHECK(k.size(3) == D && positions.numel() == B * T, "rope_: shape mismatch");
     const int64_t* pos = positions.data_ptr<int64_t>();
-    for (int64_t r = 0; r < B * T; ++r)       // the tables grow with the context (Rotary.reserve)
-        TORCH_CHECK(pos[r] >= 0 && pos[r] < cos.size(0), "rope_: position ", pos[r], " outside the ",
-                    cos.size(0), "-row cos/sin tables");
+    check_rope_tables(cos, sin, half, pos, B * T, "rope_");
     const float* cp = cos.data_ptr<float>();
     const float* sp = sin.data_ptr<float>();
     for (torch::Tensor* x : {&q, &k}) {
@@ -3150,16 +3158,13 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
     for (size_t i = 1; i < norms.size(); ++i)
         TORCH_CHECK(norms[i].is_contiguous() && norms[i].dtype() == torch::kFloat32 &&
                     norms[i].numel() == (i == 2 || i == 3 ? head_dim : D), "decode_block: norm ", i, " has the wrong size");
-    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(1) == half && sin.sizes() == cos.sizes(),
-                "decode_block: bad cos/sin tables");
     const auto pos_t = positions.contiguous(), slot_t = slot_mapping.contiguous();
     TORCH_CHECK(pos_t.numel() == B && slot_t.numel() == B && slot_t.dtype() == torch::kLong, "decode_block: one position and slot per row");
     const int64_t* pos = pos_t.data_ptr<int64_t>();
     const int64_t* slot = slot_t.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b) {
-        TORCH_CHECK(pos[b] >= 0 && pos[b] < cos.size(0), "decode_block: position ", pos[b], " outside the ", cos.size(0), "-row cos/sin tables");
+    check_rope_tables(cos, sin, half, pos, B, "decode_block");
+    for (int64_t b = 0; b < B; ++b)
         TORCH_CHECK(slot[b] >= 0 && slot[b] < k_cache.size(0), "decode_block: slot ", slot[b], " outside the cache");
-    }
     auto rows = [&](auto&& f) {
         auto body = [&](int64_t r0, int64_t r1) { for (int64_t r = r0; r < r1; ++r) f(r); };
         if (B >= 8) at::parallel_for(0, B, 4, body);
