@@ -108,11 +108,13 @@ def test_integer_activations_by_row_count_and_isa():
 def test_int16_gemm_within_its_rounding_bound(qtype, m):
     """Many rows with integer activations (AVX-512 builds: the int16 GEMM; AVX2: float32).
 
-    int16 rounding moves x_i by at most amax(block of i) / (2 * 32767); y_n then moves by at
-    most sum_i |w_ni| of that, plus float32 accumulation noise. 45 weight rows: one full panel
-    of 32 and a part-full one (13 columns: its second vector of 16 empty; 29: part-full);
-    m not a multiple of the 4-row tile."""
+    int16 rounding moves x_i by at most amax(block of i) / (2 qmax), qmax 32767 (16383 for
+    Q6_K, whose panels carry its 16-value scales in the weights); y_n then moves by at most
+    sum_i |w_ni| of that, plus float32 accumulation noise. 45 weight rows: one full panel of 32
+    and a part-full one (13 columns: its second vector of 16 empty; 29: part-full); m not a
+    multiple of the 4-row tile."""
     k = 2048 if qtype in (Q.Q4_K, Q.Q6_K) else 640
+    qmax = 16383 if qtype == Q.Q6_K and ops.isa == "avx512" else 32767
     n = 45 if m % 2 else 61
     q, ref_w = random_weight(qtype, n=n, k=k)
     x = torch.randn(m, k)
@@ -124,9 +126,35 @@ def test_int16_gemm_within_its_rounding_bound(qtype, m):
         assert gots.shape == (m, n)
         for xr, want, got in zip(x, wants, gots):
             amax = xr.abs().view(-1, 32).amax(1).repeat_interleave(32).double()
-            bound = ref_w.double().abs() @ (amax / (2 * 32767)) + 1e-5 * (ref_w.double().abs() @ xr.double().abs())
+            bound = ref_w.double().abs() @ (amax / (2 * qmax)) + 1e-5 * (ref_w.double().abs() @ xr.double().abs())
             assert torch.all((got - want).abs() <= bound), float(((got - want).abs() / bound).max())
             assert (got - want).norm() <= 1e-4 * want.norm()
+
+
+def q6k_extreme_rows(n, k, sign=1):
+    """Q6_K rows whose every value is -128 x (0 - 32) = 4096 (d = sign): the largest int16
+    weight the GEMM's panels hold (scale times code)."""
+    block = np.zeros(210, dtype=np.uint8)             # ql = qh = 0: codes 0, less 32
+    block[192:208] = np.uint8(0x80)                   # 16 scales of -128
+    block[208:210] = np.frombuffer(np.float16(sign).tobytes(), dtype=np.uint8)
+    return torch.from_numpy(np.tile(block, (n, k // 256)).copy())
+
+
+@pytest.mark.parametrize("m", [3, 8])
+def test_int16_gemm_q6k_extremes_stay_within_int32(m):
+    """Largest Q6_K weights against activations that round to the largest code everywhere: a
+    32-value block's integer sums reach 16 x 2 x 4096 x 16383 = 2^31 - 2^18, one step from int32's
+    limit (codes up to 32767 would wrap). Checked exactly (every value a small integer)."""
+    k, n = 512, 40
+    for sign in (1, -1):
+        q = q6k_extreme_rows(n, k, sign)
+        ref = ops.dequantize(q, int(Q.Q6_K), k)
+        assert torch.all(ref == 4096.0 * sign)
+        x = torch.ones(m, k)
+        x[1::2] = -1.0                                # both signs of the sums
+        got = ops.qmatmul(x, q, int(Q.Q6_K), k, 2)
+        want = (x.double() @ ref.double().t()).float()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
 
 
 def test_avx2_build_gives_the_same_numbers(tmp_path):
