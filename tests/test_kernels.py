@@ -332,6 +332,29 @@ def test_paged_attention_prefill_equals_sdpa(heads, t, prior, window, kv):
         ops.paged_attention_decode(q[:1], k_cache.half(), v_cache, slots[None], torch.tensor([1]), 0.1, window)
 
 
+@pytest.mark.parametrize("n", [1, 7, 300])
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16])
+def test_write_kv_equals_index_copy(kv, n):
+    """New rows into their slots, converted as ATen converts (round to nearest even), the other
+    slots untouched; a slot out of range is an error that writes nothing."""
+    S, KVH, D = 1000, 3, 64
+    k_cache, v_cache = torch.randn(S, KVH, D).to(kv), torch.randn(S, KVH, D).to(kv)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    slots = torch.randperm(S)[:n]
+    k, v = torch.randn(n, KVH, D) * 300, torch.randn(1, n, KVH, D)      # values that round in float16
+    ops.write_kv_(k_cache, v_cache, slots, k, v)
+    want_k.index_copy_(0, slots, k.to(kv))
+    want_v.index_copy_(0, slots, v.view(n, KVH, D).to(kv))
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    bad = slots.clone()
+    bad[-1] = S
+    with pytest.raises(RuntimeError, match="out of"):
+        ops.write_kv_(k_cache, v_cache, bad, k + 1, v + 1)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.write_kv_(k_cache, v_cache, slots, k.double(), v)
+
+
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_rope_equals_torch_path(interleaved):
     from jisu.model.layers import AttentionMetadata, Rotary

@@ -326,9 +326,12 @@ class Attention(nn.Module):
         q, k = self.rotary.apply(q, k, meta)
 
         slots = meta.groups[self.kv_group]
-        kv = self.k_cache.dtype               # float32, or float16 (rounded to nearest, as the fused path)
-        self.k_cache.index_copy_(0, slots.slot_mapping, k.reshape(B * T, self.n_kv_heads, self.head_dim).to(kv))
-        self.v_cache.index_copy_(0, slots.slot_mapping, v.reshape(B * T, self.n_kv_heads, self.head_dim).to(kv))
+        if self.ops is not None:
+            self.ops.write_kv_(self.k_cache, self.v_cache, slots.slot_mapping, k, v)
+        else:
+            kv = self.k_cache.dtype           # float32, or float16 (rounded to nearest, as the fused path)
+            self.k_cache.index_copy_(0, slots.slot_mapping, k.reshape(B * T, self.n_kv_heads, self.head_dim).to(kv))
+            self.v_cache.index_copy_(0, slots.slot_mapping, v.reshape(B * T, self.n_kv_heads, self.head_dim).to(kv))
         q = q.view(B * T, self.n_heads, self.head_dim)
         nd = meta.num_decode
         if nd == B * T:
