@@ -128,7 +128,7 @@ def test_int16_gemm_within_its_rounding_bound(qtype, m):
             amax = xr.abs().view(-1, 32).amax(1).repeat_interleave(32).double()
             bound = ref_w.double().abs() @ (amax / (2 * qmax)) + 1e-5 * (ref_w.double().abs() @ xr.double().abs())
             assert torch.all((got - want).abs() <= bound), float(((got - want).abs() / bound).max())
-            assert (got - want).norm() <= 1e-4 * want.norm()
+            assert (got - want).norm() <= 1e-4 * (32767 / qmax) * want.norm()     # in proportion to the step
 
 
 def q6k_extreme_rows(n, k, sign=1):
@@ -473,13 +473,55 @@ def test_gated_ffn_in_column_chunks_equals_whole(gelu):
     gate, up = QLinear(wg, int(Q.Q4_K), 512, ops), QLinear(wu, int(Q.Q4_K), 512, ops)
     for lin in (gate, up):
         lin.act_digits = 2
-    h = torch.randn(1, 80, 512)
-    whole = gate(h)
-    ops.act_mul_(whole, up(h), gelu)
-    chunked = gated_ffn(gate, up, h, ops, gelu, chunk=256)    # 5 slices, the last 76 columns
-    assert chunked.shape == (1, 80, 1100) and torch.equal(chunked, whole)
+    for rows in (80, 5):          # AVX-512: gated_ffn_i16 in slices, and (few rows) in one
+        h = torch.randn(1, rows, 512)
+        whole = gate(h)
+        ops.act_mul_(whole, up(h), gelu)
+        chunked = gated_ffn(gate, up, h, ops, gelu, chunk=256)    # 5 slices, the last 76 columns
+        assert chunked.shape == (1, rows, 1100) and torch.equal(chunked, whole)
     with pytest.raises(RuntimeError, match="act_mul_"):
         ops.act_mul_(whole[:, :, :10].transpose(1, 2), torch.randn(1, 10, 80), gelu)
+
+
+def test_gated_ffn_i16_rounds_for_both_types():
+    """Gate Q6_K, up Q8_0: h is rounded once with the codes both take (Q6_K's 16383), within the
+    int16 bound of the float reference; bad arguments are errors."""
+    if ops.isa != "avx512":
+        pytest.skip("the int16 GEMM is AVX-512 only (the AVX2 build computes gated_ffn in Python)")
+    (wg, rg), (wu, ru) = random_weight(Q.Q6_K, n=200), random_weight(Q.Q8_0, n=200)
+    h = torch.randn(40, 512)
+    got = ops.gated_ffn_i16(h, wg, wu, int(Q.Q6_K), int(Q.Q8_0), 512, False, 64)   # slices 64 x 3 + 8
+    g, u = h.double() @ rg.double().t(), h.double() @ ru.double().t()
+    want = g * torch.sigmoid(g) * u
+    assert (got.double() - want).norm() <= 2e-4 * want.norm()
+    # the gate's codes must be Q6_K's even though h is rounded for both: at the int32 edge
+    extreme = q6k_extreme_rows(200, 512)
+    ones = torch.ones(8, 512)
+    got = ops.gated_ffn_i16(ones, extreme, wu, int(Q.Q6_K), int(Q.Q8_0), 512, False, 64)
+    want = (512 * 4096.0) * (ones.double() @ ru.double().t())          # silu(g) = g at g = 2^21
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
+    with pytest.raises(RuntimeError, match="multiple of"):
+        ops.gated_ffn_i16(h, wg, wu, int(Q.Q6_K), int(Q.Q8_0), 512, False, 48)
+    with pytest.raises(RuntimeError, match="same rows"):
+        ops.gated_ffn_i16(h, wg, wu[:100], int(Q.Q6_K), int(Q.Q8_0), 512, False, 64)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 64])
+def test_qmatmul_many_equals_one_call_each(m):
+    """Matrices reading the same x in one call: x rounded once for all of them, so each result
+    is the single call's to the bit where the types take the same codes (a Q6_K among them
+    lowers everyone's to its 16383, within the bound of the float reference)."""
+    (w1, _), (w2, _), (w3, r3) = random_weight(Q.Q4_K, n=70), random_weight(Q.Q8_0, n=33), random_weight(Q.Q6_K, n=40)
+    x = torch.randn(1, m, 512)
+    ys = ops.qmatmul_many(x, [w1, w2], [int(Q.Q4_K), int(Q.Q8_0)], 512, 2)
+    assert [y.shape for y in ys] == [(1, m, 70), (1, m, 33)]
+    assert torch.equal(ys[0], ops.qmatmul(x, w1, int(Q.Q4_K), 512, 2))
+    assert torch.equal(ys[1], ops.qmatmul(x, w2, int(Q.Q8_0), 512, 2))
+    mixed = ops.qmatmul_many(x, [w2, w3], [int(Q.Q8_0), int(Q.Q6_K)], 512, 2)
+    want = x.double() @ r3.double().t()
+    assert (mixed[1].double() - want).norm() <= 1e-4 * want.norm()
+    with pytest.raises(RuntimeError, match="one type per matrix"):
+        ops.qmatmul_many(x, [w1, w2], [int(Q.Q4_K)], 512, 2)
 
 
 @pytest.mark.parametrize("m", [1, 2, 7])

@@ -122,11 +122,36 @@ def greedy_tokens(lin: nn.Module, x: torch.Tensor, vocab: int) -> torch.Tensor |
     return lin.greedy(x, vocab)
 
 
+def _int16_gemm(mods: tuple[nn.Module, ...], x: torch.Tensor) -> bool:
+    """Whether QLinear modules reading x take the int16 GEMM together: AVX-512 kernels, the same
+    integer activations, 3+ rows (what QLinear.columns would pick for each of them)."""
+    first = mods[0]
+    return (all(type(m) is QLinear for m in mods) and first.act_digits > 0
+            and all(m.act_digits == first.act_digits and m.in_features == first.in_features for m in mods)
+            and getattr(first.ops, "isa", "") == "avx512" and x.numel() >= first.ops.GEMM_MIN_ROWS * first.in_features)
+
+
+def linear_many(mods: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """[m(x) for m in mods], for modules reading the same x (q/k/v): on the int16 GEMM in one
+    kernel call, x rounded once and all their panels in one parallel region."""
+    if not _int16_gemm(mods, x):
+        return [m(x) for m in mods]
+    first = mods[0]
+    return first.ops.qmatmul_many(x, [m.qweight for m in mods], [m.qtype for m in mods], first.in_features, first.act_digits)
+
+
 def gated_ffn(gate: nn.Module, up: nn.Module, h: torch.Tensor, ops, gelu: bool, chunk: int = 512) -> torch.Tensor:
     """act(h W_gate^T) * (h W_up^T), act SiLU or GELU (tanh). With the kernels, many rows take
     up's output `chunk` columns at a time into one small buffer, multiplied into the gate's in
     place: a 512-token prompt chunk held [512, d_ff] twice (SmolLM2: 3.1 MB each) and that pair
-    was the peak of the prefill's working memory."""
+    was the peak of the prefill's working memory. On the int16 GEMM that loop runs in C++, h
+    rounded once for the gate and every slice of up."""
+    if ops is not None and hasattr(ops, "gated_ffn_i16") and _int16_gemm((gate, up), h):
+        h2 = h.reshape(-1, h.shape[-1])
+        d_ff = gate.out_features
+        slice_cols = chunk if h2.shape[0] >= 64 else -(-d_ff // 32) * 32     # few rows: one slice
+        g = ops.gated_ffn_i16(h2, gate.qweight, up.qweight, gate.qtype, up.qtype, gate.in_features, gelu, slice_cols)
+        return g.view(*h.shape[:-1], d_ff)
     g = gate(h)
     if ops is None:
         return (F.gelu(g, approximate="tanh") if gelu else F.silu(g, inplace=True)).mul_(up(h))
@@ -318,9 +343,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         B, T, _ = x.shape                          # B == 1: the batch is flattened
-        q = self.attn_q(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.attn_k(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.attn_v(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = linear_many((self.attn_q, self.attn_k, self.attn_v), x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         q, k = self.rotary.apply(q, k, meta)

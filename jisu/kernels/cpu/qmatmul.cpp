@@ -1615,26 +1615,29 @@ std::vector<torch::Tensor> matvec_i8(const XQBuffer& xq, const std::vector<torch
 constexpr int64_t GEMM_MIN_ROWS = 3;
 
 #ifdef JISU_AVX512
-// y_i [M, N_i] = x [M, K] W_i^T for several matrices reading the same x (q/k/v, gate/up): x is
-// rounded once, and the panels of all of them (GP weight rows each, unpacked once, passed over
-// by every row of x) are split over the threads in one parallel region.
-std::vector<torch::Tensor> gemm_i16(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
-                                    const std::vector<int64_t>& qtypes, int64_t K, const torch::Tensor* out = nullptr) {
-    const int64_t M = x.numel() / K;
+// the largest activation code that every one of these types' int16 panels takes
+float gemm_qmax(const std::vector<int64_t>& qtypes) {
+    float qmax = 32767.f;
+    for (int64_t t : qtypes) dispatch(t, [&](auto k) { qmax = std::min(qmax, decltype(k)::Gemm::QMAX); });
+    return qmax;
+}
+
+// y_i [M, N_i] = x W_i^T for several matrices reading the same x (q/k/v, gate/up), x [M, K]
+// already rounded (xq, with gemm_qmax of their types): the panels of all of them (GP weight rows
+// each, unpacked once, passed over by every row of x) are split over the threads in one
+// parallel region.
+std::vector<torch::Tensor> gemm_i16_xq(const XQ16& xq, int64_t M, const std::vector<torch::Tensor>& ws,
+                                       const std::vector<int64_t>& qtypes, int64_t K, const torch::Tensor* out = nullptr) {
     std::vector<torch::Tensor> ys;
     std::vector<int64_t> first{0};
-    float qmax = 32767.f;           // the codes every matrix takes
     for (size_t i = 0; i < ws.size(); ++i) {
         dispatch(qtypes[i], [&](auto k) {
             using F = typename decltype(k)::Float;
             check_weight(ws[i], K, F::N, F::BYTES);
-            qmax = std::min(qmax, decltype(k)::Gemm::QMAX);
         });
         ys.push_back(out ? out->view({M, -1}) : torch::empty({M, ws[i].size(0)}, torch::dtype(torch::kFloat32)));
         first.push_back(first.back() + (ws[i].size(0) + GP - 1) / GP);
     }
-    XQ16 xq;
-    quantize_x16(x.data_ptr<float>(), M, K, xq, qmax);
     at::parallel_for(0, first.back(), 1, [&](int64_t p0, int64_t p1) {
         int32_t* pw = static_cast<int32_t*>(std::aligned_alloc(64, sizeof(int32_t) * (K / 2) * GP));
         std::vector<float> ps(K / 16 * GP), pm(K / 16 * GP);    // room for the smallest scale block
@@ -1650,6 +1653,15 @@ std::vector<torch::Tensor> gemm_i16(const torch::Tensor& x, const std::vector<to
         std::free(pw);
     });
     return ys;
+}
+
+// gemm_i16_xq with x rounded here, once for all the matrices
+std::vector<torch::Tensor> gemm_i16(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
+                                    const std::vector<int64_t>& qtypes, int64_t K, const torch::Tensor* out = nullptr) {
+    const int64_t M = x.numel() / K;
+    XQ16 xq;
+    quantize_x16(x.data_ptr<float>(), M, K, xq, gemm_qmax(qtypes));
+    return gemm_i16_xq(xq, M, ws, qtypes, K, out);
 }
 
 // ---- greedy rows: gemm_i16's argmax per row, without computing every logit ------------------
@@ -2421,6 +2433,38 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K
     return y;
 }
 
+// y_i = x W_i^T [..., N_i] for matrices reading the same x [..., K] (q/k/v, gate/up) with
+// integer activations: x rounded once for all of them (one row: int8 digits, matvec_i8; 3+ rows
+// on AVX-512: int16, gemm_i16, one parallel region over all their panels); else one qmatmul each.
+// A 512-token Gemma prefill rounded its 512 x 640 input three times for q/k/v (~30 us each).
+std::vector<torch::Tensor> qmatmul_many(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<int64_t> qtypes,
+                                        int64_t K, int64_t digits) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.size(-1) == K, "x must be float32 [..., K] with K=", K);
+    TORCH_CHECK(!ws.empty() && ws.size() == qtypes.size(), "qmatmul_many: one type per matrix");
+    TORCH_CHECK(digits >= 0 && digits <= 2, "qmatmul: digits must be 0 (float32), 1 (int8) or 2 (int16)");
+    x = x.contiguous();
+    const int64_t M = x.numel() / K;
+    std::vector<torch::Tensor> ys;
+    auto shaped = [&](std::vector<torch::Tensor> flat) {
+        for (auto& y : flat) {
+            auto shape = x.sizes().vec();
+            shape.back() = y.numel() / std::max<int64_t>(M, 1);
+            ys.push_back(y.view(shape));
+        }
+        return ys;
+    };
+    if (digits > 0 && M == 1 && K % 32 == 0) {
+        XQBuffer xq;
+        quantize_x8(x.data_ptr<float>(), K, xq, int(digits));
+        return shaped(matvec_i8(xq, ws, qtypes, K));
+    }
+#ifdef JISU_AVX512
+    if (digits > 0 && M >= GEMM_MIN_ROWS && K % 32 == 0) return shaped(gemm_i16(x, ws, qtypes, K));
+#endif
+    for (size_t i = 0; i < ws.size(); ++i) ys.push_back(qmatmul(x, ws[i], qtypes[i], K, digits, c10::nullopt));
+    return ys;
+}
+
 torch::Tensor dequantize(torch::Tensor w, int64_t qtype, int64_t K) {
     const int64_t N = w.size(0);
     auto y = torch::empty({N, K}, torch::dtype(torch::kFloat32));
@@ -3110,6 +3154,33 @@ void act_mul_(torch::Tensor g, torch::Tensor u, bool gelu) {
     });
 }
 
+#ifdef JISU_AVX512
+// act(h W_gate^T) * (h W_up^T) [M, d_ff] for many rows, h [M, K] rounded to int16 once: the
+// gate's GEMM into the result, then up's `chunk` rows of W at a time into one small buffer,
+// multiplied in place into the result's columns (the Python chunk loop rounded h again for
+// each slice: five times a Gemma layer).
+torch::Tensor gated_ffn_i16(torch::Tensor h, torch::Tensor w_gate, torch::Tensor w_up, int64_t qtype_gate, int64_t qtype_up,
+                            int64_t K, bool gelu, int64_t chunk) {
+    TORCH_CHECK(h.dtype() == torch::kFloat32 && h.dim() == 2 && h.size(1) == K && K % 32 == 0 && h.size(0) > 0,
+                "gated_ffn_i16: h must be float32 [M > 0, K], K a multiple of 32");
+    TORCH_CHECK(w_gate.size(0) == w_up.size(0) && chunk > 0 && chunk % GP == 0,
+                "gated_ffn_i16: gate and up must have the same rows, chunk a multiple of ", GP);
+    h = h.contiguous();
+    const int64_t M = h.size(0), d_ff = w_gate.size(0);
+    XQ16 xq;
+    quantize_x16(h.data_ptr<float>(), M, K, xq, gemm_qmax({qtype_gate, qtype_up}));
+    auto g = gemm_i16_xq(xq, M, {w_gate}, {qtype_gate}, K)[0];
+    auto u = torch::empty({M, std::min(chunk, d_ff)}, torch::dtype(torch::kFloat32));
+    for (int64_t start = 0; start < d_ff; start += chunk) {
+        const int64_t n = std::min(chunk, d_ff - start);
+        auto un = n == u.size(1) ? u : torch::empty({M, n}, torch::dtype(torch::kFloat32));   // a short last slice
+        gemm_i16_xq(xq, M, {w_up.narrow(0, start, n)}, {qtype_up}, K, &un);
+        act_mul_(g.narrow(1, start, n), un, gelu);
+    }
+    return g;
+}
+#endif
+
 // y = a + b over n floats (y may be a or b)
 inline void add_row(const float* ap, const float* bp, float* yp, int64_t n) {
     int64_t i = 0;
@@ -3230,24 +3301,12 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
     TORCH_CHECK(x.dim() == 2 && w.size() == 7 && qtypes.size() == 7 && norms.size() == (gemma ? 6u : 2u),
                 "decode_block: x [B, D], 7 weights, 2 (llama) or 6 (gemma) norms");
     const int64_t B = x.size(0), D = x.size(1), HD = n_heads * head_dim;
-    // one row with integer activations: each vector is rounded once for all the matrices reading it
-    const bool one8 = digits > 0 && B == 1;
-    // matrices `idx` reading the same input: y_i [B, N_i]
+    // matrices `idx` reading the same input, which is rounded once for all of them: y_i [B, N_i]
     auto lin = [&](const torch::Tensor& in, std::vector<int> idx, int64_t K) {
-        std::vector<torch::Tensor> ys, ws;
+        std::vector<torch::Tensor> ws;
         std::vector<int64_t> ts;
         for (int i : idx) { ws.push_back(w[i]); ts.push_back(qtypes[i]); }
-        if (one8 && K % 32 == 0) {
-            XQBuffer xq;
-            quantize_x8(in.data_ptr<float>(), K, xq, int(digits));
-            for (auto& y : matvec_i8(xq, ws, ts, K)) ys.push_back(y.view({1, -1}));
-            return ys;
-        }
-#ifdef JISU_AVX512
-        if (digits > 0 && B >= GEMM_MIN_ROWS && K % 32 == 0) return gemm_i16(in.contiguous(), ws, ts, K);
-#endif
-        for (size_t i = 0; i < ws.size(); ++i) ys.push_back(qmatmul(in, ws[i], ts[i], K, digits, c10::nullopt).view({B, -1}));
-        return ys;
+        return qmatmul_many(in.reshape({B, K}), ws, ts, K, digits);
     };
     x = x.contiguous();
     if (!h.defined()) h = rms_norm(x, norms[0], eps);   // else the previous block's last stretch computed it
@@ -3461,6 +3520,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     m.attr("GEMM_MIN_ROWS") = GEMM_MIN_ROWS;   // qmatmul takes the int16 GEMM from this many rows
 #ifdef JISU_AVX512
+    m.def("gated_ffn_i16", &gated_ffn_i16, "act(h W_gate^T) * (h W_up^T), h rounded to int16 once", release());
     m.def("greedy_rows", &greedy_rows, "argmax of each row of the int16 GEMM x W^T, screened in int8 (-1: undecided)", release());
     m.attr("PANEL_ROWS") = GP;
     m.attr("PANEL_BLOCK_BYTES") = P8_BLOCK;
@@ -3478,6 +3538,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("decode_layers", &decode_layers, "every block of a decode step, in order", release());
     m.def("paged_attention_decode", &paged_attention_decode, "one-token attention through block tables", release());
     m.def("paged_attention_prefill", &paged_attention_prefill, "causal attention of one sequence's new tokens through its keys' slots", release());
+    m.def("qmatmul_many", &qmatmul_many, "x @ dequant(W_i)^T for matrices reading the same x, x rounded once", release());
     m.def("write_kv_", &write_kv_, "new key and value rows into their cache slots", release());
     m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension", release());
     m.def("act_mul_", &act_mul_, "g = silu(g) * u, or gelu_tanh(g) * u, in place", release());
