@@ -80,3 +80,14 @@ def test_bench_rounds_take_medians(tiny_llama_path, home):
     row = next(line for line in r.stdout.splitlines() if line.startswith("| jisu |"))
     assert "int8 decode activations" in row and "median of 2 rounds" in row
     assert "x 2 rounds" in r.stdout
+
+
+def test_bench_memory_comes_from_one_round():
+    """Over-runtime memory pairs each round's peak with that round's own runtime: the largest
+    peak less the median runtime read a round with more runtime RSS as the model's memory."""
+    from jisu.bench.speed import SpeedResult, _merge
+    rounds = [SpeedResult("jisu", 300.0, 2700.0, 0.2, "d", 0.19, peak, None, runtime)
+              for peak, runtime in ((370.0, 225.0), (377.0, 231.0), (365.0, 222.0))]
+    merged = _merge(rounds)
+    assert merged.peak_rss_mb - merged.runtime_rss_mb == 146.0     # round 2: 377 - 231, not 377 - 225
+    assert merged.decode_tok_s == 300.0 and "median of 3 rounds" in merged.detail

@@ -173,14 +173,16 @@ def _child(name: str, args: tuple, out) -> None:
 
 
 def _merge(rs: list[SpeedResult]) -> SpeedResult:
-    """One engine's rounds: medians of the rates and times, the largest peak RSS."""
+    """One engine's rounds: medians of the rates and times; memory from the round whose model
+    took the most over its own runtime (peak and runtime from the same process: the largest peak
+    less the median runtime read a round with a larger runtime as the model's memory)."""
     med = lambda f: statistics.median(getattr(r, f) for r in rs)   # noqa: E731
     joules = [r.joules_per_token for r in rs]
+    worst = max(rs, key=lambda r: r.peak_rss_mb - r.runtime_rss_mb)
     return SpeedResult(rs[0].engine, med("decode_tok_s"), med("prefill_tok_s"), med("load_s"),
                        rs[0].detail + (f", median of {len(rs)} rounds" if len(rs) > 1 else ""),
-                       med("ttft_s"), max(r.peak_rss_mb for r in rs),
-                       None if None in joules else statistics.median(joules),
-                       statistics.median(r.runtime_rss_mb for r in rs))
+                       med("ttft_s"), worst.peak_rss_mb,
+                       None if None in joules else statistics.median(joules), worst.runtime_rss_mb)
 
 
 def run(path: str, compare: list[str], prompt_tokens: int = 512, n_decode: int = 64, repeats: int = 5,
