@@ -149,7 +149,7 @@ def gated_ffn(gate: nn.Module, up: nn.Module, h: torch.Tensor, ops, gelu: bool, 
     if ops is not None and hasattr(ops, "gated_ffn_i16") and _int16_gemm((gate, up), h):
         h2 = h.reshape(-1, h.shape[-1])
         d_ff = gate.out_features
-        slice_cols = chunk if h2.shape[0] >= 64 else -(-d_ff // 32) * 32     # few rows: one slice
+        slice_cols = -(-(chunk if h2.shape[0] >= 64 else d_ff) // 32) * 32    # few rows: one slice
         g = ops.gated_ffn_i16(h2, gate.qweight, up.qweight, gate.qtype, up.qtype, gate.in_features, gelu, slice_cols)
         return g.view(*h.shape[:-1], d_ff)
     g = gate(h)

@@ -1615,26 +1615,47 @@ std::vector<torch::Tensor> matvec_i8(const XQBuffer& xq, const std::vector<torch
 constexpr int64_t GEMM_MIN_ROWS = 3;
 
 #ifdef JISU_AVX512
-// the largest activation code that every one of these types' int16 panels takes
-float gemm_qmax(const std::vector<int64_t>& qtypes) {
-    float qmax = 32767.f;
-    for (int64_t t : qtypes) dispatch(t, [&](auto k) { qmax = std::min(qmax, decltype(k)::Gemm::QMAX); });
-    return qmax;
-}
+// x [M, K] rounded to int16 once for each code range (G::QMAX) that the matrices reading it
+// take: one rounding, or two where a Q6_K sits among other types (a Q4_K_M file's attn_v), so
+// every matrix gets its own type's codes and the same numbers as alone
+struct Rounded {
+    std::vector<std::pair<float, XQ16>> by_qmax;
+    Rounded(const float* x, int64_t M, int64_t K, const std::vector<int64_t>& qtypes) {
+        for (int64_t t : qtypes) {
+            const float q = qmax_of(t);
+            if (std::none_of(by_qmax.begin(), by_qmax.end(), [&](const auto& e) { return e.first == q; })) {
+                by_qmax.emplace_back(q, XQ16{});
+                quantize_x16(x, M, K, by_qmax.back().second, q);
+            }
+        }
+    }
+    static float qmax_of(int64_t qtype) {
+        float q = 0.f;
+        dispatch(qtype, [&](auto k) { q = decltype(k)::Gemm::QMAX; });
+        return q;
+    }
+    const XQ16& of(int64_t qtype) const {
+        const float q = qmax_of(qtype);
+        for (const auto& e : by_qmax) if (e.first == q) return e.second;
+        TORCH_CHECK(false, "int16 GEMM: x was not rounded for ggml type ", qtype);
+    }
+};
 
 // y_i [M, N_i] = x W_i^T for several matrices reading the same x (q/k/v, gate/up), x [M, K]
-// already rounded (xq, with gemm_qmax of their types): the panels of all of them (GP weight rows
-// each, unpacked once, passed over by every row of x) are split over the threads in one
-// parallel region.
-std::vector<torch::Tensor> gemm_i16_xq(const XQ16& xq, int64_t M, const std::vector<torch::Tensor>& ws,
+// already rounded (xr, for these types): the panels of all of them (GP weight rows each,
+// unpacked once, passed over by every row of x) are split over the threads in one parallel
+// region.
+std::vector<torch::Tensor> gemm_i16_xq(const Rounded& xr, int64_t M, const std::vector<torch::Tensor>& ws,
                                        const std::vector<int64_t>& qtypes, int64_t K, const torch::Tensor* out = nullptr) {
     std::vector<torch::Tensor> ys;
     std::vector<int64_t> first{0};
+    std::vector<const XQ16*> xqs;
     for (size_t i = 0; i < ws.size(); ++i) {
         dispatch(qtypes[i], [&](auto k) {
             using F = typename decltype(k)::Float;
             check_weight(ws[i], K, F::N, F::BYTES);
         });
+        xqs.push_back(&xr.of(qtypes[i]));
         ys.push_back(out ? out->view({M, -1}) : torch::empty({M, ws[i].size(0)}, torch::dtype(torch::kFloat32)));
         first.push_back(first.back() + (ws[i].size(0) + GP - 1) / GP);
     }
@@ -1646,7 +1667,7 @@ std::vector<torch::Tensor> gemm_i16_xq(const XQ16& xq, int64_t M, const std::vec
             while (p >= first[i + 1]) ++i;
             dispatch(qtypes[i], [&](auto k) {
                 using G = typename decltype(k)::Gemm;
-                gemm_panel<G>(xq, ws[i].data_ptr<uint8_t>(), ys[i].data_ptr<float>(), M, ws[i].size(0), K, ws[i].size(1),
+                gemm_panel<G>(*xqs[i], ws[i].data_ptr<uint8_t>(), ys[i].data_ptr<float>(), M, ws[i].size(0), K, ws[i].size(1),
                               p - first[i], pw, ps.data(), pm.data());
             });
         }
@@ -1655,13 +1676,11 @@ std::vector<torch::Tensor> gemm_i16_xq(const XQ16& xq, int64_t M, const std::vec
     return ys;
 }
 
-// gemm_i16_xq with x rounded here, once for all the matrices
+// gemm_i16_xq with x rounded here, once for all the matrices (once per code range)
 std::vector<torch::Tensor> gemm_i16(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
                                     const std::vector<int64_t>& qtypes, int64_t K, const torch::Tensor* out = nullptr) {
     const int64_t M = x.numel() / K;
-    XQ16 xq;
-    quantize_x16(x.data_ptr<float>(), M, K, xq, gemm_qmax(qtypes));
-    return gemm_i16_xq(xq, M, ws, qtypes, K, out);
+    return gemm_i16_xq(Rounded(x.data_ptr<float>(), M, K, qtypes), M, ws, qtypes, K, out);
 }
 
 // ---- greedy rows: gemm_i16's argmax per row, without computing every logit ------------------
@@ -2435,7 +2454,8 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K
 
 // y_i = x W_i^T [..., N_i] for matrices reading the same x [..., K] (q/k/v, gate/up) with
 // integer activations: x rounded once for all of them (one row: int8 digits, matvec_i8; 3+ rows
-// on AVX-512: int16, gemm_i16, one parallel region over all their panels); else one qmatmul each.
+// on AVX-512: int16 once per code range, gemm_i16, one parallel region over all their panels);
+// else one qmatmul each. Each result is the single call's, to the bit.
 // A 512-token Gemma prefill rounded its 512 x 640 input three times for q/k/v (~30 us each).
 std::vector<torch::Tensor> qmatmul_many(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<int64_t> qtypes,
                                         int64_t K, int64_t digits) {
@@ -2610,6 +2630,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 }
 
 constexpr int PKB = 32;          // keys per block
+constexpr int64_t PREFILL_COPY_MAX = int64_t(16) << 20;   // bytes: float32 keys and values of a prefill call
 constexpr int PDC = 4 * VL;      // head dimensions per pass of O += P V
 
 // S^T [PKB keys][MV vectors of rows] = K [keys][D] x Qt [D][rows], four keys at a time
@@ -2732,17 +2753,23 @@ torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, to
     const bool parallel = tasks > 1 && T * (pos[T - 1] + 1) * H * D >= (1 << 18);
     // key j's row for KV head h: in the cache (float32), or for float16 caches in a float32 copy
     // of keys klo .. khi - 1 made once here (each task converting its blocks itself converted
-    // every key once per query block: Gemma's 512-token prefill attention 1.53 -> 1.39-1.42 ms a layer)
+    // every key once per query block: Gemma's 512-token prefill attention 1.53 -> 1.39-1.42 ms a
+    // layer). A copy past PREFILL_COPY_MAX bytes (a long context) is not made: then each task
+    // converts its blocks of keys into scratch of its own, as before.
     const bool half = k_cache.scalar_type() == torch::kHalf;
+    const c10::Half* khp = half ? static_cast<const c10::Half*>(k_cache.data_ptr()) : nullptr;
+    const c10::Half* vhp = half ? static_cast<const c10::Half*>(v_cache.data_ptr()) : nullptr;
     int64_t klo = L, khi = 0;
     for (int64_t t = 0; t < T; ++t) {
         khi = std::max(khi, pos[t] + 1);
         klo = std::min(klo, window > 0 ? std::max<int64_t>(0, pos[t] - window + 1) : 0);
     }
-    std::vector<float> kconv(half ? (khi - klo) * KVH * D : 0), vconv(kconv.size());
-    if (half) {
-        const c10::Half* khp = static_cast<const c10::Half*>(k_cache.data_ptr());
-        const c10::Half* vhp = static_cast<const c10::Half*>(v_cache.data_ptr());
+    for (int64_t j = klo; j < khi; ++j)
+        TORCH_CHECK(slots[j] >= 0 && slots[j] < k_cache.size(0), "paged_attention_prefill: key ", j, " in slot ", slots[j],
+                    " outside the cache's ", k_cache.size(0));
+    const bool copy = half && (khi - klo) * KVH * D * 2 * int64_t(sizeof(float)) <= PREFILL_COPY_MAX;
+    std::vector<float> kconv(copy ? (khi - klo) * KVH * D : 0), vconv(kconv.size());
+    if (copy) {
         auto convert = [&](int64_t j0, int64_t j1) {
             for (int64_t j = j0; j < j1; ++j) {
                 const int64_t at = slots[j] * KVH * D, to = (j - klo) * KVH * D;
@@ -2754,13 +2781,13 @@ torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, to
         };
         if (parallel) at::parallel_for(klo, khi, 16, convert); else convert(klo, khi);
     }
-    const float* kbase = half ? kconv.data() : k_cache.data_ptr<float>();
-    const float* vbase = half ? vconv.data() : v_cache.data_ptr<float>();
-    auto row_at = [&](int64_t j, int64_t kvh) { return ((half ? j - klo : slots[j]) * KVH + kvh) * D; };
+    const float* kbase = copy ? kconv.data() : half ? nullptr : k_cache.data_ptr<float>();
+    const float* vbase = copy ? vconv.data() : half ? nullptr : v_cache.data_ptr<float>();
     auto body = [&](int64_t t0, int64_t t1) {
         const int64_t MPmax = (QB * G + VL - 1) / VL * VL;
         std::vector<float> qt(D * MPmax), o(MPmax * D), st(PKB * MPmax), m(MPmax), l(MPmax), corr(MPmax);
         std::vector<int32_t> rpos(MPmax);
+        std::vector<float> kblock(half && !copy ? PKB * D : 0), vblock(kblock.size());   // one block, converted
         const float* krows[PKB];
         const float* vrows[PKB];
         for (int64_t task = t0; task < t1; ++task) {
@@ -2785,9 +2812,19 @@ torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, to
             for (int64_t kb = lo; kb < hi; kb += PKB) {
                 const int n = int(std::min<int64_t>(PKB, hi - kb));
                 for (int j = 0; j < n; ++j) {
-                    const int64_t at = row_at(kb + j, kvh);
-                    krows[j] = kbase + at;
-                    vrows[j] = vbase + at;
+                    if (!half || copy) {
+                        const int64_t at = ((copy ? kb + j - klo : slots[kb + j]) * KVH + kvh) * D;
+                        krows[j] = kbase + at;
+                        vrows[j] = vbase + at;
+                        continue;
+                    }
+                    const int64_t at = (slots[kb + j] * KVH + kvh) * D;
+                    for (int64_t d = 0; d < D; d += VL) {
+                        vstore(kblock.data() + j * D + d, vload(khp + at + d));
+                        vstore(vblock.data() + j * D + d, vload(vhp + at + d));
+                    }
+                    krows[j] = kblock.data() + j * D;
+                    vrows[j] = vblock.data() + j * D;
                 }
                 one_to_four(MV, [&](auto mv) { prefill_scores<decltype(mv)::value>(krows, n, qt.data(), D, st.data()); });
                 const vf ninf = vset1(-INFINITY);
@@ -2878,6 +2915,8 @@ inline void prefetch_values(const KT* p, int64_t n) {
 }
 
 constexpr int PF_KEYS = 2 * VL;     // keys ahead: measured on SmolLM2, 32 sequences
+constexpr int SK = VL == 16 ? 4 : 2; // keys per step of the scores: SK x 4 heads' sums plus 4 query
+                                     // vectors in registers (AVX2 has 16 of them, AVX-512 32)
 
 template <typename KT>
 torch::Tensor attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -2983,23 +3022,23 @@ torch::Tensor attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Te
                         constexpr int GH = decltype(ghc)::value;
                         const float* qg = qs.data() + g0 * D;
                         vf part_v[GH][VL];
-                        // four keys at a time, each query vector loaded once for them (one key at a
-                        // time loaded GH query vectors per key vector: 20 loads per 16 FMAs, the
-                        // cached 18-layer step 1.13 -> 0.93 ms); keys past nk repeat the last
-                        for (int l0 = 0; l0 < nk; l0 += 4) {
-                            const KT* k4[4];
-                            for (int e = 0; e < 4; ++e) k4[e] = kr[std::min(l0 + e, nk - 1)];
-                            vf acc[4][GH];
-                            for (int e = 0; e < 4; ++e) for (int h = 0; h < GH; ++h) acc[e][h] = vzero();
+                        // SK keys at a time, each query vector loaded once for them (one key at a
+                        // time loaded GH query vectors per key vector: 20 loads per 16 FMAs; four
+                        // keys: the cached 18-layer step 1.13 -> 0.93 ms); keys past nk repeat the last
+                        for (int l0 = 0; l0 < nk; l0 += SK) {
+                            const KT* ks[SK];
+                            for (int e = 0; e < SK; ++e) ks[e] = kr[std::min(l0 + e, nk - 1)];
+                            vf acc[SK][GH];
+                            for (int e = 0; e < SK; ++e) for (int h = 0; h < GH; ++h) acc[e][h] = vzero();
                             for (int64_t d = 0; d < D; d += VL) {
                                 vf qv[GH];
                                 for (int h = 0; h < GH; ++h) qv[h] = vload(qg + h * D + d);
-                                for (int e = 0; e < 4; ++e) {
-                                    const vf kv = vload(k4[e] + d);
+                                for (int e = 0; e < SK; ++e) {
+                                    const vf kv = vload(ks[e] + d);
                                     for (int h = 0; h < GH; ++h) acc[e][h] = vfma(qv[h], kv, acc[e][h]);
                                 }
                             }
-                            for (int e = 0; e < 4; ++e) for (int h = 0; h < GH; ++h) part_v[h][l0 + e] = acc[e][h];
+                            for (int e = 0; e < SK; ++e) for (int h = 0; h < GH; ++h) part_v[h][l0 + e] = acc[e][h];
                         }
                         for (int l = nk; l < VL; ++l) for (int h = 0; h < GH; ++h) part_v[h][l] = vzero();
                         for (int h = 0; h < GH; ++h) vstore(scores.data() + (g0 + h) * stride + (j0 - k0), sum_each(part_v[h]));
@@ -3155,7 +3194,7 @@ void act_mul_(torch::Tensor g, torch::Tensor u, bool gelu) {
 }
 
 #ifdef JISU_AVX512
-// act(h W_gate^T) * (h W_up^T) [M, d_ff] for many rows, h [M, K] rounded to int16 once: the
+// act(h W_gate^T) * (h W_up^T) [M, d_ff] for many rows, h [M, K] rounded to int16 once (Rounded): the
 // gate's GEMM into the result, then up's `chunk` rows of W at a time into one small buffer,
 // multiplied in place into the result's columns (the Python chunk loop rounded h again for
 // each slice: five times a Gemma layer).
@@ -3167,14 +3206,13 @@ torch::Tensor gated_ffn_i16(torch::Tensor h, torch::Tensor w_gate, torch::Tensor
                 "gated_ffn_i16: gate and up must have the same rows, chunk a multiple of ", GP);
     h = h.contiguous();
     const int64_t M = h.size(0), d_ff = w_gate.size(0);
-    XQ16 xq;
-    quantize_x16(h.data_ptr<float>(), M, K, xq, gemm_qmax({qtype_gate, qtype_up}));
-    auto g = gemm_i16_xq(xq, M, {w_gate}, {qtype_gate}, K)[0];
+    const Rounded xr(h.data_ptr<float>(), M, K, {qtype_gate, qtype_up});
+    auto g = gemm_i16_xq(xr, M, {w_gate}, {qtype_gate}, K)[0];
     auto u = torch::empty({M, std::min(chunk, d_ff)}, torch::dtype(torch::kFloat32));
     for (int64_t start = 0; start < d_ff; start += chunk) {
         const int64_t n = std::min(chunk, d_ff - start);
         auto un = n == u.size(1) ? u : torch::empty({M, n}, torch::dtype(torch::kFloat32));   // a short last slice
-        gemm_i16_xq(xq, M, {w_up.narrow(0, start, n)}, {qtype_up}, K, &un);
+        gemm_i16_xq(xr, M, {w_up.narrow(0, start, n)}, {qtype_up}, K, &un);
         act_mul_(g.narrow(1, start, n), un, gelu);
     }
     return g;
@@ -3520,7 +3558,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     m.attr("GEMM_MIN_ROWS") = GEMM_MIN_ROWS;   // qmatmul takes the int16 GEMM from this many rows
 #ifdef JISU_AVX512
-    m.def("gated_ffn_i16", &gated_ffn_i16, "act(h W_gate^T) * (h W_up^T), h rounded to int16 once", release());
+    m.def("gated_ffn_i16", &gated_ffn_i16, "act(h W_gate^T) * (h W_up^T), h rounded to int16 once per code range", release());
     m.def("greedy_rows", &greedy_rows, "argmax of each row of the int16 GEMM x W^T, screened in int8 (-1: undecided)", release());
     m.attr("PANEL_ROWS") = GP;
     m.attr("PANEL_BLOCK_BYTES") = P8_BLOCK;
