@@ -2452,11 +2452,28 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K
     return y;
 }
 
-// y_i = x W_i^T [..., N_i] for matrices reading the same x [..., K] (q/k/v, gate/up) with
-// integer activations: x rounded once for all of them (one row: int8 digits, matvec_i8; 3+ rows
-// on AVX-512: int16 once per code range, gemm_i16, one parallel region over all their panels);
-// else one qmatmul each. Each result is the single call's, to the bit.
-// A 512-token Gemma prefill rounded its 512 x 640 input three times for q/k/v (~30 us each).
+// y_i = x W_i^T [M, N_i] for matrices reading the same rows x [M, K] (contiguous; q/k/v,
+// gate/up) with integer activations: x rounded once for all of them (one row: int8 digits,
+// matvec_i8; 3+ rows on AVX-512: int16 once per code range, gemm_i16, one parallel region over
+// all their panels); else one qmatmul each. Each result is the single call's, to the bit.
+std::vector<torch::Tensor> linear_rows(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
+                                       const std::vector<int64_t>& qtypes, int64_t M, int64_t K, int64_t digits) {
+    std::vector<torch::Tensor> ys;
+    if (digits > 0 && M == 1 && K % 32 == 0) {
+        XQBuffer xq;
+        quantize_x8(x.data_ptr<float>(), K, xq, int(digits));
+        for (auto& y : matvec_i8(xq, ws, qtypes, K)) ys.push_back(y.view({1, -1}));
+        return ys;
+    }
+#ifdef JISU_AVX512
+    if (digits > 0 && M >= GEMM_MIN_ROWS && K % 32 == 0) return gemm_i16(x, ws, qtypes, K);
+#endif
+    for (size_t i = 0; i < ws.size(); ++i) ys.push_back(qmatmul(x, ws[i], qtypes[i], K, digits, c10::nullopt).view({M, -1}));
+    return ys;
+}
+
+// linear_rows for x [..., K] of any layout, each y_i [..., N_i] (a Gemma prefill rounded its
+// 512 x 640 input three times for q/k/v, ~30 us each)
 std::vector<torch::Tensor> qmatmul_many(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<int64_t> qtypes,
                                         int64_t K, int64_t digits) {
     TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.size(-1) == K, "x must be float32 [..., K] with K=", K);
@@ -2464,24 +2481,12 @@ std::vector<torch::Tensor> qmatmul_many(torch::Tensor x, std::vector<torch::Tens
     TORCH_CHECK(digits >= 0 && digits <= 2, "qmatmul: digits must be 0 (float32), 1 (int8) or 2 (int16)");
     x = x.contiguous();
     const int64_t M = x.numel() / K;
-    std::vector<torch::Tensor> ys;
-    auto shaped = [&](std::vector<torch::Tensor> flat) {
-        for (auto& y : flat) {
-            auto shape = x.sizes().vec();
-            shape.back() = y.numel() / std::max<int64_t>(M, 1);
-            ys.push_back(y.view(shape));
-        }
-        return ys;
-    };
-    if (digits > 0 && M == 1 && K % 32 == 0) {
-        XQBuffer xq;
-        quantize_x8(x.data_ptr<float>(), K, xq, int(digits));
-        return shaped(matvec_i8(xq, ws, qtypes, K));
+    auto ys = linear_rows(x, ws, qtypes, M, K, digits);
+    for (auto& y : ys) {
+        auto shape = x.sizes().vec();
+        shape.back() = y.size(-1);
+        y = y.view(shape);
     }
-#ifdef JISU_AVX512
-    if (digits > 0 && M >= GEMM_MIN_ROWS && K % 32 == 0) return shaped(gemm_i16(x, ws, qtypes, K));
-#endif
-    for (size_t i = 0; i < ws.size(); ++i) ys.push_back(qmatmul(x, ws[i], qtypes[i], K, digits, c10::nullopt));
     return ys;
 }
 
@@ -3344,7 +3349,7 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
         std::vector<torch::Tensor> ws;
         std::vector<int64_t> ts;
         for (int i : idx) { ws.push_back(w[i]); ts.push_back(qtypes[i]); }
-        return qmatmul_many(in.reshape({B, K}), ws, ts, K, digits);
+        return linear_rows(in, ws, ts, B, K, digits);
     };
     x = x.contiguous();
     if (!h.defined()) h = rms_norm(x, norms[0], eps);   // else the previous block's last stretch computed it
