@@ -2764,25 +2764,28 @@ torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, to
     const bool half = k_cache.scalar_type() == torch::kHalf;
     const c10::Half* khp = half ? static_cast<const c10::Half*>(k_cache.data_ptr()) : nullptr;
     const c10::Half* vhp = half ? static_cast<const c10::Half*>(v_cache.data_ptr()) : nullptr;
+    auto first_key = [&](int64_t p) { return window > 0 ? std::max<int64_t>(0, p - window + 1) : int64_t(0); };  // p's first visible key
     int64_t klo = L, khi = 0;
     for (int64_t t = 0; t < T; ++t) {
         khi = std::max(khi, pos[t] + 1);
-        klo = std::min(klo, window > 0 ? std::max<int64_t>(0, pos[t] - window + 1) : 0);
+        klo = std::min(klo, first_key(pos[t]));
     }
     for (int64_t j = klo; j < khi; ++j)
         TORCH_CHECK(slots[j] >= 0 && slots[j] < k_cache.size(0), "paged_attention_prefill: key ", j, " in slot ", slots[j],
                     " outside the cache's ", k_cache.size(0));
     const bool copy = half && (khi - klo) * KVH * D * 2 * int64_t(sizeof(float)) <= PREFILL_COPY_MAX;
+    // n float16 values of the key and value caches at `at` into float32 at kd, vd (n a multiple of VL)
+    auto to_float = [&](float* kd, float* vd, int64_t at, int64_t n) {
+        for (int64_t d = 0; d < n; d += VL) {
+            vstore(kd + d, vload(khp + at + d));
+            vstore(vd + d, vload(vhp + at + d));
+        }
+    };
     std::vector<float> kconv(copy ? (khi - klo) * KVH * D : 0), vconv(kconv.size());
     if (copy) {
         auto convert = [&](int64_t j0, int64_t j1) {
-            for (int64_t j = j0; j < j1; ++j) {
-                const int64_t at = slots[j] * KVH * D, to = (j - klo) * KVH * D;
-                for (int64_t d = 0; d < KVH * D; d += VL) {
-                    vstore(kconv.data() + to + d, vload(khp + at + d));
-                    vstore(vconv.data() + to + d, vload(vhp + at + d));
-                }
-            }
+            for (int64_t j = j0; j < j1; ++j)
+                to_float(kconv.data() + (j - klo) * KVH * D, vconv.data() + (j - klo) * KVH * D, slots[j] * KVH * D, KVH * D);
         };
         if (parallel) at::parallel_for(klo, khi, 16, convert); else convert(klo, khi);
     }
@@ -2808,7 +2811,7 @@ torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, to
                 src[r] = r < M ? qp + ((tq0 + a) * H + kvh * G + g) * D : nullptr;
                 rpos[r] = int32_t(p);
                 hi = std::max(hi, p + 1);
-                lo = std::min(lo, window > 0 ? std::max<int64_t>(0, p - window + 1) : 0);
+                lo = std::min(lo, first_key(p));
             }
             transpose_scaled(src, MP, D, sc, qt.data());
             std::fill(o.begin(), o.begin() + MP * D, 0.f);
@@ -2823,11 +2826,7 @@ torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, to
                         vrows[j] = vbase + at;
                         continue;
                     }
-                    const int64_t at = (slots[kb + j] * KVH + kvh) * D;
-                    for (int64_t d = 0; d < D; d += VL) {
-                        vstore(kblock.data() + j * D + d, vload(khp + at + d));
-                        vstore(vblock.data() + j * D + d, vload(vhp + at + d));
-                    }
+                    to_float(kblock.data() + j * D, vblock.data() + j * D, (slots[kb + j] * KVH + kvh) * D, D);
                     krows[j] = kblock.data() + j * D;
                     vrows[j] = vblock.data() + j * D;
                 }
@@ -3296,6 +3295,24 @@ inline void write_row(float* cf, c10::Half* ch, int64_t slot, const float* src, 
     for (; i < width; ++i) dst[i] = c10::Half(src[i]);
 }
 
+// a new key and value row into slot `slot` of a float32 or float16 cache pair (rows of `width`)
+struct KVWriter {
+    float *kf, *vf;
+    c10::Half *kh, *vh;
+    int64_t width;
+    KVWriter(const torch::Tensor& k_cache, const torch::Tensor& v_cache) : width(k_cache.numel() / k_cache.size(0)) {
+        const bool half = k_cache.scalar_type() == torch::kHalf;
+        kf = half ? nullptr : k_cache.data_ptr<float>();
+        vf = half ? nullptr : v_cache.data_ptr<float>();
+        kh = half ? static_cast<c10::Half*>(k_cache.data_ptr()) : nullptr;
+        vh = half ? static_cast<c10::Half*>(v_cache.data_ptr()) : nullptr;
+    }
+    void operator()(int64_t slot, const float* k, const float* v) const {
+        write_row(kf, kh, slot, k, width);
+        write_row(vf, vh, slot, v, width);
+    }
+};
+
 // k_cache[slots[i]] = k[i], v_cache[slots[i]] = v[i] for the N new rows k, v [N, KVH, D] (float32),
 // converted to the caches' type as write_row does: one pass where ATen took a conversion and an
 // index_copy_ for each (Gemma's 512-token prefill: ~50 us a layer for keys alone)
@@ -3312,18 +3329,11 @@ void write_kv_(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots
     v = v.contiguous();
     const int64_t* sp = slots.data_ptr<int64_t>();
     for (int64_t i = 0; i < N; ++i) TORCH_CHECK(0 <= sp[i] && sp[i] < S, "write_kv_: slot ", sp[i], " out of 0..", S - 1);
-    const bool half = k_cache.scalar_type() == torch::kHalf;
-    float* kf = half ? nullptr : k_cache.data_ptr<float>();
-    float* vf32 = half ? nullptr : v_cache.data_ptr<float>();
-    c10::Half* kh = half ? static_cast<c10::Half*>(k_cache.data_ptr()) : nullptr;
-    c10::Half* vh = half ? static_cast<c10::Half*>(v_cache.data_ptr()) : nullptr;
+    const KVWriter write(k_cache, v_cache);
     const float* kp = k.data_ptr<float>();
     const float* vp = v.data_ptr<float>();
     auto body = [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-            write_row(kf, kh, sp[i], kp + i * width, width);
-            write_row(vf32, vh, sp[i], vp + i * width, width);
-        }
+        for (int64_t i = i0; i < i1; ++i) write(sp[i], kp + i * width, vp + i * width);
     };
     if (N * width < (1 << 15)) body(0, N); else at::parallel_for(0, N, 16, body);
 }
@@ -3382,11 +3392,7 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
         if (B >= 8) at::parallel_for(0, B, 4, body);
         else body(0, B);
     };
-    const bool f16 = k_cache.scalar_type() == torch::kHalf;
-    float* kf = f16 ? nullptr : k_cache.data_ptr<float>();
-    float* vf = f16 ? nullptr : v_cache.data_ptr<float>();
-    c10::Half* kh = f16 ? static_cast<c10::Half*>(k_cache.data_ptr()) : nullptr;
-    c10::Half* vh = f16 ? static_cast<c10::Half*>(v_cache.data_ptr()) : nullptr;
+    const KVWriter write_kv(k_cache, v_cache);
     auto norm_w = [&](size_t i) { return gemma || i < 2 ? norms[i].data_ptr<float>() : nullptr; };
     const float *w_ffn = norm_w(1), *w_q = norm_w(2), *w_k = norm_w(3), *w_post_attn = norm_w(4), *w_post_ffw = norm_w(5);
     float* qp = qkv[0].data_ptr<float>();
@@ -3403,8 +3409,7 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
         }
         rope_row(qb, n_heads, head_dim, cp + pos[b] * half, sp + pos[b] * half, interleaved);
         rope_row(kb, n_kv_heads, head_dim, cp + pos[b] * half, sp + pos[b] * half, interleaved);
-        write_row(kf, kh, slot[b], kb, KW);
-        write_row(vf, vh, slot[b], vp + b * KW, KW);
+        write_kv(slot[b], kb, vp + b * KW);
     });
     auto a = paged_attention_decode(qkv[0].view({B, n_heads, head_dim}), k_cache, v_cache, decode_slots, decode_lens,
                                     scale, window);
