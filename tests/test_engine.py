@@ -300,6 +300,85 @@ def test_decode_slots_equal_each_sequence_slots(tiny_gemma3_path):
     assert checked            # some steps had freed window blocks
 
 
+def decode_lockstep(bm, seqs, steps):
+    """Each sequence gains a token a step, in order, as a decode batch does."""
+    for _ in range(steps):
+        for s in seqs:
+            s.token_ids.append(7)
+            bm.allocate(s, s.num_tokens)
+            s.num_computed_tokens = s.num_tokens
+            bm.after_step(s)
+
+
+def runs(pages):
+    """Maximal runs of consecutive page ids: [(first, length)]."""
+    out = []
+    for p in pages:
+        if out and p == out[-1][0] + out[-1][1]:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((p, 1))
+    return out
+
+
+def test_lone_sequence_pages_follow_each_other_per_group():
+    # each group's pages come in runs that start a chunk and fill it before moving on
+    from jisu.engine import block_manager as bmod
+    bm = BlockManager(num_blocks=512, block_size=4, windows=[None, None, 16])
+    s = seq_of(range(30))
+    computed(bm, s)
+    decode_lockstep(bm, [s], 150)
+    for g, table in enumerate(s.block_tables[:2]):
+        r = runs(table)
+        assert all(first % bmod.CHUNK == 0 for first, _ in r), (g, r)
+        assert all(n >= bmod.CHUNK for _, n in r[:-1]), (g, r)
+    assert len(runs([b for b in s.block_tables[2] if b != NO_BLOCK])) <= 2     # the window's few pages
+
+
+def test_lockstep_decode_pages_lie_side_by_side_per_group():
+    # sequences crossing into a new page the same step get adjacent pages, group by group (the
+    # groups taking turns would leave each group's pages len(groups) apart)
+    from jisu.engine import block_manager as bmod
+    bm = BlockManager(num_blocks=1024, block_size=4, windows=[None, None])
+    seqs = [seq_of(range(100 * i, 100 * i + 8)) for i in range(5)]
+    for s in seqs:
+        computed(bm, s)
+    decode_lockstep(bm, seqs, 12)                  # three new pages each
+    for g in range(2):
+        for i in range(2, 5):
+            row = [s.block_tables[g][i] for s in seqs]
+            assert len(runs(row)) <= 2, (g, i, row)     # one jump at most: a chunk's end
+    chunks = [{b // bmod.CHUNK for s in seqs for b in s.block_tables[g]} for g in range(2)]
+    assert not chunks[0] & chunks[1]
+
+
+def test_placement_takes_empty_pages_before_evicting_cached_ones():
+    rng = np.random.default_rng(0)
+    bm = BlockManager(num_blocks=64, block_size=4)
+    live = []
+    for i in range(60):                      # churn: sequences come and go, full pages stay cached
+        if live and (len(live) > 6 or rng.random() < 0.4):
+            bm.free(live.pop(int(rng.integers(len(live)))))
+        n = int(rng.integers(1, 14))
+        if bm.blocks_needed(seq_of(range(n)), n) > bm.num_free_blocks:
+            continue
+        empty_before = sum(bm._is_empty(b) for b in range(bm.num_blocks))
+        cached_before = len(bm.cached)
+        s = seq_of(range(1000 * i, 1000 * i + n))
+        computed(bm, s)
+        live.append(s)
+        taken = len(s.block_tables[0])
+        # a cached page goes only once no empty one is left
+        assert cached_before - len(bm.cached) <= max(0, taken - empty_before) + (n // 4)
+        # the per-chunk counts of empty pages match the pages themselves
+        from jisu.engine import block_manager as bmod
+        for c, (have, size) in enumerate(zip(bm._chunk_empty, bm._chunk_size)):
+            assert have == sum(bm._is_empty(b) for b in range(c * bmod.CHUNK, c * bmod.CHUNK + size))
+    for s in live:
+        bm.free(s)
+    assert bm.num_free_blocks == bm.num_blocks
+
+
 def test_free_releases_tail_blocks_of_every_group_first():
     bm = BlockManager(num_blocks=16, block_size=4, windows=[None, None])
     s = seq_of(range(12))

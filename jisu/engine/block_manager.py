@@ -11,15 +11,29 @@ Prefix caching: a block that fills up is registered under a hash of its tokens a
 token before it (the previous block's hash chains in), per group. A new sequence whose prompt
 starts with the same tokens takes those pages instead of computing them again. Pages nobody
 references stay cached until the pool needs them; the least recently freed goes first.
+
+Placement: decode attention reads every sequence's keys and values page by page, and how the
+pages lie in memory sets its speed (32 sequences of 430 keys, Gemma's 18 layers: 12.0-12.4 ms
+with each group's pages six apart or scattered at random, 7.9-8.5 ms with each sequence's
+pages following each other or the sequences' pages side by side). So each group's next page
+is the one after the page that group took last, when that page is empty, and otherwise the
+first page of the lowest vacant chunk (CHUNK pages, all empty). A lone sequence's pages then
+follow each other, and sequences decoding in lockstep (all crossing into a new page the same
+step) get theirs side by side, group by group; before, Gemma's six groups took turns, which
+left each group's pages six apart. Which pages are evicted is unchanged: only empty pages are
+placed this way, and where none is next in line or in a vacant chunk, the pool's eviction
+order decides as before.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 
 from jisu.engine.sequence import Sequence
 
 NO_BLOCK = -1     # a window group's entry for a block behind the window (its page was freed)
+CHUNK = 16        # pages per placement chunk (256 tokens at block_size 16)
 
 
 class Block:
@@ -46,6 +60,13 @@ class BlockManager:
         # recently freed first
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[tuple[int, int], int] = {}   # (group, prefix hash) -> page
+        # placement (see the module's docstring): per chunk of CHUNK pages, how many are empty
+        # (unreferenced, nothing cached); a heap of chunks that were wholly empty when pushed
+        # (checked again when popped)
+        self._chunk_size = [min(CHUNK, num_blocks - c) for c in range(0, num_blocks, CHUNK)]
+        self._chunk_empty = list(self._chunk_size)
+        self._vacant = list(range(len(self._chunk_size)))   # sorted: already a heap
+        self._last = [NO_BLOCK] * len(self.windows)         # the page each group took last
         self.num_queried_tokens = 0              # prompt tokens looked up in the prefix cache
         self.num_hit_tokens = 0                  # ... and found there
 
@@ -149,16 +170,38 @@ class BlockManager:
             raise RuntimeError(f"KV cache out of blocks: need {n}, have {self.num_free_blocks}")
         self._init_tables(seq)
         want = -(-num_tokens // self.block_size)
-        for table in seq.block_tables:
+        for g, table in enumerate(seq.block_tables):
             while len(table) < want:
-                block_id, _ = self.free_blocks.popitem(last=False)
-                block = self.blocks[block_id]
-                if block.key is not None:           # evict its cached content
-                    if self.cached.get(block.key) == block_id:
-                        del self.cached[block.key]
-                    block.key, block.token_ids = None, ()
-                block.ref_count = 1
-                table.append(block_id)
+                self._last[g] = self._claim(self._place(self._last[g]))
+                table.append(self._last[g])
+
+    def _is_empty(self, block_id: int) -> bool:
+        block = self.blocks[block_id]
+        return block.ref_count == 0 and block.key is None
+
+    def _place(self, last: int) -> int:
+        """The page for a group that took page `last` before: the next one if empty, else the
+        first page of the lowest vacant chunk, else the first in eviction order."""
+        if last != NO_BLOCK and last + 1 < self.num_blocks and self._is_empty(last + 1):
+            return last + 1
+        while self._vacant:
+            c = heapq.heappop(self._vacant)
+            if self._chunk_empty[c] == self._chunk_size[c]:
+                return c * CHUNK
+        return next(iter(self.free_blocks))
+
+    def _claim(self, block_id: int) -> int:
+        """Takes unreferenced page block_id for a table, evicting what it cached."""
+        del self.free_blocks[block_id]
+        block = self.blocks[block_id]
+        if block.key is not None:           # evict its cached content
+            if self.cached.get(block.key) == block_id:
+                del self.cached[block.key]
+            block.key, block.token_ids = None, ()
+        else:
+            self._chunk_empty[block_id // CHUNK] -= 1
+        block.ref_count = 1
+        return block_id
 
     def _release(self, block_id: int) -> None:
         block = self.blocks[block_id]
@@ -167,6 +210,10 @@ class BlockManager:
             self.free_blocks[block_id] = None
             if block.key is None:                # nothing worth keeping: reuse it first
                 self.free_blocks.move_to_end(block_id, last=False)
+                c = block_id // CHUNK
+                self._chunk_empty[c] += 1
+                if self._chunk_empty[c] == self._chunk_size[c]:
+                    heapq.heappush(self._vacant, c)
 
     def after_step(self, seq: Sequence) -> None:
         """Registers the sequence's newly full blocks for prefix caching, then frees the pages
