@@ -352,6 +352,22 @@ def test_lockstep_decode_pages_lie_side_by_side_per_group():
     assert not chunks[0] & chunks[1]
 
 
+def test_released_pages_are_reused_before_untouched_ones():
+    # one sequence after another (no prefix caching, as `jisu bench` runs): each must land on
+    # the pages the one before released, not walk on into memory never touched (the pool is
+    # mapped lazily: that would be resident memory growing with every request)
+    bm = BlockManager(num_blocks=256, block_size=4, enable_prefix_caching=False, windows=[None, None])
+    used = set()
+    for i in range(6):
+        s = seq_of(range(100 * i, 100 * i + 30))
+        computed(bm, s)
+        decode_lockstep(bm, [s], 9)
+        pages = {b for t in s.block_tables for b in t}
+        used |= pages
+        bm.free(s)
+    assert len(used) == len(pages)
+
+
 def test_placement_takes_empty_pages_before_evicting_cached_ones():
     rng = np.random.default_rng(0)
     bm = BlockManager(num_blocks=64, block_size=4)
