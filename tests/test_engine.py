@@ -393,6 +393,7 @@ def test_placement_takes_empty_pages_before_evicting_cached_ones():
     for s in live:
         bm.free(s)
     assert bm.num_free_blocks == bm.num_blocks
+    assert len(bm._vacant) <= 4 * len(bm._chunk_size)       # stale heap entries stay bounded
 
 
 def test_free_releases_tail_blocks_of_every_group_first():

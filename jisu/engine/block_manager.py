@@ -219,6 +219,8 @@ class BlockManager:
                 self._chunk_empty[c] += 1
                 if self._chunk_empty[c] == self._chunk_size[c]:
                     heapq.heappush(self._vacant, c)
+                    if len(self._vacant) > 4 * len(self._chunk_size):   # stale entries: rebuild
+                        self._vacant = [i for i, (e, n) in enumerate(zip(self._chunk_empty, self._chunk_size)) if e == n]
 
     def after_step(self, seq: Sequence) -> None:
         """Registers the sequence's newly full blocks for prefix caching, then frees the pages
