@@ -16,9 +16,10 @@ Placement: decode attention reads every sequence's keys and values page by page,
 pages lie in memory sets its speed (32 sequences of 430 keys, Gemma's 18 layers: 12.0-12.4 ms
 with each group's pages six apart or scattered at random, 7.9-8.5 ms with each sequence's
 pages following each other or the sequences' pages side by side). So each group's next page
-is the one after the page that group took last, when that page is empty and the one before
-still in use, and otherwise the first page of the lowest vacant chunk (CHUNK pages, all
-empty, so the pool is reused from its start). A lone sequence's pages then
+is the one after the page that group took last, when that page is empty, in the same chunk
+of CHUNK pages, and the one before still in use; otherwise the first page of the lowest
+vacant chunk (all CHUNK pages empty), so the pool is reused from its start and the pages
+touched stay within about twice those in use. A lone sequence's pages then
 follow each other, and sequences decoding in lockstep (all crossing into a new page the same
 step) get theirs side by side, group by group; before, Gemma's six groups took turns, which
 left each group's pages six apart. Which pages are evicted is unchanged: only empty pages are
@@ -181,13 +182,15 @@ class BlockManager:
         return block.ref_count == 0 and block.key is None
 
     def _place(self, last: int) -> int:
-        """The page for a group that took page `last` before: the next one if empty and `last`
-        is still in use, else the first page of the lowest vacant chunk, else the first in
-        eviction order. A run whose page was released ends there: growing on from it would walk
-        into untouched memory where the released pages lie ready (a new sequence after each
-        finished one: SmolLM2's `jisu bench` RSS +55 MB)."""
-        if (last != NO_BLOCK and self.blocks[last].ref_count > 0 and last + 1 < self.num_blocks
-                and self._is_empty(last + 1)):
+        """The page for a group that took page `last` before: the next one if it is empty, in
+        the same chunk, and `last` is still in use; else the first page of the lowest vacant
+        chunk; else the first in eviction order. A run ends at its chunk's end and where its
+        page was released: growing on past either walks into untouched memory while released
+        pages lie ready below (the pool is mapped lazily: SmolLM2's `jisu bench` RSS +55 MB with
+        one request after another; with staggered requests the first version's runs marched
+        through the whole pool)."""
+        if (last != NO_BLOCK and self.blocks[last].ref_count > 0 and (last + 1) % CHUNK
+                and last + 1 < self.num_blocks and self._is_empty(last + 1)):
             return last + 1
         while self._vacant:
             c = heapq.heappop(self._vacant)
