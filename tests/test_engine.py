@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jisu import LLM, SamplingParams
-from jisu.engine.block_manager import NO_BLOCK, BlockManager
+from jisu.engine.block_manager import CHUNK, NO_BLOCK, BlockManager
 from jisu.engine.sampler import sample
 from jisu.engine.sequence import Sequence
 
@@ -323,22 +323,20 @@ def runs(pages):
 
 def test_lone_sequence_pages_follow_each_other_per_group():
     # each group's pages come in runs that start a chunk and fill it before moving on
-    from jisu.engine import block_manager as bmod
     bm = BlockManager(num_blocks=512, block_size=4, windows=[None, None, 16])
     s = seq_of(range(30))
     computed(bm, s)
     decode_lockstep(bm, [s], 150)
     for g, table in enumerate(s.block_tables[:2]):
         r = runs(table)
-        assert all(first % bmod.CHUNK == 0 for first, _ in r), (g, r)
-        assert all(n >= bmod.CHUNK for _, n in r[:-1]), (g, r)
+        assert all(first % CHUNK == 0 for first, _ in r), (g, r)
+        assert all(n >= CHUNK for _, n in r[:-1]), (g, r)
     assert len(runs([b for b in s.block_tables[2] if b != NO_BLOCK])) <= 2     # the window's few pages
 
 
 def test_lockstep_decode_pages_lie_side_by_side_per_group():
     # sequences crossing into a new page the same step get adjacent pages, group by group (the
     # groups taking turns would leave each group's pages len(groups) apart)
-    from jisu.engine import block_manager as bmod
     bm = BlockManager(num_blocks=1024, block_size=4, windows=[None, None])
     seqs = [seq_of(range(100 * i, 100 * i + 8)) for i in range(5)]
     for s in seqs:
@@ -348,7 +346,7 @@ def test_lockstep_decode_pages_lie_side_by_side_per_group():
         for i in range(2, 5):
             row = [s.block_tables[g][i] for s in seqs]
             assert len(runs(row)) <= 2, (g, i, row)     # one jump at most: a chunk's end
-    chunks = [{b // bmod.CHUNK for s in seqs for b in s.block_tables[g]} for g in range(2)]
+    chunks = [{b // CHUNK for s in seqs for b in s.block_tables[g]} for g in range(2)]
     assert not chunks[0] & chunks[1]
 
 
@@ -390,12 +388,7 @@ def test_staggered_requests_stay_on_few_pages():
                     bm.free(slots[i])
                     slots[i], age[i] = None, 0
             peak = max(peak, bm.num_used_blocks)
-        assert len(touched) <= 2 * peak + 2 * len(windows) * bmod_chunk(), (K, L, windows, peak, len(touched))
-
-
-def bmod_chunk():
-    from jisu.engine import block_manager as bmod
-    return bmod.CHUNK
+        assert len(touched) <= 2 * peak + 2 * len(windows) * CHUNK, (K, L, windows, peak, len(touched))
 
 
 class FirstFreePlacement(BlockManager):
@@ -409,7 +402,6 @@ def test_placement_evicts_what_the_eviction_order_did_and_counts_stay_exact():
     # the same churn (sequences come and go, prefix hits among them, full pages stay cached,
     # the pool runs dry) through both placements: the same cached pages must be evicted in the
     # same order, and the same prefixes hit; the per-chunk counts match the pages themselves
-    from jisu.engine import block_manager as bmod
     runs = []
     for cls in (BlockManager, FirstFreePlacement):
         rng = np.random.default_rng(0)
@@ -433,7 +425,7 @@ def test_placement_evicts_what_the_eviction_order_did_and_counts_stay_exact():
             live.append(s)
             if cls is BlockManager:
                 for c, (have, size) in enumerate(zip(bm._chunk_empty, bm._chunk_size)):
-                    assert have == sum(bm._is_empty(b) for b in range(c * bmod.CHUNK, c * bmod.CHUNK + size))
+                    assert have == sum(bm._is_empty(b) for b in range(c * CHUNK, c * CHUNK + size))
         for s in live:
             bm.free(s)
         assert bm.num_free_blocks == bm.num_blocks

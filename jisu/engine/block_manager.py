@@ -181,6 +181,9 @@ class BlockManager:
         block = self.blocks[block_id]
         return block.ref_count == 0 and block.key is None
 
+    def _is_vacant(self, chunk: int) -> bool:
+        return self._chunk_empty[chunk] == self._chunk_size[chunk]
+
     def _place(self, last: int) -> int:
         """The page for a group that took page `last` before: the next one if it is empty, in
         the same chunk, and `last` is still in use; else the first page of the lowest vacant
@@ -194,7 +197,7 @@ class BlockManager:
             return last + 1
         while self._vacant:
             c = heapq.heappop(self._vacant)
-            if self._chunk_empty[c] == self._chunk_size[c]:
+            if self._is_vacant(c):
                 return c * CHUNK
         return next(iter(self.free_blocks))
 
@@ -220,10 +223,10 @@ class BlockManager:
                 self.free_blocks.move_to_end(block_id, last=False)
                 c = block_id // CHUNK
                 self._chunk_empty[c] += 1
-                if self._chunk_empty[c] == self._chunk_size[c]:
+                if self._is_vacant(c):
                     heapq.heappush(self._vacant, c)
                     if len(self._vacant) > 4 * len(self._chunk_size):   # stale entries: rebuild
-                        self._vacant = [i for i, (e, n) in enumerate(zip(self._chunk_empty, self._chunk_size)) if e == n]
+                        self._vacant = [i for i in range(len(self._chunk_size)) if self._is_vacant(i)]
 
     def after_step(self, seq: Sequence) -> None:
         """Registers the sequence's newly full blocks for prefix caching, then frees the pages
