@@ -253,6 +253,8 @@ def perplexity(file, model, threads, ctx):
               help="comma-separated comparators (llama.cpp, transformers); missing ones are skipped")
 @click.option("--prompt-tokens", type=click.IntRange(min=8), default=512, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--decode-context", type=click.IntRange(min=1), default=8, show_default=True,
+              help="prompt tokens before the decoded ones (thousands: decode deep in a long conversation)")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
@@ -260,7 +262,8 @@ def perplexity(file, model, threads, ctx):
 @click.option("--chart", default=None, help="PNG chart path [default: bench-MODEL.png]")
 @click.option("--no-chart", is_flag=True)
 @activations_option
-def bench(model, compare, prompt_tokens, decode_tokens, repeats, threads, rounds, chart, no_chart, activations):
+def bench(model, compare, prompt_tokens, decode_tokens, decode_context, repeats, threads, rounds, chart, no_chart,
+          activations):
     """Decode and prefill tokens/s of jisu next to llama.cpp and transformers (medians, ratios)."""
     from jisu.bench import speed
     from jisu.registry import resolve
@@ -268,11 +271,12 @@ def bench(model, compare, prompt_tokens, decode_tokens, repeats, threads, rounds
     chart = None if no_chart else chart or f"bench-{model or DEFAULT_MODEL}.png".replace("/", "_")
     results = speed.run(path, [c.strip() for c in compare.split(",") if c.strip()], prompt_tokens,
                         decode_tokens, repeats, threads, echo=lambda m: click.echo(m, err=True),
-                        activations=activations, rounds=rounds)
-    title = (f"{model or DEFAULT_MODEL}: {prompt_tokens}-token prompt, {decode_tokens} decoded tokens, median of {repeats}"
+                        activations=activations, rounds=rounds, decode_context=decode_context)
+    title = (f"{model or DEFAULT_MODEL}: {prompt_tokens}-token prompt, {decode_tokens} decoded tokens"
+             + (f" after {decode_context} tokens of context" if decode_context != 8 else "") + f", median of {repeats}"
              + (f" x {rounds} rounds" if rounds > 1 else ""))
     click.echo(speed.table(results, title))
-    n = prompt_tokens + 1
+    n = max(prompt_tokens + 1, decode_context + decode_tokens)
     click.echo(f"\n\"over runtime\" is peak RSS less the RSS once the engine's libraries were imported "
                f"(torch and our kernels for jisu). Memory target: 1.5 x the GGUF file + the KV cache of {n} "
                f"tokens = {speed.memory_budget_mb(path, n, 4):.0f} MB with float32 values, "

@@ -91,3 +91,26 @@ def test_bench_memory_comes_from_one_round():
     merged = _merge(rounds)
     assert merged.peak_rss_mb - merged.runtime_rss_mb == 146.0     # round 2: 377 - 231, not 377 - 225
     assert merged.decode_tok_s == 300.0 and "median of 3 rounds" in merged.detail
+
+
+def test_bench_decodes_after_a_long_context(tiny_llama_path, home):
+    r = jisu(["bench", "-m", str(tiny_llama_path), "--compare", "", "--repeats", "1", "--prompt-tokens", "16",
+              "--decode-tokens", "3", "--decode-context", "100", "--no-chart"], home)
+    assert r.returncode == 0, r.stderr
+    assert "3 decoded tokens after 100 tokens of context" in r.stdout
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| jisu |"))
+    assert float(row.strip("|").split("|")[1]) > 0
+    assert "the KV cache of 103 tokens" in r.stdout       # the longest sequence the run holds
+
+
+def test_bench_prompts_repeat_the_text_until_long_enough(tiny_llama_path):
+    from jisu.bench.speed import bench_prompts
+    from jisu.loader import read_gguf
+    from jisu.tokenizer import Tokenizer
+    tok = Tokenizer.from_gguf(read_gguf(str(tiny_llama_path)))
+    text = "a few words of text. "
+    short = len(tok.encode(text * 4, add_special=True))
+    prompt, decode = bench_prompts(tok, text, 16, 10 * short)
+    assert len(prompt) == 16 and len(decode) == 10 * short
+    assert decode[:16] == prompt                            # one encoding, two starts of it
+    assert decode == tok.encode(text * 64, add_special=True)[:10 * short]

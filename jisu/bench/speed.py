@@ -62,7 +62,7 @@ def _median_rate(n: int, times: list[float]) -> float:
     return n / statistics.median(times)
 
 
-def bench_jisu(path: str, prompt_ids: list[int], n_decode: int, repeats: int, threads: int,
+def bench_jisu(path: str, prompt_ids: list[int], decode_ids: list[int], n_decode: int, repeats: int, threads: int,
                activations: str = "int16") -> SpeedResult:
     from jisu import LLM, SamplingParams
     t0 = time.perf_counter()
@@ -78,8 +78,9 @@ def bench_jisu(path: str, prompt_ids: list[int], n_decode: int, repeats: int, th
         t = time.perf_counter()
         llm.generate(prompt_token_ids=[prompt_ids], params=greedy1)
         prefill.append(time.perf_counter() - t)
-        llm.engine.add_request("bench", prompt_ids[:8], greedyN)
-        step()                                                    # prefill + first token
+        llm.engine.add_request("bench", decode_ids, greedyN)
+        while not llm.engine.sequences["bench"][0].num_output_tokens:
+            step()                                                # prefill (in chunks) + first token
         t = time.perf_counter()
         while llm.engine.has_unfinished():
             step()
@@ -90,11 +91,20 @@ def bench_jisu(path: str, prompt_ids: list[int], n_decode: int, repeats: int, th
                        f"{how}, {activations} decode activations, {threads} threads", statistics.median(prefill))
 
 
-def bench_llama_cpp(path: str, prompt_ids: list[int], n_decode: int, repeats: int, threads: int) -> SpeedResult:
+def bench_llama_cpp(path: str, prompt_ids: list[int], decode_ids: list[int], n_decode: int, repeats: int,
+                    threads: int) -> SpeedResult:
     import llama_cpp
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(path, n_ctx=2048, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    n_ctx = max(2048, len(prompt_ids) + 16, len(decode_ids) + n_decode + 16)
+    llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     load = time.perf_counter() - t0
+    # the last evaluated row's logits from the context: llama-cpp-python 0.3 no longer copies
+    # them into `scores` unless every row's logits are kept (its rows there are uninitialized)
+    n_vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:
+        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+
     prefill, decode = [], []
     llm.reset(); llm.eval(prompt_ids[:16])                          # warm-up
     for _ in range(repeats):
@@ -103,18 +113,19 @@ def bench_llama_cpp(path: str, prompt_ids: list[int], n_decode: int, repeats: in
         llm.eval(prompt_ids)
         prefill.append(time.perf_counter() - t)
         llm.reset()
-        llm.eval(prompt_ids[:8])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval(decode_ids)
+        tok = int(np.argmax(last_logits()))
         t = time.perf_counter()
         for _ in range(n_decode - 1):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(last_logits()))
         decode.append(time.perf_counter() - t)
     return SpeedResult("llama.cpp", _median_rate(n_decode - 1, decode), _median_rate(len(prompt_ids), prefill), load,
                        f"llama-cpp-python {llama_cpp.__version__}, {threads} threads", statistics.median(prefill))
 
 
-def bench_transformers(path: str, prompt_ids: list[int], n_decode: int, repeats: int, threads: int) -> SpeedResult:
+def bench_transformers(path: str, prompt_ids: list[int], decode_ids: list[int], n_decode: int, repeats: int,
+                       threads: int) -> SpeedResult:
     import torch
     import transformers
     torch.set_num_threads(threads)
@@ -132,7 +143,7 @@ def bench_transformers(path: str, prompt_ids: list[int], n_decode: int, repeats:
             t = time.perf_counter()
             model(torch.tensor([prompt_ids]), logits_to_keep=1)
             prefill.append(time.perf_counter() - t)
-            out = model(torch.tensor([prompt_ids[:8]]), use_cache=True, logits_to_keep=1)
+            out = model(torch.tensor([decode_ids]), use_cache=True, logits_to_keep=1)
             tok = out.logits[0, -1].argmax()
             t = time.perf_counter()
             for _ in range(n_decode - 1):
@@ -162,9 +173,9 @@ def _child(name: str, args: tuple, out) -> None:
         e0 = rapl_joules()
         res = BENCHES[name](*args)
         e1 = rapl_joules()
-        _, ids, n_decode, repeats = args[:4]
-        if e0 is not None and e1 is not None and e1 >= e0:
-            res.joules_per_token = (e1 - e0) / (repeats * (len(ids) + n_decode + 16))
+        _, ids, decode_ids, n_decode, repeats = args[:5]
+        if e0 is not None and e1 is not None and e1 >= e0:   # every token computed, prompts included
+            res.joules_per_token = (e1 - e0) / (16 + repeats * (len(ids) + len(decode_ids) + n_decode - 1))
         res.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         res.runtime_rss_mb = runtime
         out.put(res)
@@ -185,8 +196,25 @@ def _merge(rs: list[SpeedResult]) -> SpeedResult:
                        None if None in joules else statistics.median(joules), worst.runtime_rss_mb)
 
 
+def bench_prompts(tok, text: str, prompt_tokens: int, decode_context: int) -> tuple[list[int], list[int]]:
+    """The prefill prompt (prompt_tokens ids) and the decode prompt (decode_context ids): the
+    starts of one encoding of `text` repeated until it is long enough for both."""
+    if not text:
+        raise ValueError("bench_prompts: empty text")
+    copies = 4
+    ids = tok.encode(text * copies, add_special=True)
+    while len(ids) < max(prompt_tokens, decode_context):
+        copies *= 2
+        ids = tok.encode(text * copies, add_special=True)
+    return ids[:prompt_tokens], ids[:decode_context]
+
+
 def run(path: str, compare: list[str], prompt_tokens: int = 512, n_decode: int = 64, repeats: int = 5,
-        threads: int = 2, echo=print, activations: str = "int16", rounds: int = 1) -> list[SpeedResult]:
+        threads: int = 2, echo=print, activations: str = "int16", rounds: int = 1,
+        decode_context: int = 8) -> list[SpeedResult]:
+    """Prefill: a prompt_tokens prompt to its first token. Decode: n_decode greedy tokens after a
+    decode_context-token prompt (8: a short chat turn; thousands: a long conversation, where
+    every step's attention reads the whole context)."""
     import importlib.util
     import multiprocessing as mp
 
@@ -194,7 +222,7 @@ def run(path: str, compare: list[str], prompt_tokens: int = 512, n_decode: int =
     from jisu.tokenizer import Tokenizer
     text = PROMPT_FILE.read_text() if PROMPT_FILE.exists() else FALLBACK_TEXT
     tok = Tokenizer.from_gguf(read_gguf(path))
-    ids = tok.encode(text * 4, add_special=True)[:prompt_tokens]
+    ids, decode_ids = bench_prompts(tok, text, prompt_tokens, decode_context)
     ctx = mp.get_context("spawn")        # a fresh process per engine: its own memory, no shared threads
     names = []
     for name in ["jisu"] + [c for c in compare if c != "jisu"]:
@@ -213,7 +241,7 @@ def run(path: str, compare: list[str], prompt_tokens: int = 512, n_decode: int =
                 continue                  # it failed in an earlier round
             echo(f"running {name}" + (f" (round {r + 1} of {rounds})" if rounds > 1 else "") + " ...")
             out = ctx.Queue()
-            args = (path, ids, n_decode, repeats, threads) + ((activations,) if name == "jisu" else ())
+            args = (path, ids, decode_ids, n_decode, repeats, threads) + ((activations,) if name == "jisu" else ())
             proc = ctx.Process(target=_child, args=(name, args, out))
             proc.start()
             res = out.get()
