@@ -3000,8 +3000,8 @@ torch::Tensor attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Te
             // layers 2.34-2.44 -> 1.78-1.84) and of each pass over its values: requested during
             // the scores alone, twice as fast as the memory delivers them, the reads did not
             // overlap the arithmetic (32 Gemma-shaped sequences of 430 keys from memory, 18
-            // layers: 9.9-10.8 -> 9.1-9.4 ms; SmolLM2-shaped 6.3-7.4 -> 6.0-6.7 ms; SmolLM2 decode
-            // at 1800 tokens of context, one stream: 174-175 -> 188-189 tok/s)
+            // layers: 9.9-10.8 -> 9.1-9.4 ms; SmolLM2-shaped 6.3-7.4 -> 6.0-6.7 ms; switched in one
+            // process: SmolLM2 decoding after 1800 tokens x1.02-1.05, Gemma 32 x 400 tokens x1.03)
             const int64_t groups = std::max<int64_t>(1, (len + VL - 1) / VL);
             const int64_t ticks = groups * (1 + (D % (4 * VL) == 0 ? D / (4 * VL) : 0));
             const int64_t next_per = (next_end - next_j + ticks - 1) / ticks;
