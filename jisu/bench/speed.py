@@ -204,8 +204,10 @@ def bench_prompts(tok, text: str, prompt_tokens: int, decode_context: int) -> tu
     copies = 4
     ids = tok.encode(text * copies, add_special=True)
     while len(ids) < max(prompt_tokens, decode_context):
-        copies *= 2
-        ids = tok.encode(text * copies, add_special=True)
+        longer = tok.encode(text * copies * 2, add_special=True)
+        if len(longer) <= len(ids):
+            raise ValueError("bench_prompts: the text encodes to no tokens")
+        copies, ids = copies * 2, longer
     return ids[:prompt_tokens], ids[:decode_context]
 
 
