@@ -269,11 +269,15 @@ def bench(model, compare, prompt_tokens, decode_tokens, decode_context, repeats,
     from jisu.registry import resolve
     path = str(resolve(model))
     chart = None if no_chart else chart or f"bench-{model or DEFAULT_MODEL}.png".replace("/", "_")
-    results = speed.run(path, [c.strip() for c in compare.split(",") if c.strip()], prompt_tokens,
-                        decode_tokens, repeats, threads, echo=lambda m: click.echo(m, err=True),
-                        activations=activations, rounds=rounds, decode_context=decode_context)
+    try:
+        results = speed.run(path, [c.strip() for c in compare.split(",") if c.strip()], prompt_tokens,
+                            decode_tokens, repeats, threads, echo=lambda m: click.echo(m, err=True),
+                            activations=activations, rounds=rounds, decode_context=decode_context)
+    except (ValueError, RuntimeError) as e:     # a length that does not fit; jisu's run failing
+        raise click.ClickException(str(e)) from None
     title = (f"{model or DEFAULT_MODEL}: {prompt_tokens}-token prompt, {decode_tokens} decoded tokens"
-             + (f" after {decode_context} tokens of context" if decode_context != 8 else "") + f", median of {repeats}"
+             + (f" after {decode_context} tokens of context" if decode_context != speed.DECODE_CONTEXT else "")
+             + f", median of {repeats}"
              + (f" x {rounds} rounds" if rounds > 1 else ""))
     click.echo(speed.table(results, title))
     n = max(prompt_tokens + 1, decode_context + decode_tokens)

@@ -114,3 +114,13 @@ def test_bench_prompts_repeat_the_text_until_long_enough(tiny_llama_path):
     assert len(prompt) == 16 and len(decode) == 10 * short
     assert decode[:16] == prompt                            # one encoding, two starts of it
     assert decode == tok.encode(text * 64, add_special=True)[:10 * short]
+
+
+def test_bench_refuses_a_context_the_model_cannot_hold(tiny_llama_path, home):
+    """A decode context plus the decoded tokens past the model's length would stop jisu early
+    and report a rate for tokens it never decoded: refused before anything runs."""
+    r = jisu(["bench", "-m", str(tiny_llama_path), "--compare", "", "--repeats", "1", "--prompt-tokens", "16",
+              "--decode-tokens", "50", "--decode-context", "250", "--no-chart"], home)
+    assert r.returncode != 0
+    assert "the model's context holds 256 tokens" in r.stderr and "Traceback" not in r.stderr
+    assert "running jisu" not in r.stderr

@@ -85,7 +85,10 @@ def bench_jisu(path: str, prompt_ids: list[int], decode_ids: list[int], n_decode
         while llm.engine.has_unfinished():
             step()
         decode.append(time.perf_counter() - t)
-        llm.engine.release("bench")
+        seq = llm.engine.release("bench")[0]
+        if seq.num_output_tokens != n_decode:       # the rate would be of fewer tokens than it says
+            raise RuntimeError(f"decode stopped after {seq.num_output_tokens} of {n_decode} tokens "
+                               f"({seq.finish_reason}): the context holds {llm.max_model_len} tokens")
     how = "GGUF blocks + C++ kernels" if llm.kernels else "dense fp32 (PyTorch path)"
     return SpeedResult("jisu", _median_rate(n_decode - 1, decode), _median_rate(len(prompt_ids), prefill), load,
                        f"{how}, {activations} decode activations, {threads} threads", statistics.median(prefill))
@@ -154,6 +157,9 @@ def bench_transformers(path: str, prompt_ids: list[int], decode_ids: list[int], 
                        f"transformers {transformers.__version__}, fp32, {threads} threads", statistics.median(prefill))
 
 
+DECODE_CONTEXT = 8     # tokens before the decoded ones, by default: a short chat turn
+
+
 BENCHES = {"jisu": bench_jisu, "llama.cpp": bench_llama_cpp, "transformers": bench_transformers}
 MODULES = {"llama.cpp": "llama_cpp", "transformers": "transformers"}
 
@@ -175,7 +181,7 @@ def _child(name: str, args: tuple, out) -> None:
         e1 = rapl_joules()
         _, ids, decode_ids, n_decode, repeats = args[:5]
         if e0 is not None and e1 is not None and e1 >= e0:   # every token computed, prompts included
-            res.joules_per_token = (e1 - e0) / (16 + repeats * (len(ids) + len(decode_ids) + n_decode - 1))
+            res.joules_per_token = (e1 - e0) / (min(16, len(ids)) + repeats * (len(ids) + len(decode_ids) + n_decode - 1))
         res.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         res.runtime_rss_mb = runtime
         out.put(res)
@@ -213,17 +219,23 @@ def bench_prompts(tok, text: str, prompt_tokens: int, decode_context: int) -> tu
 
 def run(path: str, compare: list[str], prompt_tokens: int = 512, n_decode: int = 64, repeats: int = 5,
         threads: int = 2, echo=print, activations: str = "int16", rounds: int = 1,
-        decode_context: int = 8) -> list[SpeedResult]:
+        decode_context: int = DECODE_CONTEXT) -> list[SpeedResult]:
     """Prefill: a prompt_tokens prompt to its first token. Decode: n_decode greedy tokens after a
     decode_context-token prompt (8: a short chat turn; thousands: a long conversation, where
     every step's attention reads the whole context)."""
     import importlib.util
     import multiprocessing as mp
 
+    from jisu.config import ModelConfig
     from jisu.loader import read_gguf
     from jisu.tokenizer import Tokenizer
+    g = read_gguf(path)
+    longest = ModelConfig.from_gguf(g).context_length
+    if prompt_tokens + 1 > longest or decode_context + n_decode > longest:
+        raise ValueError(f"the model's context holds {longest} tokens: a {prompt_tokens}-token prompt plus one, or "
+                         f"{decode_context} tokens of context plus {n_decode} decoded, does not fit")
     text = PROMPT_FILE.read_text() if PROMPT_FILE.exists() else FALLBACK_TEXT
-    tok = Tokenizer.from_gguf(read_gguf(path))
+    tok = Tokenizer.from_gguf(g)
     ids, decode_ids = bench_prompts(tok, text, prompt_tokens, decode_context)
     ctx = mp.get_context("spawn")        # a fresh process per engine: its own memory, no shared threads
     names = []
