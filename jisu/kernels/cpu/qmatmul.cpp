@@ -2412,21 +2412,22 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
 }
 #endif
 
+// One activation row rounded to integers (quantize_x8) into the calling thread's buffer: a
+// decode block rounds four rows (q/k/v, output, gate/up, down input), each into seven vectors,
+// and allocating them afresh each time was 28 allocations and frees a block. Valid until the
+// thread rounds its next row; the matvec that reads it never calls back in here.
+const XQBuffer& rounded_row(const float* x, int64_t K, int64_t digits) {
+    static thread_local XQBuffer buf;
+    quantize_x8(x, K, buf, int(digits));
+    return buf;
+}
+
 // x: float32 [..., K] -> [..., N]; the leading dimensions are flattened here rather than in
 // Python, to save dispatches on the decode path. digits 1 (int8) or 2 (int16): one row, and
 // two rows of the 32-value types, have their activations rounded per 32 values (see XQ);
 // more rows take the int16 GEMM on AVX-512 builds (int16 for either digits setting), and
 // float32 on AVX2 ones (each dequantized weight block is reused enough to win there).
 // digits 0: float32 throughout.
-// The calling thread's buffer for one rounded activation row: a decode block rounds four rows
-// (q/k/v, output, gate/up, down input), each into seven vectors, and allocating them afresh each
-// time was 28 allocations and frees a block. Used only between rounding a row and the end of
-// the matvec that reads it, which never calls back in here.
-XQBuffer& row_buffer() {
-    static thread_local XQBuffer buf;
-    return buf;
-}
-
 torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K, int64_t digits,
                       c10::optional<torch::Tensor> out) {
     TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.size(-1) == K, "x must be float32 [..., K] with K=", K);
@@ -2441,9 +2442,7 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K
                 "qmatmul: out must be contiguous float32 with ", M * N, " elements");
     const torch::Tensor* o = out ? &*out : nullptr;
     if (digits > 0 && M == 1 && K % 32 == 0) {
-        XQBuffer& xq = row_buffer();
-        quantize_x8(x.data_ptr<float>(), K, xq, int(digits));
-        return matvec_i8(xq, {w}, {qtype}, K, o)[0].view(out_shape);
+        return matvec_i8(rounded_row(x.data_ptr<float>(), K, digits), {w}, {qtype}, K, o)[0].view(out_shape);
     }
 #ifdef JISU_AVX512
     if (digits > 0 && M >= GEMM_MIN_ROWS && K % 32 == 0) return gemm_i16(x, {w}, {qtype}, K, o)[0].view(out_shape);
@@ -2469,9 +2468,7 @@ std::vector<torch::Tensor> linear_rows(const torch::Tensor& x, const std::vector
                                        const std::vector<int64_t>& qtypes, int64_t M, int64_t K, int64_t digits) {
     std::vector<torch::Tensor> ys;
     if (digits > 0 && M == 1 && K % 32 == 0) {
-        XQBuffer& xq = row_buffer();
-        quantize_x8(x.data_ptr<float>(), K, xq, int(digits));
-        for (auto& y : matvec_i8(xq, ws, qtypes, K)) ys.push_back(y.view({1, -1}));
+        for (auto& y : matvec_i8(rounded_row(x.data_ptr<float>(), K, digits), ws, qtypes, K)) ys.push_back(y.view({1, -1}));
         return ys;
     }
 #ifdef JISU_AVX512
