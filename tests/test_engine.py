@@ -156,6 +156,75 @@ def test_sliding_window_model_chunked_equals_whole(tiny_gemma3_path):
     assert again.token_ids == want[0].token_ids
 
 
+@pytest.mark.parametrize("model", ["tiny_llama_path", "tiny_gemma3_path"])
+def test_last_block_computes_only_the_rows_the_logits_read(model, request):
+    """A prompt's earlier positions need keys and values from every block but no output from
+    the last one: it takes only each ready sequence's last row (none for a chunk that does not
+    end its prompt). Those rows' logits are the ones of the run that computes every position,
+    within the rounding of a smaller batch (their MLP takes the one-row kernels)."""
+    path = request.getfixturevalue(model)
+    llm = LLM(str(path), progress=False, max_num_batched_tokens=16, enable_prefix_caching=False)
+    eng, last = llm.engine, llm.model.blk[-1]
+    seen = []
+    forward = last.forward
+    last.forward = lambda x, meta, rows=None: seen.append((x.shape[1], rows)) or forward(x, meta, rows)
+    short, long = [3, 17, 40, 9, 21], [5 + (7 * i) % 50 for i in range(20)]
+    eng.add_request("short", short, greedy(1))
+    eng.add_request("long", long, greedy(1))
+
+    def run(**kw):
+        seqs = eng.scheduler.schedule()
+        ready, logits, picked = eng.runner.run(seqs, **kw)
+        for seq in seqs:
+            eng.block_manager.after_step(seq)
+        return ready, logits.clone(), picked           # the runner reuses its logits buffer
+    ready, logits, _ = run()                  # short whole, long's first 11
+    assert [s.request_id for s in ready] == ["short"] and logits.shape[0] == 1
+    assert seen[-1][0] == 16 and seen[-1][1].tolist() == [4]
+    ready, logits2, _ = run()                 # long's last 9
+    assert [s.request_id for s in ready] == ["long"] and seen[-1][1].tolist() == [8]
+    eng.abort("short")
+    eng.abort("long")
+    # a chunk that ends no prompt: the last block returns no rows
+    eng.add_request("longer", long * 2, greedy(1))
+    ready, empty, _ = run()
+    assert ready == [] and empty.shape[0] == 0 and seen[-1][1].numel() == 0
+    eng.abort("longer")
+    # against every position computed (the perplexity path) for the same prompts
+    for ids, got in ((short, logits[0]), (long, logits2[0])):
+        eng.add_request("all", ids, greedy(1))
+        full = None
+        while full is None:
+            ready, every, _ = run(all_logits=True)
+            assert seen[-1][1] is None
+            full = every[-1] if ready else None
+        eng.abort("all")
+        assert got.argmax() == full.argmax()
+        assert torch.allclose(got, full, rtol=0, atol=1e-3 * float(full.abs().max()))
+
+
+def test_one_token_prompt_chunk_beside_decodes(tiny_llama_path, no_cache):
+    """A step of one-token rows (the fused decode path) where one row is a prompt's chunk of
+    one token, not its last: the decode's row is the one the logits read."""
+    llm = LLM(str(tiny_llama_path), progress=False, max_num_batched_tokens=2, enable_prefix_caching=False)
+    assert llm.model.fused is not None
+    eng = llm.engine
+    metas = []
+    prepare = eng.runner.prepare
+    eng.runner.prepare = lambda seqs, all_rows=False: (lambda r: metas.append(r[1]) or r)(prepare(seqs, all_rows))
+    prompts, params = [[3, 17, 40, 9], [5, 12, 19, 26, 33]], [greedy(6), greedy(2)]
+    eng.add_request("a", prompts[0], params[0])
+    while not eng.sequences["a"][0].num_output_tokens:
+        eng.step()
+    eng.add_request("b", prompts[1], params[1])
+    while eng.has_unfinished():
+        eng.step()
+    # a's decode beside b's first token, both one-token rows
+    assert any(m.num_decode == 2 and m.out_rows is not None and m.out_rows.tolist() == [0] for m in metas)
+    want = no_cache.generate(prompt_token_ids=prompts, params=params, use_tqdm=False)
+    assert [eng.sequences[r][0].output_token_ids for r in ("a", "b")] == [o.outputs[0].token_ids for o in want]
+
+
 def test_engine_config_rejects_nonsense(tiny_llama_path):
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         LLM(str(tiny_llama_path), progress=False, max_num_batched_tokens=0)

@@ -69,8 +69,10 @@ class ModelRunner:
         last = slots[:, np.arange(len(decodes)), ends - 1]                      # [groups, B]
         return torch.from_numpy(slots), torch.from_numpy(last)
 
-    def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, AttentionMetadata]:
-        """seqs: one-token sequences first, then the multi-token ones (see `order`)."""
+    def prepare(self, seqs: list[Sequence], all_rows: bool = False) -> tuple[torch.Tensor, AttentionMetadata]:
+        """seqs: one-token sequences first, then the multi-token ones (see `order`). Unless
+        all_rows, the model returns only the rows the step's logits read (meta.out_rows): each
+        sequence's last row where this step computes its last token, in order."""
         decodes = [s for s in seqs if s.num_scheduled_tokens == 1]
         D = len(decodes)
         ids = [s.token_ids[s.num_computed_tokens] for s in decodes]
@@ -83,8 +85,12 @@ class ModelRunner:
             decode_slots = torch.full((self.num_groups, 0, 0), self.scratch_slot, dtype=torch.long)
         groups = [KVGroupSlots([last[g]] if D else [], decode_slots[g], []) for g in range(self.num_groups)]
         prefills, row = [], D
+        # (a one-token row is a decode or a prompt chunk of one token, not always its last)
+        out_rows = [i for i, s in enumerate(decodes) if s.num_computed_tokens + 1 == s.num_tokens]
         for seq in seqs[D:]:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
+            if end == seq.num_tokens:
+                out_rows.append(row + end - start - 1)
             ids.extend(seq.token_ids[start:end])
             pos = torch.arange(start, end)
             positions.append(pos)
@@ -97,7 +103,8 @@ class ModelRunner:
         for group in groups:
             group.slot_mapping = torch.cat(group.slot_mapping) if len(group.slot_mapping) > 1 else group.slot_mapping[0]
         meta = AttentionMetadata(torch.cat(positions)[None], groups, num_decode=D, decode_lens=decode_lens,
-                                 prefills=prefills)
+                                 prefills=prefills,
+                                 out_rows=None if all_rows or len(out_rows) == row else torch.tensor(out_rows))
         return torch.tensor(ids, dtype=torch.long)[None], meta
 
     @staticmethod
@@ -120,7 +127,7 @@ class ModelRunner:
         GEMM: the same values within integer rounding, as with any change of batch size). With all_logits (one
         sequence only), logits [new tokens, vocab] at every new position instead."""
         seqs = self.order(seqs)
-        input_ids, meta = self.prepare(seqs)
+        input_ids, meta = self.prepare(seqs, all_rows=all_logits)
         hidden = self.model(input_ids, meta)[0]
         ready, rows, row = [], [], 0
         for seq in seqs:
@@ -130,6 +137,8 @@ class ModelRunner:
             if seq.num_computed_tokens == seq.num_tokens:
                 ready.append(seq)
                 rows.append(row - 1)
+        if meta.out_rows is not None:             # hidden holds only the ready rows, in order
+            rows = list(range(len(ready)))
         if all_logits:
             assert len(seqs) == 1
             return ready, self.model.compute_logits(hidden).float(), {}

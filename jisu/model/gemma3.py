@@ -8,7 +8,7 @@ from torch import nn
 
 from jisu.config import ModelConfig
 from jisu.model.layers import (Attention, AttentionMetadata, Embedding, Linear, RMSNorm, Rotary, gated_ffn, greedy_tokens,
-                               project, reserve_rotaries)
+                               project, reserve_rotaries, run_blocks)
 
 
 class Gemma3Block(nn.Module):
@@ -26,10 +26,16 @@ class Gemma3Block(nn.Module):
         self.fused = None          # one C++ call per decode step (model/fused.py), set by the loader
         self.ops = None            # compiled kernels (act_mul_), set by the loader
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if self.fused is not None and self.fused.applies(x, meta):
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """As LlamaBlock.forward."""
+        if rows is None and self.fused is not None and self.fused.applies(x, meta):
             return self.fused(x, meta)
-        x = self.post_attention_norm(self.attn(self.attn_norm(x), meta)).add_(x)   # as in llama.py
+        a = self.attn(self.attn_norm(x), meta, rows)
+        if rows is not None:
+            if rows.numel() == 0:
+                return a
+            x = x[:, rows]
+        x = self.post_attention_norm(a).add_(x)   # as in llama.py
         h = self.ffn_norm(x)
         g = gated_ffn(self.ffn_gate, self.ffn_up, h, self.ops, gelu=True)
         del h                                      # freed before the down projection allocates
@@ -56,12 +62,8 @@ class Gemma3(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         reserve_rotaries(self.rotaries, meta)
         x = self.token_embd(input_ids).float() * self.embed_scale
-        if self.fused is not None and self.fused.applies(x, meta):
-            x = self.fused(x, meta)            # every block in one C++ call (model/fused.py)
-        else:
-            for block in self.blk:
-                x = block(x, meta)
-        return self.output_norm(x)
+        x = run_blocks(self, x, meta)
+        return self.output_norm(x) if x.shape[1] else x
 
     def compute_logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return project(self.output, h, out)
