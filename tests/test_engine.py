@@ -188,7 +188,7 @@ def test_last_block_computes_only_the_rows_the_logits_read(model, request):
     # a chunk that ends no prompt: the last block returns no rows
     eng.add_request("longer", long * 2, greedy(1))
     ready, empty, _ = run()
-    assert ready == [] and empty.shape[0] == 0 and seen[-1][1].numel() == 0
+    assert ready == [] and empty.shape[0] == 0 and seen[-1][1].numel() == 0 and seen[-1][1].dtype == torch.long
     eng.abort("longer")
     # against every position computed (the perplexity path) for the same prompts
     for ids, got in ((short, logits[0]), (long, logits2[0])):

@@ -102,9 +102,9 @@ class ModelRunner:
             row += end - start
         for group in groups:
             group.slot_mapping = torch.cat(group.slot_mapping) if len(group.slot_mapping) > 1 else group.slot_mapping[0]
+        keep = None if all_rows or len(out_rows) == row else torch.tensor(out_rows, dtype=torch.long)   # may be []
         meta = AttentionMetadata(torch.cat(positions)[None], groups, num_decode=D, decode_lens=decode_lens,
-                                 prefills=prefills,
-                                 out_rows=None if all_rows or len(out_rows) == row else torch.tensor(out_rows))
+                                 prefills=prefills, out_rows=keep)
         return torch.tensor(ids, dtype=torch.long)[None], meta
 
     @staticmethod
