@@ -124,3 +124,21 @@ def test_bench_refuses_a_context_the_model_cannot_hold(tiny_llama_path, home):
     assert r.returncode != 0
     assert "the model's context holds 256 tokens" in r.stderr and "Traceback" not in r.stderr
     assert "running jisu" not in r.stderr
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_importing_llm_leaves_the_garbage_collector_as_it_was(enabled):
+    """`jisu.LLM` imports torch with the collector paused (~0.2 s of cold start), and leaves it
+    on or off as the caller had it, on or off during the import."""
+    code = ("import gc, jisu\n"
+            f"{'gc.enable()' if enabled else 'gc.disable()'}\n"
+            "seen = []\n"
+            "gc.callbacks.append(lambda phase, info: seen.append(phase))\n"
+            "jisu.LLM\n"
+            f"assert gc.isenabled() is {enabled}, gc.isenabled()\n"
+            "assert not seen, seen\n"
+            "import torch\n"
+            "print(len(gc.get_objects()) > 10000)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
