@@ -29,10 +29,16 @@ def test_chat_streams_and_keeps_history(home):
 
 
 def test_perplexity_command(home, smollm2):
+    from jisu.kernels import cpu
     res = jisu(["perplexity", str(DATA / "gpl3_preamble.txt")], home)
     assert res.returncode == 0, res.stderr
     value = float(res.stdout.split("perplexity:")[1].split()[0])
-    assert value == pytest.approx(smollm2.perplexity((DATA / "gpl3_preamble.txt").read_text()), rel=1e-4)
+    # the shared model may reuse prefix blocks that earlier tests computed in other batches: the
+    # AVX-512 integer GEMM's rows do not depend on the batch, AVX2's float32 kernels (chosen by
+    # row count) move the values by ~1e-4
+    ops = cpu.load()
+    rel = 1e-4 if ops is not None and ops.isa == "avx512" else 1e-3
+    assert value == pytest.approx(smollm2.perplexity((DATA / "gpl3_preamble.txt").read_text()), rel=rel)
 
 
 def test_bad_model_is_a_clear_error(home, tmp_path):
