@@ -138,6 +138,7 @@ class ModelRunner:
                 ready.append(seq)
                 rows.append(row - 1)
         if meta.out_rows is not None:             # hidden holds only the ready rows, in order
+            assert hidden.shape[0] == len(ready), "prepare's rows and run's ready sequences disagree"
             rows = list(range(len(ready)))
         if all_logits:
             assert len(seqs) == 1
