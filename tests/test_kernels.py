@@ -1,6 +1,9 @@
 """The C++ CPU kernels against the reference dequantize + matmul, on fresh random data each run."""
 
+import math
+
 import numpy as np
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -313,14 +316,18 @@ def sdpa_prefill(q, k_cache, v_cache, slots, positions, scale, window):
 @pytest.mark.parametrize("window", [0, 4, 100])
 @pytest.mark.parametrize("kv", [torch.float32, torch.float16], ids=str)
 def test_paged_attention_prefill_equals_sdpa(heads, t, prior, window, kv):
+    """The float kernel (integer=False; float32 caches always take it) against torch's attention."""
     H, KVH, D = heads
     slots = torch.randperm(1000)[:prior + t]          # keys scattered over the cache
     k16, v16 = torch.randn(1000, KVH, D).to(kv), torch.randn(1000, KVH, D).to(kv)
     k_cache, v_cache = k16.float(), v16.float()
     q, positions = torch.randn(t, H, D), torch.arange(prior, prior + t)
-    got = ops.paged_attention_prefill(q, k16, v16, slots, positions, D ** -0.5, window)
-    torch.testing.assert_close(got, sdpa_prefill(q, k_cache, v_cache, slots, positions, D ** -0.5, window),
-                               rtol=1e-5, atol=2e-5)
+    want = sdpa_prefill(q, k_cache, v_cache, slots, positions, D ** -0.5, window)
+    got = ops.paged_attention_prefill(q, k16, v16, slots, positions, D ** -0.5, window, integer=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    if kv == torch.float32 or ops.isa != "avx512":    # integer products only for float16 caches on AVX-512
+        got = ops.paged_attention_prefill(q, k16, v16, slots, positions, D ** -0.5, window)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
     with pytest.raises(RuntimeError, match="has no key"):
         ops.paged_attention_prefill(q, k_cache, v_cache, slots[:prior + t - 1], positions, 0.1, window)
     with pytest.raises(RuntimeError, match="query heads per KV head"):   # more rows than a task holds
@@ -336,20 +343,71 @@ def test_paged_attention_prefill_equals_sdpa(heads, t, prior, window, kv):
         ops.paged_attention_prefill(q, k16, v16, bad, positions, 0.1, window)
 
 
+def rms(x):
+    return float(x.double().pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("heads", [(9, 3, 64), (4, 1, 256), (2, 2, 128)], ids=str)
+@pytest.mark.parametrize("t,prior", [(1, 0), (5, 0), (17, 3), (64, 0), (100, 300), (300, 0)], ids=str)
+@pytest.mark.parametrize("window", [0, 4, 100])
+def test_paged_attention_prefill_integer_products_err_less_than_float16_storage(heads, t, prior, window):
+    """AVX-512 builds take float16 caches through int16 products: queries, keys and values, and
+    P per row and key block, rounded to integers with scales of their own. Against float64
+    attention over the cached (float16) values, that adds less error than storing float32 keys
+    and values as float16 did in the first place (measured: at most 0.95 of it, in RMS)."""
+    if ops.isa != "avx512":
+        pytest.skip("no integer attention on AVX2 builds (the float kernel is tested above)")
+    H, KVH, D = heads
+    slots = torch.randperm(1000)[:prior + t]
+    k, v = torch.randn(1000, KVH, D), torch.randn(1000, KVH, D)
+    q, positions = torch.randn(t, H, D), torch.arange(prior, prior + t)
+    exact = sdpa_prefill(q.double(), k.double(), v.double(), slots, positions, D ** -0.5, window)
+    stored = sdpa_prefill(q.double(), k.half().double(), v.half().double(), slots, positions, D ** -0.5, window)
+    got = ops.paged_attention_prefill(q, k.half(), v.half(), slots, positions, D ** -0.5, window)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    assert rms(got - stored) <= 1.25 * rms(stored - exact)
+    assert float((got - stored).abs().max()) <= 2e-3
+
+
+@pytest.mark.parametrize("D", [64, 256])
+def test_paged_attention_prefill_integer_sums_stay_within_int32(D):
+    """The largest codes everywhere: every query value c, every key and value +-1 (each rounds to
+    the largest code of its row, 8191), so the integer sums of a score's 32 head dims and of P V's
+    block of 32 keys reach 32 x 8191^2 = 2^31 - 524255.
+    Scores +-1 (keys alternating in sign), values with their key's sign: the output is tanh(1) in
+    every dim; with all keys +1, exactly 1. A wrapped sum would flip signs."""
+    if ops.isa != "avx512":
+        pytest.skip("no integer attention on AVX2 builds")
+    n, c = 96, 3.0
+    sign = torch.tensor([1.0, -1.0]).repeat(n // 2)
+    for s, want in ((sign, math.tanh(1.0)), (torch.ones(n), 1.0)):
+        keys = (s[:, None, None] * torch.ones(n, 1, D)).half()
+        q = torch.full((1, 2, D), c)
+        got = ops.paged_attention_prefill(q, keys, keys.clone(), torch.arange(n), torch.tensor([n - 1]), 1 / (D * c), 0)
+        torch.testing.assert_close(got, torch.full_like(got, want), rtol=0, atol=1e-3)
+
+
 @pytest.mark.parametrize("window", [0, 2200])
 def test_paged_attention_prefill_long_float16_context(window):
-    """Float16 keys and values are converted once per call, up to 16 MB of float32 copies; past
-    that (here 2300 keys x 8 KV heads x 128: 18 MB) each task converts its own blocks. Both paths
-    against torch's attention, queries not in position order."""
-    H, KVH, D, prior, t = 8, 8, 128, 2290, 10
-    slots = torch.randperm(2400)[:prior + t]
-    k16, v16 = torch.randn(2400, KVH, D).half(), torch.randn(2400, KVH, D).half()
+    """Float16 keys and values: the float kernel converts them once per call, up to 16 MB of
+    float32 copies; past that (here 2300 keys x 8 KV heads x 128: 18 MB) each task converts its
+    own blocks. The integer kernel rounds them once per call, up to 32 MB of codes; past that
+    (8300 keys with no window: 34 MB) the float kernel takes the call. Against torch's attention, queries not in
+    position order."""
+    H, KVH, D, prior, t = 8, 8, 128, 8290, 10
+    slots = torch.randperm(8400)[:prior + t]
+    k16, v16 = torch.randn(8400, KVH, D).half(), torch.randn(8400, KVH, D).half()
     q, positions = torch.randn(t, H, D), torch.arange(prior, prior + t).flip(0)
-    for keys in (slots, slots[:1800 + t]):            # 18 MB and 14 MB of copies
-        pos = positions - (prior - (keys.numel() - t))
-        got = ops.paged_attention_prefill(q, k16, v16, keys, pos, D ** -0.5, window)
+    for n, integer in ((2300, False), (1810, False), (2300, True), (8300, True)):
+        keys = slots[:n]
+        pos = positions - (prior - (n - t))
+        got = ops.paged_attention_prefill(q, k16, v16, keys, pos, D ** -0.5, window, integer=integer)
         want = sdpa_prefill(q, k16.float(), v16.float(), keys, pos, D ** -0.5, window)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+        # rounded to integers (see above) unless the keys in reach need more than 32 MB of codes
+        if integer and ops.isa == "avx512" and (n == 2300 or window):
+            assert rms(got - want) <= 1e-4 and float((got - want).abs().max()) <= 1e-3
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("n", [1, 7, 300])

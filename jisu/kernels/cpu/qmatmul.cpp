@@ -2643,6 +2643,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 constexpr int PKB = 32;          // keys per block
 constexpr int64_t PREFILL_COPY_MAX = int64_t(16) << 20;   // bytes: float32 keys and values of a prefill call
 constexpr int PDC = 4 * VL;      // head dimensions per pass of O += P V
+constexpr int64_t PREFILL_I16_MAX = int64_t(32) << 20;   // bytes: integer keys and values of a prefill call
 
 // S^T [PKB keys][MV vectors of rows] = K [keys][D] x Qt [D][rows], four keys at a time
 template <int MV>
@@ -2736,8 +2737,311 @@ void check_caches(const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
                 "KV caches must both be float32 or both float16");
 }
 
+// Task `task` of a prefill attention call: KV head kvh and the queries tq0 .. tq0 + M / G - 1
+// as M rows (query r / G, head r % G), in MV vectors of MP rows. Pairs of tasks take a short and
+// a long query block, so that halves of the range balance.
+struct PrefillTask {
+    int64_t kvh, tq0, M, MV, MP;
+    PrefillTask(int64_t task, int64_t KVH, int64_t nqb, int64_t QB, int64_t T, int64_t G) {
+        kvh = task % KVH;
+        const int64_t i = task / KVH, qb = i % 2 == 0 ? i / 2 : nqb - 1 - i / 2;
+        tq0 = qb * QB;
+        M = std::min<int64_t>(QB, T - tq0) * G;
+        MV = (M + VL - 1) / VL;
+        MP = MV * VL;
+    }
+};
+
+#ifdef JISU_AVX512
+// ---- prefill attention in integers (float16 caches, AVX-512 VNNI) ---------------------------
+// The float kernel above spends its time in two products, S = Q K^T and O += P V, on the float32
+// multiply-add units; vpdpwssd does twice as many multiply-adds per instruction. So here every
+// query row (per head), key row and value row is rounded to int16 codes with a scale of its own
+// (x ~ s c), and so is P per row and block of keys, with each key's value scale folded into its
+// column of P. The codes are bounded so that int32 sums cannot wrap: scores sum SF head dims in
+// integers before they go to float (SF x CQK^2 < 2^31), P V a block of PKB keys (PKB x CPV^2 <
+// 2^31). 13-bit codes round a key or value to within 1/16382 of its row's largest, about the
+// float16 cache's own rounding (1/4096 of each value's power of two). Against transformers this
+// moves the logits' mean KL from 4.6e-7 to 8.6e-7 (SmolLM2) and from 3.8e-7 to 1.7e-6 (Gemma 3);
+// 12.5-bit codes for the scores (SF = 64) were as fast and gave twice Gemma's KL.
+constexpr int SF = 32;
+constexpr float CQK = 8191.f, CPV = 8191.f;
+static_assert(double(SF) * 8191.0 * 8191.0 < 2147483648.0 && double(PKB) * 8191.0 * 8191.0 < 2147483648.0,
+              "int32 sums of the integer attention would wrap");
+
+// acc += the int16 pair products of a and b. GCC's intrinsic leaves the accumulator untied in a
+// loop: it copied every accumulator to another register and to the stack on each step (the
+// kernels below ran at a quarter of vpdpwssd's rate); the asm ties it to its register.
+inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
+    asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+}
+
+// n values (a multiple of 16) at p: their largest magnitude (NaN when one is not finite)
+template <typename T>
+inline float amax16(const T* p, int64_t n) {
+    __m512 mx = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t d = 0; d < n; d += 16) {
+        const __m512 v = vload(p + d);
+        bad |= _mm512_fpclass_ps_mask(v, 0x99);
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+    }
+    return bad ? NAN : _mm512_reduce_max_ps(mx);
+}
+
+// 16 values at p as int32 codes, x * id rounded to nearest
+template <typename T>
+inline __m512i codes32(const T* p, __m512 id) { return _mm512_cvtps_epi32(_mm512_mul_ps(vload(p), id)); }
+
+inline float inv_or_zero(float amax, float c) { return amax > 0.f && std::isfinite(amax) ? c / amax : 0.f; }
+
+// S^T [n keys][MV vectors of rows] from int16 keys (scales ks) and the rows' codes as pairs qt
+// [D / 2][MP] (scales qs, the softmax scale included), four keys at a time
+template <int MV>
+inline void scores_i16(const int16_t* const* krows, const float* ks, int n, const int32_t* qt, const float* qs,
+                       int64_t D, float* st) {
+    constexpr int MP = MV * VL;
+    __m512 qsv[MV];
+    for (int v = 0; v < MV; ++v) qsv[v] = _mm512_loadu_ps(qs + v * VL);
+    for (int j0 = 0; j0 < n; j0 += 4) {
+        const int nk = std::min(4, n - j0);
+        const int16_t* kr[4];
+        for (int k = 0; k < 4; ++k) kr[k] = krows[j0 + std::min(k, nk - 1)];   // past n: repeat (unused)
+        for (int64_t f0 = 0; f0 < D; f0 += SF) {
+            __m512i ai[4][MV];
+            for (int k = 0; k < 4; ++k) for (int v = 0; v < MV; ++v) ai[k][v] = _mm512_setzero_si512();
+            for (int64_t dp = f0 / 2; dp < (f0 + SF) / 2; ++dp) {
+                __m512i q[MV];
+                for (int v = 0; v < MV; ++v) q[v] = _mm512_load_si512(qt + dp * MP + v * VL);
+                for (int k = 0; k < 4; ++k) {
+                    int32_t pair;
+                    std::memcpy(&pair, kr[k] + 2 * dp, 4);
+                    const __m512i kd = _mm512_set1_epi32(pair);
+                    for (int v = 0; v < MV; ++v) ai[k][v] = dpwssd(ai[k][v], kd, q[v]);
+                }
+            }
+            const bool first = f0 == 0, last = f0 + SF >= D;
+            for (int k = 0; k < 4; ++k)
+                for (int v = 0; v < MV; ++v) {
+                    float* p = st + (j0 + k) * MP + v * VL;
+                    __m512 s = _mm512_cvtepi32_ps(ai[k][v]);
+                    if (!first) s = _mm512_add_ps(s, _mm512_loadu_ps(p));
+                    if (last) s = _mm512_mul_ps(s, _mm512_mul_ps(qsv[v], _mm512_set1_ps(ks[j0 + std::min(k, nk - 1)])));
+                    _mm512_storeu_ps(p, s);
+                }
+        }
+    }
+}
+
+// O [R rows][D] = corr O + sp P V for one block: P as int16 pairs of keys pp [pairs][MP] (rows
+// from r0 on), values as pairs vpairs[i] [D] (keys 2i, 2i + 1 of the block, interleaved)
+template <int R>
+inline void values_i16(const int32_t* pp, int64_t MP, const int32_t* const* vpairs, int npairs, int64_t D,
+                       const float* sp, const float* corr, float* o) {
+    for (int64_t d0 = 0; d0 < D; d0 += 4 * VL) {
+        __m512i ai[R][4];
+        for (int r = 0; r < R; ++r) for (int c = 0; c < 4; ++c) ai[r][c] = _mm512_setzero_si512();
+        for (int i = 0; i < npairs; ++i) {
+            __m512i v[4];
+            for (int c = 0; c < 4; ++c) v[c] = _mm512_loadu_si512(vpairs[i] + d0 + c * VL);
+            for (int r = 0; r < R; ++r) {
+                const __m512i p = _mm512_set1_epi32(pp[i * MP + r]);
+                for (int c = 0; c < 4; ++c) ai[r][c] = dpwssd(ai[r][c], p, v[c]);
+            }
+        }
+        for (int r = 0; r < R; ++r) {
+            const __m512 s = _mm512_set1_ps(sp[r]), cr = _mm512_set1_ps(corr[r]);
+            for (int c = 0; c < 4; ++c) {
+                float* p = o + r * D + d0 + c * VL;
+                _mm512_storeu_ps(p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][c]), s, _mm512_mul_ps(_mm512_loadu_ps(p), cr)));
+            }
+        }
+    }
+}
+
+// exp(x) for softmax weights that are rounded to 13 bits next: a degree-5 polynomial on
+// x - n ln2 (relative error < 3e-6) scaled by 2^n; x <= -88 gives ~6e-39 (not 0)
+inline __m512 exp_p5(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-88.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.f / 120.f);
+    for (float c : {1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    return _mm512_scalef_ps(p, n);
+}
+
+// Online softmax of one key block for one vector of rows (st: scores [n keys][stride MP], lanes
+// the rows), P rounded: the running max m, sum l and the factor corr for O; P times each key's
+// value scale as int16 pairs of keys pp [n / 2][stride MP] with the rows' scale sp. The largest
+// of P vs per row is exp(max(s + log vs) - max s), known before P is, so each P is rounded as
+// it is computed. MASK: keys outside a row's causal window (which st still holds) are excluded.
+template <bool MASK>
+inline void softmax_i16(float* st, int64_t MP, int n, int64_t kb, const int32_t* rpos, int64_t window,
+                        const float* lvs, const float* vs, float* m, float* l, float* corr, float* sp, int32_t* pp) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    __m512 mx = _mm512_loadu_ps(m), tmax = ninf;
+    const __m512 mold = mx;
+    for (int j = 0; j < n; ++j) {
+        __m512 s = _mm512_loadu_ps(st + j * MP);
+        if constexpr (MASK) {
+            s = vselect(vvisible(rpos, int32_t(kb + j), int32_t(window)), s, ninf);
+            _mm512_storeu_ps(st + j * MP, s);
+        }
+        mx = _mm512_max_ps(mx, s);
+        tmax = _mm512_max_ps(tmax, _mm512_add_ps(s, _mm512_set1_ps(lvs[j])));
+    }
+    const __m512 pmax = exp_p5(_mm512_sub_ps(tmax, mx));
+    const __mmask16 some = _mm512_cmp_ps_mask(pmax, _mm512_set1_ps(1e-30f), _CMP_GT_OQ);
+    const __m512 ip = _mm512_maskz_div_ps(some, _mm512_set1_ps(CPV), pmax);
+    const __m512i low = _mm512_set1_epi32(0xFFFF);
+    __m512 sum = _mm512_setzero_ps();
+    for (int j = 0; j < n; j += 2) {
+        const __m512 e0 = exp_p5(_mm512_sub_ps(_mm512_loadu_ps(st + j * MP), mx));
+        const __m512 e1 = j + 1 < n ? exp_p5(_mm512_sub_ps(_mm512_loadu_ps(st + (j + 1) * MP), mx)) : _mm512_setzero_ps();
+        sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+        const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(e0, _mm512_mul_ps(ip, _mm512_set1_ps(vs[j]))));
+        const __m512i c1 = j + 1 < n ? _mm512_cvtps_epi32(_mm512_mul_ps(e1, _mm512_mul_ps(ip, _mm512_set1_ps(vs[j + 1]))))
+                                     : _mm512_setzero_si512();
+        _mm512_storeu_si512(pp + j / 2 * MP, _mm512_or_si512(_mm512_and_si512(c0, low), _mm512_slli_epi32(c1, 16)));
+    }
+    const __m512 c = exp_p5(_mm512_sub_ps(mold, mx));
+    _mm512_storeu_ps(corr, c);
+    _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), c, sum));
+    _mm512_storeu_ps(m, mx);
+    _mm512_storeu_ps(sp, _mm512_mul_ps(pmax, _mm512_set1_ps(1.f / CPV)));
+}
+
+// paged_attention_prefill for float16 caches through the integer products: keys kbase .. khi - 1
+// (kbase even) rounded once per call, then tasks as in the float kernel, key blocks starting at
+// even keys so that value pairs are the same for every task.
+void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Half* vhp, const int64_t* slots,
+                           const int64_t* pos, int64_t T, int64_t H, int64_t D, int64_t KVH, float sc, int64_t window,
+                           int64_t kbase, int64_t khi, bool parallel, float* op) {
+    const int64_t G = H / KVH, QB = std::max<int64_t>(1, 4 * VL / G), nqb = (T + QB - 1) / QB, tasks = KVH * nqb;
+    const int64_t nkeys = khi - kbase, npairs_all = (nkeys + 1) / 2;
+    std::vector<int16_t> kq(nkeys * KVH * D);
+    std::vector<float> ks(nkeys * KVH), vs(2 * npairs_all * KVH, 0.f);
+    std::vector<int32_t> vp(npairs_all * KVH * D);
+    auto convert = [&](int64_t i0, int64_t i1) {      // key pairs i0 .. i1 - 1
+        for (int64_t i = i0; i < i1; ++i)
+            for (int64_t h = 0; h < KVH; ++h) {
+                const int64_t j = 2 * i, j1 = j + 1;
+                for (int64_t jj = j; jj <= std::min(j1, nkeys - 1); ++jj) {
+                    const c10::Half* k = khp + (slots[kbase + jj] * KVH + h) * D;
+                    const float a = amax16(k, D);
+                    const __m512 id = _mm512_set1_ps(inv_or_zero(a, CQK));
+                    int16_t* dst = kq.data() + (jj * KVH + h) * D;
+                    for (int64_t d = 0; d < D; d += VL)
+                        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), _mm512_cvtsepi32_epi16(codes32(k + d, id)));
+                    ks[jj * KVH + h] = a / CQK;
+                }
+                const c10::Half* v0 = vhp + (slots[kbase + j] * KVH + h) * D;
+                const c10::Half* v1 = j1 < nkeys ? vhp + (slots[kbase + j1] * KVH + h) * D : nullptr;
+                const float a0 = amax16(v0, D), a1 = v1 ? amax16(v1, D) : 0.f;
+                const __m512 id0 = _mm512_set1_ps(inv_or_zero(a0, CPV)), id1 = _mm512_set1_ps(inv_or_zero(a1, CPV));
+                vs[j * KVH + h] = a0 / CPV;
+                vs[j1 * KVH + h] = a1 / CPV;
+                int32_t* dst = vp.data() + (i * KVH + h) * D;
+                const __m512i low = _mm512_set1_epi32(0xFFFF);
+                for (int64_t d = 0; d < D; d += VL) {
+                    const __m512i c0 = codes32(v0 + d, id0);
+                    const __m512i c1 = v1 ? codes32(v1 + d, id1) : _mm512_setzero_si512();
+                    _mm512_storeu_si512(dst + d, _mm512_or_si512(_mm512_and_si512(c0, low), _mm512_slli_epi32(c1, 16)));
+                }
+            }
+    };
+    if (parallel) at::parallel_for(0, npairs_all, 8, convert); else convert(0, npairs_all);
+    auto first_key = [&](int64_t p) { return window > 0 ? std::max<int64_t>(0, p - window + 1) : int64_t(0); };
+    auto body = [&](int64_t t0, int64_t t1) {
+        const int64_t MPmax = (QB * G + VL - 1) / VL * VL;
+        std::vector<int16_t> qc(MPmax * D);
+        std::vector<float> o(MPmax * D), st(PKB * MPmax), m(MPmax), l(MPmax), corr(MPmax), qs(MPmax), sp(MPmax);
+        std::vector<int32_t> rpos(MPmax);
+        // 64-byte aligned: qt is read with aligned loads
+        std::unique_ptr<int32_t[], void (*)(void*)> qt(static_cast<int32_t*>(std::aligned_alloc(64, D / 2 * MPmax * 4)), std::free);
+        std::vector<int32_t> pp(PKB / 2 * MPmax);
+        const int16_t* krows[PKB];
+        const int32_t* vrows[PKB / 2];
+        for (int64_t task = t0; task < t1; ++task) {
+            const PrefillTask tk(task, KVH, nqb, QB, T, G);
+            const int64_t kvh = tk.kvh, tq0 = tk.tq0, M = tk.M, MV = tk.MV, MP = tk.MP;
+            int64_t lo = khi, hi = 0;
+            for (int64_t r = 0; r < MP; ++r) {      // row r: query r / G, head r % G; padding: zero codes
+                const int64_t a = std::min(r, M - 1) / G, g = std::min(r, M - 1) % G, p = pos[tq0 + a];
+                rpos[r] = int32_t(p);
+                hi = std::max(hi, p + 1);
+                lo = std::min(lo, first_key(p));
+                int16_t* dst = qc.data() + r * D;
+                if (r >= M) {
+                    std::fill(dst, dst + D, int16_t(0));
+                    qs[r] = 0.f;
+                    continue;
+                }
+                const float* src = qp + ((tq0 + a) * H + kvh * G + g) * D;
+                const float amax = amax16(src, D);
+                const __m512 id = _mm512_set1_ps(inv_or_zero(amax, CQK));
+                for (int64_t d = 0; d < D; d += VL)
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), _mm512_cvtsepi32_epi16(codes32(src + d, id)));
+                qs[r] = amax / CQK * sc;
+            }
+            // codes as int32 pairs, transposed: qt [D / 2][MP], 16 x 16 tiles
+            for (int64_t r0 = 0; r0 < MP; r0 += 16)
+                for (int64_t c0 = 0; c0 < D / 2; c0 += 16) {
+                    __m512i t[16];
+                    for (int k = 0; k < 16; ++k)
+                        t[k] = _mm512_loadu_si512(qc.data() + (r0 + k) * D + 2 * c0);
+                    transpose16(t);
+                    for (int k = 0; k < 16; ++k) _mm512_store_si512(qt.get() + (c0 + k) * MP + r0, t[k]);
+                }
+            int32_t rmin[4], rmax[4];      // per vector of rows: the first and last position
+            for (int64_t v = 0; v < MV; ++v) {
+                rmin[v] = *std::min_element(rpos.begin() + v * VL, rpos.begin() + (v + 1) * VL);
+                rmax[v] = *std::max_element(rpos.begin() + v * VL, rpos.begin() + (v + 1) * VL);
+            }
+            std::fill(o.begin(), o.begin() + MP * D, 0.f);
+            std::fill(m.begin(), m.begin() + MP, -1e30f);
+            std::fill(l.begin(), l.begin() + MP, 0.f);
+            for (int64_t kb = lo & ~int64_t(1); kb < hi; kb += PKB) {
+                const int n = int(std::min<int64_t>(PKB, hi - kb)), np2 = (n + 1) / 2;
+                const float* ksb = ks.data() + (kb - kbase) * KVH + kvh;   // stride KVH
+                float kscale[PKB], vscale[PKB], lvscale[PKB];
+                for (int j = 0; j < n; ++j) {
+                    krows[j] = kq.data() + ((kb + j - kbase) * KVH + kvh) * D;
+                    kscale[j] = ksb[j * KVH];
+                    vscale[j] = vs[(kb + j - kbase) * KVH + kvh];
+                    lvscale[j] = std::log(vscale[j]);     // -inf for a zero row
+                }
+                for (int p2 = 0; p2 < np2; ++p2) vrows[p2] = vp.data() + (((kb - kbase) / 2 + p2) * KVH + kvh) * D;
+                one_to_four(MV, [&](auto mv) { scores_i16<decltype(mv)::value>(krows, kscale, n, qt.get(), qs.data(), D, st.data()); });
+                for (int64_t v = 0; v < MV; ++v) {
+                    // every key of the block visible to every row of the vector: no mask
+                    const bool all = kb + n - 1 <= rmin[v] && (window <= 0 || kb > rmax[v] - window);
+                    if (all) softmax_i16<false>(st.data() + v * VL, MP, n, kb, rpos.data() + v * VL, window, lvscale, vscale,
+                                                m.data() + v * VL, l.data() + v * VL, corr.data() + v * VL, sp.data() + v * VL, pp.data() + v * VL);
+                    else softmax_i16<true>(st.data() + v * VL, MP, n, kb, rpos.data() + v * VL, window, lvscale, vscale,
+                                           m.data() + v * VL, l.data() + v * VL, corr.data() + v * VL, sp.data() + v * VL, pp.data() + v * VL);
+                }
+                by_rows4(M, [&](int64_t r0, auto rr) {
+                    values_i16<decltype(rr)::value>(pp.data() + r0, MP, vrows, np2, D, sp.data() + r0, corr.data() + r0, o.data() + r0 * D);
+                });
+            }
+            for (int64_t r = 0; r < M; ++r) {
+                const float inv = 1.f / l[r];
+                float* dst = op + ((tq0 + r / G) * H + kvh * G + r % G) * D;
+                for (int64_t d = 0; d < D; ++d) dst[d] = o[r * D + d] * inv;
+            }
+        }
+    };
+    if (parallel) at::parallel_for(0, tasks, 1, body); else body(0, tasks);
+}
+#endif
+
+
 torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                      torch::Tensor key_slots, torch::Tensor positions, double scale, int64_t window) {
+                                      torch::Tensor key_slots, torch::Tensor positions, double scale, int64_t window,
+                                      bool integer) {
     TORCH_CHECK(q.dtype() == torch::kFloat32 && q.dim() == 3, "q must be float32 [T, H, D]");
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3, "caches must be contiguous [S, KVH, D]");
     check_caches(k_cache, v_cache);
@@ -2779,6 +3083,15 @@ torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, to
     for (int64_t j = klo; j < khi; ++j)
         TORCH_CHECK(slots[j] >= 0 && slots[j] < k_cache.size(0), "paged_attention_prefill: key ", j, " in slot ", slots[j],
                     " outside the cache's ", k_cache.size(0));
+#ifdef JISU_AVX512
+    const int64_t kpair = klo & ~int64_t(1);     // keys go in pairs from an even one
+    if (half && integer && (khi - kpair + 1) * KVH * D * 4 <= PREFILL_I16_MAX) {
+        TORCH_CHECK(slots[kpair] >= 0 && slots[kpair] < k_cache.size(0), "paged_attention_prefill: key ", kpair,
+                    " in slot ", slots[kpair], " outside the cache's ", k_cache.size(0));
+        prefill_attention_i16(qp, khp, vhp, slots, pos, T, H, D, KVH, float(scale), window, kpair, khi, parallel, op);
+        return out;
+    }
+#endif
     const bool copy = half && (khi - klo) * KVH * D * 2 * int64_t(sizeof(float)) <= PREFILL_COPY_MAX;
     // n float16 values of the key and value caches at `at` into float32 at kd, vd (n a multiple of VL)
     auto to_float = [&](float* kd, float* vd, int64_t at, int64_t n) {
@@ -2805,11 +3118,8 @@ torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, to
         const float* krows[PKB];
         const float* vrows[PKB];
         for (int64_t task = t0; task < t1; ++task) {
-            // pairs of tasks take a short and a long query block, so halves of the range balance
-            const int64_t kvh = task % KVH, i = task / KVH;
-            const int64_t qb = i % 2 == 0 ? i / 2 : nqb - 1 - i / 2;
-            const int64_t tq0 = qb * QB, nq = std::min<int64_t>(QB, T - tq0), M = nq * G;
-            const int64_t MV = (M + VL - 1) / VL, MP = MV * VL;
+            const PrefillTask tk(task, KVH, nqb, QB, T, G);
+            const int64_t kvh = tk.kvh, tq0 = tk.tq0, M = tk.M, MV = tk.MV, MP = tk.MP;
             int64_t lo = L, hi = 0;
             const float* src[4 * VL];
             for (int64_t r = 0; r < MP; ++r) {      // row r: query r / G, head r % G; padding repeats the last
@@ -3599,7 +3909,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("decode_layer", &decode_layer, "a block's fixed decode_block arguments");
     m.def("decode_layers", &decode_layers, "every block of a decode step, in order", release());
     m.def("paged_attention_decode", &paged_attention_decode, "one-token attention through block tables", release());
-    m.def("paged_attention_prefill", &paged_attention_prefill, "causal attention of one sequence's new tokens through its keys' slots", release());
+    m.def("paged_attention_prefill", &paged_attention_prefill,
+          "causal attention of one sequence's new tokens through its keys' slots (integer: float16 caches through "
+          "int16 products, on AVX-512 builds)", py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("key_slots"),
+          py::arg("positions"), py::arg("scale"), py::arg("window"), py::arg("integer") = true, release());
     m.def("qmatmul_many", &qmatmul_many, "x @ dequant(W_i)^T for matrices reading the same x, x rounded once", release());
     m.def("write_kv_", &write_kv_, "new key and value rows into their cache slots", release());
     m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension", release());
