@@ -2922,7 +2922,7 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
     const int64_t G = H / KVH, QB = std::max<int64_t>(1, 4 * VL / G), nqb = (T + QB - 1) / QB, tasks = KVH * nqb;
     const int64_t nkeys = khi - kbase, npairs_all = (nkeys + 1) / 2;
     std::vector<int16_t> kq(nkeys * KVH * D);
-    std::vector<float> ks(nkeys * KVH), vs(2 * npairs_all * KVH, 0.f);
+    std::vector<float> ks(nkeys * KVH), vs(2 * npairs_all * KVH, 0.f), lvs(vs.size());   // lvs: log vs
     std::vector<int32_t> vp(npairs_all * KVH * D);
     auto convert = [&](int64_t i0, int64_t i1) {      // key pairs i0 .. i1 - 1
         for (int64_t i = i0; i < i1; ++i)
@@ -2943,6 +2943,8 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
                 const __m512 id0 = _mm512_set1_ps(inv_or_zero(a0, CPV)), id1 = _mm512_set1_ps(inv_or_zero(a1, CPV));
                 vs[j * KVH + h] = a0 / CPV;
                 vs[j1 * KVH + h] = a1 / CPV;
+                lvs[j * KVH + h] = std::log(a0 / CPV);       // -inf for a zero row
+                lvs[j1 * KVH + h] = std::log(a1 / CPV);
                 int32_t* dst = vp.data() + (i * KVH + h) * D;
                 const __m512i low = _mm512_set1_epi32(0xFFFF);
                 for (int64_t d = 0; d < D; d += VL) {
@@ -3011,7 +3013,7 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
                     krows[j] = kq.data() + ((kb + j - kbase) * KVH + kvh) * D;
                     kscale[j] = ksb[j * KVH];
                     vscale[j] = vs[(kb + j - kbase) * KVH + kvh];
-                    lvscale[j] = std::log(vscale[j]);     // -inf for a zero row
+                    lvscale[j] = lvs[(kb + j - kbase) * KVH + kvh];
                 }
                 for (int p2 = 0; p2 < np2; ++p2) vrows[p2] = vp.data() + (((kb - kbase) / 2 + p2) * KVH + kvh) * D;
                 one_to_four(MV, [&](auto mv) { scores_i16<decltype(mv)::value>(krows, kscale, n, qt.get(), qs.data(), D, st.data()); });
