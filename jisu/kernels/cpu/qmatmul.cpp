@@ -2796,6 +2796,22 @@ inline __m512i codes32(const T* p, __m512 id) { return _mm512_cvtps_epi32(_mm512
 
 inline float inv_or_zero(float amax, float c) { return amax > 0.f && std::isfinite(amax) ? c / amax : 0.f; }
 
+// n values (a multiple of 16) at p as int16 codes of at most c at dst; returns their largest
+// magnitude (the row's scale is that / c; NaN when a value is not finite)
+template <typename T>
+inline float round_row16(const T* p, int64_t n, float c, int16_t* dst) {
+    const float amax = amax16(p, n);
+    const __m512 id = _mm512_set1_ps(inv_or_zero(amax, c));
+    for (int64_t d = 0; d < n; d += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), _mm512_cvtsepi32_epi16(codes32(p + d, id)));
+    return amax;
+}
+
+// int32 codes of two keys (|c| < 2^15) as the int16 pairs vpdpwssd takes: c0 low, c1 high
+inline __m512i pairs16(__m512i c0, __m512i c1) {
+    return _mm512_or_si512(_mm512_and_si512(c0, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(c1, 16));
+}
+
 // S^T [n keys][MV vectors of rows] from int16 keys (scales ks) and the rows' codes as pairs qt
 // [D / 2][MP] (scales qs, the softmax scale included), four keys at a time
 template <int MV>
@@ -2895,7 +2911,6 @@ inline void softmax_i16(float* st, int64_t MP, int n, int64_t kb, const int32_t*
     const __m512 pmax = exp_p5(_mm512_sub_ps(tmax, mx));
     const __mmask16 some = _mm512_cmp_ps_mask(pmax, _mm512_set1_ps(1e-30f), _CMP_GT_OQ);
     const __m512 ip = _mm512_maskz_div_ps(some, _mm512_set1_ps(CPV), pmax);
-    const __m512i low = _mm512_set1_epi32(0xFFFF);
     __m512 sum = _mm512_setzero_ps();
     for (int j = 0; j < n; j += 2) {
         const __m512 e0 = exp_p5(_mm512_sub_ps(_mm512_loadu_ps(st + j * MP), mx));
@@ -2904,7 +2919,7 @@ inline void softmax_i16(float* st, int64_t MP, int n, int64_t kb, const int32_t*
         const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(e0, _mm512_mul_ps(ip, _mm512_set1_ps(vs[j]))));
         const __m512i c1 = j + 1 < n ? _mm512_cvtps_epi32(_mm512_mul_ps(e1, _mm512_mul_ps(ip, _mm512_set1_ps(vs[j + 1]))))
                                      : _mm512_setzero_si512();
-        _mm512_storeu_si512(pp + j / 2 * MP, _mm512_or_si512(_mm512_and_si512(c0, low), _mm512_slli_epi32(c1, 16)));
+        _mm512_storeu_si512(pp + j / 2 * MP, pairs16(c0, c1));
     }
     const __m512 c = exp_p5(_mm512_sub_ps(mold, mx));
     _mm512_storeu_ps(corr, c);
@@ -2913,14 +2928,15 @@ inline void softmax_i16(float* st, int64_t MP, int n, int64_t kb, const int32_t*
     _mm512_storeu_ps(sp, _mm512_mul_ps(pmax, _mm512_set1_ps(1.f / CPV)));
 }
 
-// paged_attention_prefill for float16 caches through the integer products: keys kbase .. khi - 1
-// (kbase even) rounded once per call, then tasks as in the float kernel, key blocks starting at
-// even keys so that value pairs are the same for every task.
+// paged_attention_prefill for float16 caches through the integer products: keys klo .. khi - 1
+// rounded once per call, then tasks as in the float kernel, key blocks starting at even keys so
+// that value pairs are the same for every task. Keys are held from kbase = klo rounded down to
+// even: where that is klo - 1, a key no query sees, it is held as zeros rather than read.
 void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Half* vhp, const int64_t* slots,
                            const int64_t* pos, int64_t T, int64_t H, int64_t D, int64_t KVH, float sc, int64_t window,
-                           int64_t kbase, int64_t khi, bool parallel, float* op) {
+                           int64_t klo, int64_t khi, bool parallel, float* op) {
     const int64_t G = H / KVH, QB = std::max<int64_t>(1, 4 * VL / G), nqb = (T + QB - 1) / QB, tasks = KVH * nqb;
-    const int64_t nkeys = khi - kbase, npairs_all = (nkeys + 1) / 2;
+    const int64_t kbase = klo & ~int64_t(1), nkeys = khi - kbase, npairs_all = (nkeys + 1) / 2;
     std::vector<int16_t> kq(nkeys * KVH * D);
     std::vector<float> ks(nkeys * KVH), vs(2 * npairs_all * KVH, 0.f), lvs(vs.size());   // lvs: log vs
     std::vector<int32_t> vp(npairs_all * KVH * D);
@@ -2928,30 +2944,32 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
         for (int64_t i = i0; i < i1; ++i)
             for (int64_t h = 0; h < KVH; ++h) {
                 const int64_t j = 2 * i, j1 = j + 1;
+                // key kbase + jj as it lies in the cache; null: zeros (the key before klo, or past khi)
+                auto at = [&](const c10::Half* cache, int64_t jj) -> const c10::Half* {
+                    return jj < nkeys && kbase + jj >= klo ? cache + (slots[kbase + jj] * KVH + h) * D : nullptr;
+                };
                 for (int64_t jj = j; jj <= std::min(j1, nkeys - 1); ++jj) {
-                    const c10::Half* k = khp + (slots[kbase + jj] * KVH + h) * D;
-                    const float a = amax16(k, D);
-                    const __m512 id = _mm512_set1_ps(inv_or_zero(a, CQK));
+                    const c10::Half* k = at(khp, jj);
                     int16_t* dst = kq.data() + (jj * KVH + h) * D;
-                    for (int64_t d = 0; d < D; d += VL)
-                        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), _mm512_cvtsepi32_epi16(codes32(k + d, id)));
-                    ks[jj * KVH + h] = a / CQK;
+                    if (k) {
+                        ks[jj * KVH + h] = round_row16(k, D, CQK, dst) / CQK;
+                    } else {
+                        std::fill(dst, dst + D, int16_t(0));
+                        ks[jj * KVH + h] = 0.f;
+                    }
                 }
-                const c10::Half* v0 = vhp + (slots[kbase + j] * KVH + h) * D;
-                const c10::Half* v1 = j1 < nkeys ? vhp + (slots[kbase + j1] * KVH + h) * D : nullptr;
-                const float a0 = amax16(v0, D), a1 = v1 ? amax16(v1, D) : 0.f;
+                const c10::Half* v0 = at(vhp, j);
+                const c10::Half* v1 = at(vhp, j1);
+                const float a0 = v0 ? amax16(v0, D) : 0.f, a1 = v1 ? amax16(v1, D) : 0.f;
                 const __m512 id0 = _mm512_set1_ps(inv_or_zero(a0, CPV)), id1 = _mm512_set1_ps(inv_or_zero(a1, CPV));
                 vs[j * KVH + h] = a0 / CPV;
                 vs[j1 * KVH + h] = a1 / CPV;
                 lvs[j * KVH + h] = std::log(a0 / CPV);       // -inf for a zero row
                 lvs[j1 * KVH + h] = std::log(a1 / CPV);
                 int32_t* dst = vp.data() + (i * KVH + h) * D;
-                const __m512i low = _mm512_set1_epi32(0xFFFF);
-                for (int64_t d = 0; d < D; d += VL) {
-                    const __m512i c0 = codes32(v0 + d, id0);
-                    const __m512i c1 = v1 ? codes32(v1 + d, id1) : _mm512_setzero_si512();
-                    _mm512_storeu_si512(dst + d, _mm512_or_si512(_mm512_and_si512(c0, low), _mm512_slli_epi32(c1, 16)));
-                }
+                for (int64_t d = 0; d < D; d += VL)
+                    _mm512_storeu_si512(dst + d, pairs16(v0 ? codes32(v0 + d, id0) : _mm512_setzero_si512(),
+                                                         v1 ? codes32(v1 + d, id1) : _mm512_setzero_si512()));
             }
     };
     if (parallel) at::parallel_for(0, npairs_all, 8, convert); else convert(0, npairs_all);
@@ -2981,12 +2999,7 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
                     qs[r] = 0.f;
                     continue;
                 }
-                const float* src = qp + ((tq0 + a) * H + kvh * G + g) * D;
-                const float amax = amax16(src, D);
-                const __m512 id = _mm512_set1_ps(inv_or_zero(amax, CQK));
-                for (int64_t d = 0; d < D; d += VL)
-                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), _mm512_cvtsepi32_epi16(codes32(src + d, id)));
-                qs[r] = amax / CQK * sc;
+                qs[r] = round_row16(qp + ((tq0 + a) * H + kvh * G + g) * D, D, CQK, dst) / CQK * sc;
             }
             // codes as int32 pairs, transposed: qt [D / 2][MP], 16 x 16 tiles
             for (int64_t r0 = 0; r0 < MP; r0 += 16)
@@ -3007,23 +3020,25 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
             std::fill(l.begin(), l.begin() + MP, 0.f);
             for (int64_t kb = lo & ~int64_t(1); kb < hi; kb += PKB) {
                 const int n = int(std::min<int64_t>(PKB, hi - kb)), np2 = (n + 1) / 2;
-                const float* ksb = ks.data() + (kb - kbase) * KVH + kvh;   // stride KVH
                 float kscale[PKB], vscale[PKB], lvscale[PKB];
                 for (int j = 0; j < n; ++j) {
-                    krows[j] = kq.data() + ((kb + j - kbase) * KVH + kvh) * D;
-                    kscale[j] = ksb[j * KVH];
-                    vscale[j] = vs[(kb + j - kbase) * KVH + kvh];
-                    lvscale[j] = lvs[(kb + j - kbase) * KVH + kvh];
+                    const int64_t at = (kb + j - kbase) * KVH + kvh;     // key kb + j of this KV head
+                    krows[j] = kq.data() + at * D;
+                    kscale[j] = ks[at];
+                    vscale[j] = vs[at];
+                    lvscale[j] = lvs[at];
                 }
                 for (int p2 = 0; p2 < np2; ++p2) vrows[p2] = vp.data() + (((kb - kbase) / 2 + p2) * KVH + kvh) * D;
                 one_to_four(MV, [&](auto mv) { scores_i16<decltype(mv)::value>(krows, kscale, n, qt.get(), qs.data(), D, st.data()); });
                 for (int64_t v = 0; v < MV; ++v) {
                     // every key of the block visible to every row of the vector: no mask
                     const bool all = kb + n - 1 <= rmin[v] && (window <= 0 || kb > rmax[v] - window);
-                    if (all) softmax_i16<false>(st.data() + v * VL, MP, n, kb, rpos.data() + v * VL, window, lvscale, vscale,
-                                                m.data() + v * VL, l.data() + v * VL, corr.data() + v * VL, sp.data() + v * VL, pp.data() + v * VL);
-                    else softmax_i16<true>(st.data() + v * VL, MP, n, kb, rpos.data() + v * VL, window, lvscale, vscale,
-                                           m.data() + v * VL, l.data() + v * VL, corr.data() + v * VL, sp.data() + v * VL, pp.data() + v * VL);
+                    auto soft = [&](auto mask) {
+                        softmax_i16<decltype(mask)::value>(st.data() + v * VL, MP, n, kb, rpos.data() + v * VL, window, lvscale,
+                                                           vscale, m.data() + v * VL, l.data() + v * VL, corr.data() + v * VL,
+                                                           sp.data() + v * VL, pp.data() + v * VL);
+                    };
+                    if (all) soft(std::false_type{}); else soft(std::true_type{});
                 }
                 by_rows4(M, [&](int64_t r0, auto rr) {
                     values_i16<decltype(rr)::value>(pp.data() + r0, MP, vrows, np2, D, sp.data() + r0, corr.data() + r0, o.data() + r0 * D);
@@ -3086,11 +3101,8 @@ torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, to
         TORCH_CHECK(slots[j] >= 0 && slots[j] < k_cache.size(0), "paged_attention_prefill: key ", j, " in slot ", slots[j],
                     " outside the cache's ", k_cache.size(0));
 #ifdef JISU_AVX512
-    const int64_t kpair = klo & ~int64_t(1);     // keys go in pairs from an even one
-    if (half && integer && (khi - kpair + 1) * KVH * D * 4 <= PREFILL_I16_MAX) {
-        TORCH_CHECK(slots[kpair] >= 0 && slots[kpair] < k_cache.size(0), "paged_attention_prefill: key ", kpair,
-                    " in slot ", slots[kpair], " outside the cache's ", k_cache.size(0));
-        prefill_attention_i16(qp, khp, vhp, slots, pos, T, H, D, KVH, float(scale), window, kpair, khi, parallel, op);
+    if (half && integer && (khi - (klo & ~int64_t(1)) + 1) * KVH * D * 4 <= PREFILL_I16_MAX) {   // codes from an even key
+        prefill_attention_i16(qp, khp, vhp, slots, pos, T, H, D, KVH, float(scale), window, klo, khi, parallel, op);
         return out;
     }
 #endif
