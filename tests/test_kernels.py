@@ -106,16 +106,24 @@ def test_integer_activations_by_row_count_and_isa():
         ops.qmatmul(x[:1], q, int(Q.Q4_1), 512, 3)
 
 
+def pow2_steps(x: torch.Tensor, qmax: float) -> torch.Tensor:
+    """The int16 rounding's step for each 32-value block of the row x: 2^e, e = frexp's exponent
+    of amax / qmax (amax / qmax < 2^e <= 2 amax / qmax), at least 2^-40."""
+    amax = x.abs().view(-1, 32).amax(1).float()
+    _, e = torch.frexp(amax / qmax)
+    return torch.ldexp(torch.ones_like(amax, dtype=torch.float64), e.clamp(min=-40).double())
+
+
 @pytest.mark.parametrize("m", [3, 4, 5, 17, 64, 130])
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
 def test_int16_gemm_within_its_rounding_bound(qtype, m):
     """Many rows with integer activations (AVX-512 builds: the int16 GEMM; AVX2: float32).
 
-    int16 rounding moves x_i by at most amax(block of i) / (2 qmax), qmax 32767 (16383 for
-    Q6_K, whose panels carry its 16-value scales in the weights); y_n then moves by at most
-    sum_i |w_ni| of that, plus float32 accumulation noise. 45 weight rows: one full panel of 32
-    and a part-full one (13 columns: its second vector of 16 empty; 29: part-full); m not a
-    multiple of the 4-row tile."""
+    int16 rounding moves x_i by at most half its block's step: the power of two 2^e with
+    amax(block) / qmax < 2^e <= 2 amax / qmax, qmax 32767 (16383 for Q6_K, whose panels carry
+    its 16-value scales in the weights); y_n then moves by at most sum_i |w_ni| of that, plus
+    float32 accumulation noise. 45 weight rows: one full panel of 32 and a part-full one (13
+    columns: its second vector of 16 empty; 29: part-full); m not a multiple of the 4-row tile."""
     k = 2048 if qtype in (Q.Q4_K, Q.Q6_K) else 640
     qmax = 16383 if qtype == Q.Q6_K and ops.isa == "avx512" else 32767
     n = 45 if m % 2 else 61
@@ -128,10 +136,39 @@ def test_int16_gemm_within_its_rounding_bound(qtype, m):
         gots = ops.qmatmul(x, q, int(qtype), k, digits).double()
         assert gots.shape == (m, n)
         for xr, want, got in zip(x, wants, gots):
-            amax = xr.abs().view(-1, 32).amax(1).repeat_interleave(32).double()
-            bound = ref_w.double().abs() @ (amax / (2 * qmax)) + 1e-5 * (ref_w.double().abs() @ xr.double().abs())
+            step = pow2_steps(xr, qmax).repeat_interleave(32)
+            bound = ref_w.double().abs() @ (step / 2) + 1e-5 * (ref_w.double().abs() @ xr.double().abs())
             assert torch.all((got - want).abs() <= bound), float(((got - want).abs() / bound).max())
-            assert (got - want).norm() <= 1e-4 * (32767 / qmax) * want.norm()     # in proportion to the step
+            # in proportion to the step (a power of two: up to twice amax / qmax)
+            assert (got - want).norm() <= 2e-4 * (32767 / qmax) * want.norm()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q5_0, Q.Q6_K], ids=lambda q: q.name)
+def test_int16_gemm_blocks_outside_the_power_of_two_range(qtype):
+    """The GEMM scales a block's sums by its power of two through the float exponent, over
+    exponents that cover blocks up to ~2^71 (scale 2^56). Smaller blocks (here 1e-12: below
+    2^-40 qmax) take the smallest scale, 2^-40, and lose only absolute precision; a block above
+    the range (1e25) makes the whole call round with exact scales, amax / qmax. Both stay within
+    half their step of the exact product, per row."""
+    if ops.isa != "avx512":
+        return
+    k, n, m = 512, 40, 7
+    qmax = 16383 if qtype == Q.Q6_K else 32767
+    q, ref_w = random_weight(qtype, n=n, k=k)
+    for huge in (False, True):
+        x = torch.randn(m, k)
+        x[1, 64:96] *= 1e-12
+        x[2] *= 1e-12
+        if huge:
+            x[4, 128:160] *= 1e25
+        want = x.double() @ ref_w.double().t()
+        got = ops.qmatmul(x, q, int(qtype), k, 2).double()
+        assert torch.isfinite(got).all()
+        for r in range(m):
+            amax = x[r].abs().view(-1, 32).amax(1).double()
+            step = amax / qmax if huge else pow2_steps(x[r], qmax)
+            bound = ref_w.double().abs() @ (step.repeat_interleave(32) / 2) + 1e-5 * (ref_w.double().abs() @ x[r].double().abs())
+            assert torch.all((got[r] - want[r]).abs() <= bound), (huge, r)
 
 
 def q6k_extreme_rows(n, k, sign=1):
