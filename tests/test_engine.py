@@ -195,8 +195,11 @@ def test_last_block_computes_only_the_rows_the_logits_read(model, request):
         eng.add_request("all", ids, greedy(1))
         full = None
         while full is None:
+            before = len(seen)
             ready, every, _ = run(all_logits=True)
-            assert seen[-1][1] is None
+            # every row: the last block in Python with rows None, or with the others in one
+            # prefill_layers call (a one-prompt step on the int16 GEMM)
+            assert len(seen) == before or seen[-1][1] is None
             full = every[-1] if ready else None
         eng.abort("all")
         assert got.argmax() == full.argmax()

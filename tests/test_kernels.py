@@ -507,6 +507,7 @@ def test_fused_decode_block_equals_python_block(tmp_path, arch, activations):
             "decode_layers": lambda self, *a: (calls.append(1), real.decode_layers(*a))[1]})()
     whole.ops = type("Counting", (), {
         "decode_layer": lambda self, *a: real.decode_layer(*a),
+        "prefill_layers": lambda self, *a: real.prefill_layers(*a),
         "decode_layers": lambda self, *a: (calls.append(len(fused)), real.decode_layers(*a))[1]})()
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=3)
 
@@ -530,6 +531,52 @@ def test_fused_decode_block_equals_python_block(tmp_path, arch, activations):
         assert not calls
         # same kernels in the same order: the same tokens and the same numbers
         assert one_call == per_block == python
+
+
+@pytest.mark.parametrize("activations", ["int16", "float32"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_fused_prefill_equals_python_blocks(tmp_path, arch, activations):
+    """A step that is one prompt chunk runs its blocks through prefill_layers (one C++ call) on
+    the int16 GEMM: the same kernels in the same order as the Python blocks, so the same logits to
+    the bit. Chunks of 96 tokens, then 8 and 2 (the GEMM's slices of up, its short tiles, the two-row
+    kernels), attending to earlier chunks' keys (Gemma's sliding window of 4 too); scoring takes
+    every block fused, generation keeps the last block in Python for the rows it samples."""
+    from gguf_factory import write_tiny_gemma3, write_tiny_llama
+    from jisu import LLM, SamplingParams
+    writer = write_tiny_llama if arch == "llama" else write_tiny_gemma3
+    llm = LLM(str(writer(tmp_path / "m.gguf", qtype=Q.Q4_1)), progress=False, kernels=True,
+              enable_prefix_caching=False, activations=activations, max_num_batched_tokens=96)
+    whole = llm.model.fused
+    real, calls = whole.ops, []
+    whole.ops = type("Counting", (), {
+        "decode_layer": lambda self, *a: real.decode_layer(*a),
+        "decode_layers": lambda self, *a: real.decode_layers(*a),
+        "prefill_layers": lambda self, *a: (calls.append(len(a[1])), real.prefill_layers(*a))[1]})()
+    ids = [(7 * i) % 90 + 5 for i in range(194)]          # chunks of 96, 96 and 2 tokens
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=2)
+    prompts = [ids[:104], ids[:40]]                        # 96 + 8 tokens, and 40
+
+    def run(on: bool):
+        calls.clear()
+        llm.model.fused = whole if on else None
+        try:
+            out = llm.generate(None, params, prompt_token_ids=prompts, use_tqdm=False)
+            return (llm.logits(ids), [o.token_ids for o in out],
+                    [[lp["logprob"] for lp in o.outputs[0].logprobs] for o in out])
+        finally:
+            llm.model.fused = whole
+
+    fused_logits, fused_tokens, fused_lps = run(True)
+    n_blocks = len(llm.model.blk)
+    if activations == "int16" and ops.isa == "avx512":
+        # scoring: three chunks; generation: the first prompt's first chunk (then two prompts share a step)
+        assert calls.count(n_blocks) == 3 and calls.count(n_blocks - 1) == 1
+    else:
+        assert not calls                                   # not on the int16 GEMM: the Python blocks
+    python_logits, python_tokens, python_lps = run(False)
+    assert not calls
+    assert np.array_equal(fused_logits, python_logits)
+    assert fused_tokens == python_tokens and fused_lps == python_lps
 
 
 @pytest.mark.parametrize("n", [1, 15, 1536, 40000])

@@ -1,9 +1,12 @@
-"""Decode steps through one C++ call (`decode_layers` / `decode_block` in kernels/cpu/qmatmul.cpp).
+"""Decode steps through one C++ call (`decode_layers` / `decode_block` in kernels/cpu/qmatmul.cpp),
+and prompt chunks too (`prefill_layers`).
 
 A Python block issues ~15 dispatches per layer; at one token per sequence they cost a small
-model about as much as its matmuls. The fused call runs the same kernels in the same order,
-so the numbers are the same (tested). The loader attaches one to every block whose weights
-all stay quantized for the kernels; a block uses it when the whole step is decodes.
+model about as much as its matmuls, and a 512-token prompt ~6 ms of SmolLM2's ~175. The fused
+call runs the same kernels in the same order, so the numbers are the same (tested). The loader
+attaches one to every block whose weights all stay quantized for the kernels; a block uses it
+when the whole step is decodes, and the model's blocks use prefill_layers when the step is one
+prompt chunk on the int16 GEMM.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ def run_layers(ops, x: torch.Tensor, layers: list, meta: AttentionMetadata, rota
 
 class FusedModel:
     """Every block of a decode step in one C++ call (`decode_layers`), when every block has a
-    FusedDecode. Each block's DecodeLayer is fetched once and again only if the cache changes."""
+    FusedDecode, and the blocks of a one-prompt step (`prefill_layers`). Each block's DecodeLayer
+    is fetched once and again only if the cache changes."""
 
     def __init__(self, model, ops):
         self.ops = ops
@@ -72,12 +76,31 @@ class FusedModel:
     def applies(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
         return all(b.fused is not None for b in self.blocks) and self.blocks[0].fused.applies(x, meta)
 
-    def __call__(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def layers(self) -> list:
         k_cache = self.blocks[0].attn.k_cache
         if self._layers is None or self._cache is not k_cache:
             self._layers = [b.fused.layer(self.rotaries.index(b.attn.rotary)) for b in self.blocks]
             self._cache = k_cache
-        return run_layers(self.ops, x, self._layers, meta, self.rotaries)
+        return self._layers
+
+    def __call__(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return run_layers(self.ops, x, self.layers(), meta, self.rotaries)
+
+    def prefill_applies(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """One prompt chunk and nothing else, on the int16 GEMM (where the Python blocks would take
+        it too), with the attention kernel's head dims (a multiple of 64: paged_attention_prefill)."""
+        first = self.blocks[0].fused
+        return (first is not None and first.int_gemm and meta.num_decode == 0 and len(meta.prefills) == 1
+                and meta.prefills[0].end - meta.prefills[0].start == x.shape[1]
+                and all(b.fused is not None and b.attn.head_dim % 64 == 0 for b in self.blocks))
+
+    def prefill(self, x: torch.Tensor, meta: AttentionMetadata, n: int) -> torch.Tensor:
+        """The first n blocks over the step's one prompt chunk x [1, T, d] (see prefill_applies)."""
+        groups = meta.groups
+        out = self.ops.prefill_layers(x[0], self.layers()[:n], [g.slot_mapping for g in groups],
+                                      [g.prefill_slots[0] for g in groups], meta.prefills[0].positions,
+                                      [r.cos for r in self.rotaries], [r.sin for r in self.rotaries])
+        return out[None]
 
 
 def attach(model, ops) -> int:

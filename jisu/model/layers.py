@@ -265,7 +265,12 @@ def run_blocks(model: nn.Module, x: torch.Tensor, meta: "AttentionMetadata") -> 
         x = model.fused(x, meta)                  # model/fused.py
         return x if rows is None else x[:, rows]  # rows: one of them a prompt's one-token chunk
     last = len(model.blk) - 1
-    for i, block in enumerate(model.blk):
+    start = 0
+    if model.fused is not None and model.fused.prefill_applies(x, meta):
+        start = last if rows is not None else last + 1      # the last block takes `rows` here
+        x = model.fused.prefill(x, meta, start)
+    for i in range(start, last + 1):
+        block = model.blk[i]
         x = block(x, meta, rows) if i == last and rows is not None else block(x, meta)
     return x
 

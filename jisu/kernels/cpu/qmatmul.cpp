@@ -3787,7 +3787,7 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
                            torch::Tensor decode_slots, torch::Tensor decode_lens, torch::Tensor positions,
                            torch::Tensor cos, torch::Tensor sin, bool interleaved, double scale, int64_t window,
                            bool gemma, int64_t digits, torch::Tensor h = {}, const torch::Tensor* next_norm = nullptr,
-                           double next_eps = 0.0, torch::Tensor* h_next = nullptr) {
+                           double next_eps = 0.0, torch::Tensor* h_next = nullptr, const torch::Tensor* key_slots = nullptr) {
     TORCH_CHECK(x.dim() == 2 && w.size() == 7 && qtypes.size() == 7 && norms.size() == (gemma ? 6u : 2u),
                 "decode_block: x [B, D], 7 weights, 2 (llama) or 6 (gemma) norms");
     const int64_t B = x.size(0), D = x.size(1), HD = n_heads * head_dim;
@@ -3848,8 +3848,11 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
         rope_row(kb, n_kv_heads, head_dim, cp + pos[b] * half, sp + pos[b] * half, interleaved);
         write_kv(slot[b], kb, vp + b * KW);
     });
-    auto a = paged_attention_decode(qkv[0].view({B, n_heads, head_dim}), k_cache, v_cache, decode_slots, decode_lens,
-                                    scale, window);
+    // key_slots: the rows are one prompt's new tokens (prefill_layers), attending causally
+    auto a = key_slots ? paged_attention_prefill(qkv[0].view({B, n_heads, head_dim}), k_cache, v_cache, *key_slots,
+                                                 positions, scale, window, true)
+                       : paged_attention_decode(qkv[0].view({B, n_heads, head_dim}), k_cache, v_cache, decode_slots,
+                                                decode_lens, scale, window);
     auto o = lin(a.view({B, HD}), {3}, HD)[0].contiguous();
     auto x1 = torch::empty_like(x);
     h = torch::empty_like(x);
@@ -3862,9 +3865,20 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
         add_row(xp + b * D, op + b * D, x1p + b * D, D);
         rms_row(x1p + b * D, w_ffn, hp + b * D, D, eps);
     });
-    auto gu = lin(h, {4, 5}, D);
-    auto g = gu[0].contiguous();
-    act_mul_(g, gu[1].contiguous(), gemma);
+    torch::Tensor g;
+#ifdef JISU_AVX512
+    if (key_slots && digits > 0 && B >= GEMM_MIN_ROWS) {
+        // as the Python block's gated_ffn: up in slices of 512 columns from 64 rows (one [B, d_ff]
+        // buffer, not two), the same numbers as gate and up whole
+        const int64_t d_ff = w[4].size(0), cols = B >= 64 ? 512 : d_ff;
+        g = gated_ffn_i16(h, w[4], w[5], qtypes[4], qtypes[5], D, gemma, (cols + GP - 1) / GP * GP);
+    }
+#endif
+    if (!g.defined()) {
+        auto gu = lin(h, {4, 5}, D);
+        g = gu[0].contiguous();
+        act_mul_(g, gu[1].contiguous(), gemma);
+    }
     auto d = lin(g, {6}, g.size(1))[0].contiguous();
     auto y = torch::empty_like(x);
     float* dp = d.data_ptr<float>();
@@ -3933,6 +3947,34 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<std::shared_ptr<D
                          l->v_cache, slot_mappings[l->group], decode_slots[l->group], decode_lens, positions,
                          cos[l->rotary], sin[l->rotary], l->interleaved, l->scale, l->window, l->gemma, l->digits,
                          h, next ? &next->norms[0] : nullptr, next ? next->eps : 0.0, &h_next);
+        h = h_next;
+    }
+    return x;
+}
+
+// decode_layers for one prompt's new tokens x [T, D] (a prefill chunk, no decode rows): every
+// block's attention through paged_attention_prefill over key_slots[group] (the sequence's keys,
+// positions 0 .. L - 1) at `positions` [T]. The Python blocks run the same kernels in the same
+// order (the same numbers, tested); one call spares ~15 dispatches a block (~6 ms of SmolLM2's
+// 512-token prefill).
+torch::Tensor prefill_layers(torch::Tensor x, const std::vector<std::shared_ptr<DecodeLayer>>& layers,
+                             const std::vector<torch::Tensor>& slot_mappings, const std::vector<torch::Tensor>& key_slots,
+                             torch::Tensor positions, const std::vector<torch::Tensor>& cos,
+                             const std::vector<torch::Tensor>& sin) {
+    for (const auto& l : layers) {
+        TORCH_CHECK(l->group >= 0 && l->group < int64_t(slot_mappings.size()) && l->group < int64_t(key_slots.size()) &&
+                    l->rotary >= 0 && l->rotary < int64_t(cos.size()) && l->rotary < int64_t(sin.size()),
+                    "prefill_layers: a layer's group or rotary index is out of range");
+    }
+    torch::Tensor h, none;
+    for (size_t i = 0; i < layers.size(); ++i) {
+        const auto& l = layers[i];
+        const DecodeLayer* next = i + 1 < layers.size() ? layers[i + 1].get() : nullptr;
+        torch::Tensor h_next;
+        x = decode_block(x, l->w, l->qtypes, l->norms, l->n_heads, l->n_kv_heads, l->head_dim, l->eps, l->k_cache,
+                         l->v_cache, slot_mappings[l->group], none, none, positions, cos[l->rotary], sin[l->rotary],
+                         l->interleaved, l->scale, l->window, l->gemma, l->digits, h, next ? &next->norms[0] : nullptr,
+                         next ? next->eps : 0.0, &h_next, &key_slots[l->group]);
         h = h_next;
     }
     return x;
@@ -4021,6 +4063,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     py::class_<DecodeLayer, std::shared_ptr<DecodeLayer>>(m, "DecodeLayer");
     m.def("decode_layer", &decode_layer, "a block's fixed decode_block arguments");
     m.def("decode_layers", &decode_layers, "every block of a decode step, in order", release());
+    m.def("prefill_layers", &prefill_layers, "every block of one prompt chunk's prefill step, in order", release());
     m.def("paged_attention_decode", &paged_attention_decode, "one-token attention through block tables", release());
     m.def("paged_attention_prefill", &paged_attention_prefill,
           "causal attention of one sequence's new tokens through its keys' slots (integer: float16 caches through "
