@@ -628,14 +628,15 @@ def test_argmax_rows_equals_torch():
 
 @pytest.mark.parametrize("gelu", [False, True])
 def test_gated_ffn_in_column_chunks_equals_whole(gelu):
-    # the prefill MLP takes up's output a slice of columns at a time (act_mul_ on a column slice
-    # of the gate's output): every column is the same dot product, so the same bits
+    # without the int16 GEMM the prefill MLP takes up's output a slice of columns at a time
+    # (act_mul_ on a column slice of the gate's output); with it, up's tiles apply the activation
+    # as they store (act_mul_'s arithmetic): every column is the same dot product, the same bits
     from jisu.model.layers import gated_ffn
     (wg, _), (wu, _) = random_weight(Q.Q4_K, n=1100), random_weight(Q.Q4_K, n=1100)
     gate, up = QLinear(wg, int(Q.Q4_K), 512, ops), QLinear(wu, int(Q.Q4_K), 512, ops)
     for lin in (gate, up):
         lin.act_digits = 2
-    for rows in (80, 5):          # AVX-512: gated_ffn_i16 in slices, and (few rows) in one
+    for rows in (80, 5):          # AVX-512: gated_ffn_i16; AVX2: slices of 256 (80 rows), one (5)
         h = torch.randn(1, rows, 512)
         whole = gate(h)
         ops.act_mul_(whole, up(h), gelu)
@@ -647,25 +648,25 @@ def test_gated_ffn_in_column_chunks_equals_whole(gelu):
 
 def test_gated_ffn_i16_rounds_for_both_types():
     """Gate Q6_K, up Q8_0: h rounded for each (Q6_K's codes stop at 16383), so the result is
-    act(gate) * up from one call each, to the bit; bad arguments are errors."""
+    act(gate) * up from one call each, to the bit (up's tiles apply act_mul_'s arithmetic; 200
+    columns: a last panel of 8); bad arguments are errors."""
     if ops.isa != "avx512":
         pytest.skip("the int16 GEMM is AVX-512 only (the AVX2 build computes gated_ffn in Python)")
     (wg, rg), (wu, ru) = random_weight(Q.Q6_K, n=200), random_weight(Q.Q8_0, n=200)
     h = torch.randn(40, 512)
-    got = ops.gated_ffn_i16(h, wg, wu, int(Q.Q6_K), int(Q.Q8_0), 512, False, 64)   # slices 64 x 3 + 8
-    g = ops.qmatmul(h, wg, int(Q.Q6_K), 512, 2)
-    ops.act_mul_(g, ops.qmatmul(h, wu, int(Q.Q8_0), 512, 2), False)
-    assert torch.equal(got, g)
+    for gelu in (False, True):
+        got = ops.gated_ffn_i16(h, wg, wu, int(Q.Q6_K), int(Q.Q8_0), 512, gelu)
+        g = ops.qmatmul(h, wg, int(Q.Q6_K), 512, 2)
+        ops.act_mul_(g, ops.qmatmul(h, wu, int(Q.Q8_0), 512, 2), gelu)
+        assert torch.equal(got, g)
     # the gate's codes must be Q6_K's even though h is rounded for both: at the int32 edge
     extreme = q6k_extreme_rows(200, 512)
     ones = torch.ones(8, 512)
-    got = ops.gated_ffn_i16(ones, extreme, wu, int(Q.Q6_K), int(Q.Q8_0), 512, False, 64)
+    got = ops.gated_ffn_i16(ones, extreme, wu, int(Q.Q6_K), int(Q.Q8_0), 512, False)
     want = (512 * 4096.0) * (ones.double() @ ru.double().t())          # silu(g) = g at g = 2^21
     assert (got.double() - want).norm() <= 1e-5 * want.norm()          # a wrapped sum is off by ~2^32 d
-    with pytest.raises(RuntimeError, match="multiple of"):
-        ops.gated_ffn_i16(h, wg, wu, int(Q.Q6_K), int(Q.Q8_0), 512, False, 48)
     with pytest.raises(RuntimeError, match="same rows"):
-        ops.gated_ffn_i16(h, wg, wu[:100], int(Q.Q6_K), int(Q.Q8_0), 512, False, 64)
+        ops.gated_ffn_i16(h, wg, wu[:100], int(Q.Q6_K), int(Q.Q8_0), 512, False)
 
 
 @pytest.mark.parametrize("m", [1, 2, 5, 64])

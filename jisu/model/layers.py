@@ -144,14 +144,12 @@ def gated_ffn(gate: nn.Module, up: nn.Module, h: torch.Tensor, ops, gelu: bool, 
     """act(h W_gate^T) * (h W_up^T), act SiLU or GELU (tanh). With the kernels, many rows take
     up's output `chunk` columns at a time into one small buffer, multiplied into the gate's in
     place: a 512-token prompt chunk held [512, d_ff] twice (SmolLM2: 3.1 MB each) and that pair
-    was the peak of the prefill's working memory. On the int16 GEMM that loop runs in C++, h
-    rounded once for the gate and every slice of up."""
+    was the peak of the prefill's working memory. On the int16 GEMM (gated_ffn_i16) h is rounded
+    once for both, and up's tiles multiply act(gate) by their sums as they store them: no buffer."""
     if ops is not None and hasattr(ops, "gated_ffn_i16") and _int16_gemm((gate, up), h):
-        h2 = h.reshape(-1, h.shape[-1])
-        d_ff = gate.out_features
-        slice_cols = -(-(chunk if h2.shape[0] >= 64 else d_ff) // 32) * 32    # few rows: one slice
-        g = ops.gated_ffn_i16(h2, gate.qweight, up.qweight, gate.qtype, up.qtype, gate.in_features, gelu, slice_cols)
-        return g.view(*h.shape[:-1], d_ff)
+        g = ops.gated_ffn_i16(h.reshape(-1, h.shape[-1]), gate.qweight, up.qweight, gate.qtype, up.qtype,
+                              gate.in_features, gelu)
+        return g.view(*h.shape[:-1], gate.out_features)
     g = gate(h)
     if ops is None:
         return (F.gelu(g, approximate="tanh") if gelu else F.silu(g, inplace=True)).mul_(up(h))

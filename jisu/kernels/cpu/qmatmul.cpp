@@ -23,6 +23,10 @@
 #define JISU_AVX512 1
 #endif
 
+#ifdef JISU_AVX512
+inline __m512 act_of(__m512 x, bool gelu);   // act_mul_'s activation (defined with vexp, below)
+#endif
+
 namespace {
 
 inline float f16(const uint8_t* p) {
@@ -1512,9 +1516,18 @@ inline void fold_block(__m512 (&acc)[R][2], const __m512i (&ai)[R][2], const flo
 // outputs times 2^POW2_BIAS until they are stored.
 template <typename G, int R, bool POW2 = false>
 inline void gemm_tile(const XQ16& x, int64_t m0, int64_t K, const int32_t* pw, const float* ps, const float* pm,
-                      float* y, int64_t N, int64_t np, const uint8_t* next = nullptr, int64_t next_bytes = 0) {
+                      float* y, int64_t N, int64_t np, const uint8_t* next = nullptr, int64_t next_bytes = 0,
+                      int act = -1) {
+    // act 0 / 1: y holds the gate's outputs, and becomes act(y) times these sums (SiLU / GELU,
+    // act_mul_'s arithmetic: the same numbers as storing the sums and calling it); the tile's
+    // gate values are requested now, to be at hand when it stores
     constexpr int KB = G::GEMM_KB, SUB = 32 / KB;
     const int64_t nb = K / KB, xb = K / 32;
+    if (act >= 0)
+        for (int r = 0; r < R; ++r) {
+            _mm_prefetch(reinterpret_cast<const char*>(y + (m0 + r) * N), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(y + (m0 + r) * N + 16), _MM_HINT_T0);
+        }
     const int16_t* xq = x.q.data() + m0 * K;
     const int64_t lines = next_bytes / 64, per_block = (lines + nb - 1) / nb;   // of `next`, requested per block
     __m512 acc[R][2];
@@ -1567,8 +1580,13 @@ inline void gemm_tile(const XQ16& x, int64_t m0, int64_t K, const int32_t* pw, c
             acc[r][0] = _mm512_mul_ps(acc[r][0], unbias);
             acc[r][1] = _mm512_mul_ps(acc[r][1], unbias);
         }
-        _mm512_mask_storeu_ps(y + (m0 + r) * N, k0, acc[r][0]);
-        _mm512_mask_storeu_ps(y + (m0 + r) * N + 16, k1, acc[r][1]);
+        float* yr = y + (m0 + r) * N;
+        if (act >= 0) {
+            acc[r][0] = _mm512_mul_ps(act_of(_mm512_maskz_loadu_ps(k0, yr), act == 1), acc[r][0]);
+            acc[r][1] = _mm512_mul_ps(act_of(_mm512_maskz_loadu_ps(k1, yr + 16), act == 1), acc[r][1]);
+        }
+        _mm512_mask_storeu_ps(yr, k0, acc[r][0]);
+        _mm512_mask_storeu_ps(yr + 16, k1, acc[r][1]);
     }
 }
 
@@ -1620,18 +1638,18 @@ inline std::pair<int64_t, int64_t> tile_lines(int64_t m, int64_t R, int64_t M, i
 // tiles request the `lines` 64-byte lines at `next` (the next panel), a share each
 template <typename G>
 inline void panel_tiles(const XQ16& xq, int64_t M, int64_t K, const int32_t* pw, const float* ps, const float* pm,
-                        float* y, int64_t N, int64_t np, const uint8_t* next, int64_t lines) {
+                        float* y, int64_t N, int64_t np, const uint8_t* next, int64_t lines, int act = -1) {
     by_tiles67(M, [&](auto R, int64_t m) {
         const auto [l0, l1] = tile_lines(m, decltype(R)::value, M, lines);
-        if (xq.pow2) gemm_tile<G, decltype(R)::value, true>(xq, m, K, pw, ps, pm, y, N, np, next + 64 * l0, 64 * (l1 - l0));
-        else gemm_tile<G, decltype(R)::value>(xq, m, K, pw, ps, pm, y, N, np, next + 64 * l0, 64 * (l1 - l0));
+        if (xq.pow2) gemm_tile<G, decltype(R)::value, true>(xq, m, K, pw, ps, pm, y, N, np, next + 64 * l0, 64 * (l1 - l0), act);
+        else gemm_tile<G, decltype(R)::value>(xq, m, K, pw, ps, pm, y, N, np, next + 64 * l0, 64 * (l1 - l0), act);
     });
 }
 
-// Panel p of W (weight rows p * GP ..) against every row of x: y [M, N].
+// Panel p of W (weight rows p * GP ..) against every row of x: y [M, N] (act: see gemm_tile).
 template <typename G>
 void gemm_panel(const XQ16& xq, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t K, int64_t row_bytes,
-                int64_t p, int32_t* pw, float* ps, float* pm) {
+                int64_t p, int32_t* pw, float* ps, float* pm, int act = -1) {
     const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
     const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(GP, N - n0 - GP));
     // the next panel's rows are requested while this one is used: by the tiles, a share each,
@@ -1640,7 +1658,7 @@ void gemm_panel(const XQ16& xq, const uint8_t* w, float* y, int64_t M, int64_t N
     const uint8_t* next = w + (n0 + GP) * row_bytes;
     const int64_t tiles = (M + GR - 1) / GR, lines = (next_rows * row_bytes + 63) / 64;
     pack_panel<G>(w, row_bytes, n0, np, K, pw, ps, pm, next, tiles > 1 ? 0 : next_rows * row_bytes);
-    panel_tiles<G>(xq, M, K, pw, ps, pm, y + n0, N, np, next, tiles > 1 ? lines : 0);
+    panel_tiles<G>(xq, M, K, pw, ps, pm, y + n0, N, np, next, tiles > 1 ? lines : 0, act);
 }
 #else
 // AVX2 builds have no integer GEMM: many rows take the float32 kernels (Kernels::Gemm unused).
@@ -1744,8 +1762,12 @@ struct Rounded {
 // already rounded (xr, for these types): the panels of all of them (GP weight rows each,
 // unpacked once, passed over by every row of x) are split over the threads in one parallel
 // region.
+// act 0 / 1 (one matrix, out given): out holds act's input and becomes act(out) times x W^T
+// (gate and up: gated_ffn_i16).
 std::vector<torch::Tensor> gemm_i16_xq(const Rounded& xr, int64_t M, const std::vector<torch::Tensor>& ws,
-                                       const std::vector<int64_t>& qtypes, int64_t K, const torch::Tensor* out = nullptr) {
+                                       const std::vector<int64_t>& qtypes, int64_t K, const torch::Tensor* out = nullptr,
+                                       int act = -1) {
+    TORCH_CHECK(act < 0 || (out && ws.size() == 1), "int16 GEMM: an activation needs one matrix and its input in out");
     std::vector<torch::Tensor> ys;
     std::vector<int64_t> first{0};
     std::vector<const XQ16*> xqs;
@@ -1767,7 +1789,7 @@ std::vector<torch::Tensor> gemm_i16_xq(const Rounded& xr, int64_t M, const std::
             dispatch(qtypes[i], [&](auto k) {
                 using G = typename decltype(k)::Gemm;
                 gemm_panel<G>(*xqs[i], ws[i].data_ptr<uint8_t>(), ys[i].data_ptr<float>(), M, ws[i].size(0), K, ws[i].size(1),
-                              p - first[i], pw, ps.data(), pm.data());
+                              p - first[i], pw, ps.data(), pm.data(), act);
             });
         }
         std::free(pw);
@@ -2677,6 +2699,12 @@ inline float vhmax(vf v) {
 inline float vhsum(vf v) { return hsum(v); }
 inline vf vexp(vf x) { return exp_ps(x); }
 #endif
+// SiLU or GELU (tanh) as x / (1 + e^{-y}): y = x for SiLU, y = 2z for GELU since
+// 0.5 (1 + tanh z) = 1 / (1 + e^{-2z}) (no cancellation where tanh z is near -1)
+inline vf act_of(vf x, bool gelu) {
+    const vf y = gelu ? vmul(vset1(1.5957691216057308f), vfma(vmul(vset1(0.044715f), x), vmul(x, x), x)) : x;
+    return vdiv(x, vadd(vset1(1.f), vexp(vsub(vzero(), y))));
+}
 
 #ifdef JISU_AVX512
 using vm = __mmask16;
@@ -3594,9 +3622,8 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache, tor
     return attention_decode<float>(q, k_cache, v_cache, gather_slots, context_lens, scale, window);
 }
 
-// g = act(g) * u in place, one pass: SiLU (Llama) or GELU with tanh (Gemma). Both are
-// x / (1 + e^{-y}): y = x for SiLU, y = 2z for GELU since 0.5 (1 + tanh z) = 1 / (1 + e^{-2z})
-// (no cancellation where tanh z is near -1). ATen took two ops (and for a decode row, two
+// g = act(g) * u in place, one pass: SiLU (Llama) or GELU with tanh (Gemma), act_of. ATen took
+// two ops (and for a decode row, two
 // dispatches that cost more than the arithmetic). g may be a column slice of a wider matrix (rows strided, each row
 // contiguous): the prefill MLP computes up's output a slice of columns at a time into u. A tail
 // shorter than a vector goes through the vector code too, padded, so that a value's result
@@ -3605,11 +3632,7 @@ void act_mul_(torch::Tensor g, torch::Tensor u, bool gelu) {
     TORCH_CHECK(g.dtype() == torch::kFloat32 && u.dtype() == torch::kFloat32 && u.is_contiguous() &&
                 g.sizes() == u.sizes() && (g.is_contiguous() || (g.dim() == 2 && g.stride(1) == 1)),
                 "act_mul_: g and u must be float32 of one shape, u contiguous, g contiguous or rows of a wider matrix");
-    auto vec = [gelu](float* gp, const float* up) {
-        const vf x = vload(gp);
-        const vf y = gelu ? vmul(vset1(1.5957691216057308f), vfma(vmul(vset1(0.044715f), x), vmul(x, x), x)) : x;
-        vstore(gp, vmul(vdiv(x, vadd(vset1(1.f), vexp(vsub(vzero(), y)))), vload(up)));
-    };
+    auto vec = [gelu](float* gp, const float* up) { vstore(gp, vmul(act_of(vload(gp), gelu), vload(up))); };
     auto run = [&vec](float* gp, const float* up, int64_t i, int64_t i1) {
         for (; i + VL <= i1; i += VL) vec(gp + i, up + i);
         if (i < i1) {
@@ -3636,26 +3659,20 @@ void act_mul_(torch::Tensor g, torch::Tensor u, bool gelu) {
 
 #ifdef JISU_AVX512
 // act(h W_gate^T) * (h W_up^T) [M, d_ff] for many rows, h [M, K] rounded to int16 once (Rounded): the
-// gate's GEMM into the result, then up's `chunk` rows of W at a time into one small buffer,
-// multiplied in place into the result's columns (the Python chunk loop rounded h again for
-// each slice: five times a Gemma layer).
+// gate's GEMM into the result, then up's, whose tiles turn each result value g into act(g) u as
+// they store u (act_mul_'s arithmetic, so its numbers). Up's output once took a buffer of 512
+// columns at a time and a pass of act_mul_ after each: a parallel region and a pass over g each,
+// 1.9% of SmolLM2's 512-token prefill for act_mul_ alone.
 torch::Tensor gated_ffn_i16(torch::Tensor h, torch::Tensor w_gate, torch::Tensor w_up, int64_t qtype_gate, int64_t qtype_up,
-                            int64_t K, bool gelu, int64_t chunk) {
+                            int64_t K, bool gelu) {
     TORCH_CHECK(h.dtype() == torch::kFloat32 && h.dim() == 2 && h.size(1) == K && K % 32 == 0 && h.size(0) > 0,
                 "gated_ffn_i16: h must be float32 [M > 0, K], K a multiple of 32");
-    TORCH_CHECK(w_gate.size(0) == w_up.size(0) && chunk > 0 && chunk % GP == 0,
-                "gated_ffn_i16: gate and up must have the same rows, chunk a multiple of ", GP);
+    TORCH_CHECK(w_gate.size(0) == w_up.size(0), "gated_ffn_i16: gate and up must have the same rows");
     h = h.contiguous();
-    const int64_t M = h.size(0), d_ff = w_gate.size(0);
+    const int64_t M = h.size(0);
     const Rounded xr(h.data_ptr<float>(), M, K, {qtype_gate, qtype_up});
     auto g = gemm_i16_xq(xr, M, {w_gate}, {qtype_gate}, K)[0];
-    auto u = torch::empty({M, std::min(chunk, d_ff)}, torch::dtype(torch::kFloat32));
-    for (int64_t start = 0; start < d_ff; start += chunk) {
-        const int64_t n = std::min(chunk, d_ff - start);
-        auto un = n == u.size(1) ? u : torch::empty({M, n}, torch::dtype(torch::kFloat32));   // a short last slice
-        gemm_i16_xq(xr, M, {w_up.narrow(0, start, n)}, {qtype_up}, K, &un);
-        act_mul_(g.narrow(1, start, n), un, gelu);
-    }
+    gemm_i16_xq(xr, M, {w_up}, {qtype_up}, K, &g, gelu ? 1 : 0);
     return g;
 }
 #endif
@@ -3872,12 +3889,10 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
     x.reset();       // the callers pass it moved
     torch::Tensor g;
 #ifdef JISU_AVX512
-    if (key_slots && digits > 0 && B >= GEMM_MIN_ROWS) {
-        // as the Python block's gated_ffn: up in slices of 512 columns from 64 rows (one [B, d_ff]
-        // buffer, not two), the same numbers as gate and up whole
-        const int64_t d_ff = w[4].size(0), cols = B >= 64 ? 512 : d_ff;
-        g = gated_ffn_i16(h, w[4], w[5], qtypes[4], qtypes[5], D, gemma, (cols + GP - 1) / GP * GP);
-    }
+    // a prompt's rows as the Python block's gated_ffn (one [B, d_ff] tensor, not two); decode rows
+    // take gate and up in one parallel region (lin), fewer regions for a step's few rows. The
+    // same numbers either way.
+    if (key_slots && digits > 0 && B >= GEMM_MIN_ROWS) g = gated_ffn_i16(h, w[4], w[5], qtypes[4], qtypes[5], D, gemma);
 #endif
     if (!g.defined()) {
         auto gu = lin(h, {4, 5}, D);
