@@ -3671,6 +3671,7 @@ torch::Tensor gated_ffn_i16(torch::Tensor h, torch::Tensor w_gate, torch::Tensor
     h = h.contiguous();
     const int64_t M = h.size(0);
     const Rounded xr(h.data_ptr<float>(), M, K, {qtype_gate, qtype_up});
+    h.reset();        // freed here where the caller passed it moved (decode_block)
     auto g = gemm_i16_xq(xr, M, {w_gate}, {qtype_gate}, K)[0];
     gemm_i16_xq(xr, M, {w_up}, {qtype_up}, K, &g, gelu ? 1 : 0);
     return g;
@@ -3892,7 +3893,8 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
     // a prompt's rows as the Python block's gated_ffn (one [B, d_ff] tensor, not two); decode rows
     // take gate and up in one parallel region (lin), fewer regions for a step's few rows. The
     // same numbers either way.
-    if (key_slots && digits > 0 && B >= GEMM_MIN_ROWS) g = gated_ffn_i16(h, w[4], w[5], qtypes[4], qtypes[5], D, gemma);
+    // (h and g go once rounded to codes: a prompt's FFN held both beside the codes)
+    if (key_slots && digits > 0 && B >= GEMM_MIN_ROWS) g = gated_ffn_i16(std::move(h), w[4], w[5], qtypes[4], qtypes[5], D, gemma);
 #endif
     if (!g.defined()) {
         auto gu = lin(h, {4, 5}, D);
@@ -3900,7 +3902,16 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
         act_mul_(g, gu[1].contiguous(), gemma);
     }
     h.reset();
-    auto y = lin(g, {6}, g.size(1))[0].contiguous();                // d, then x1 + d
+    torch::Tensor y;                                                   // d, then x1 + d
+#ifdef JISU_AVX512
+    if (key_slots && digits > 0 && B >= GEMM_MIN_ROWS && g.size(1) % 32 == 0) {   // lin's GEMM, g freed once rounded
+        const int64_t d_ff = g.size(1);
+        const Rounded xr(g.data_ptr<float>(), B, d_ff, {qtypes[6]});
+        g.reset();
+        y = gemm_i16_xq(xr, B, {w[6]}, {qtypes[6]}, d_ff)[0];
+    }
+#endif
+    if (!y.defined()) y = lin(g, {6}, g.size(1))[0].contiguous();
     g.reset();
     float* yp = y.data_ptr<float>();
     // and the next block's first norm (its input's), from the same rows while they are at hand
