@@ -88,11 +88,13 @@ class FusedModel:
 
     def prefill_applies(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
         """One prompt chunk and nothing else, on the int16 GEMM (where the Python blocks would take
-        it too), with the attention kernel's head dims (a multiple of 64: paged_attention_prefill)."""
+        it too), with the shapes for which Attention._prefill takes paged_attention_prefill (head
+        dims a multiple of 64, at most 32 query heads per KV head)."""
         first = self.blocks[0].fused
         return (first is not None and first.int_gemm and meta.num_decode == 0 and len(meta.prefills) == 1
                 and meta.prefills[0].end - meta.prefills[0].start == x.shape[1]
-                and all(b.fused is not None and b.attn.head_dim % 64 == 0 for b in self.blocks))
+                and all(b.fused is not None and b.attn.head_dim % 64 == 0
+                        and b.attn.n_heads // b.attn.n_kv_heads <= 32 for b in self.blocks))
 
     def prefill(self, x: torch.Tensor, meta: AttentionMetadata, n: int) -> torch.Tensor:
         """The first n blocks over the step's one prompt chunk x [1, T, d] (see prefill_applies)."""

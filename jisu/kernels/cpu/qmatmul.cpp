@@ -9,7 +9,6 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
-#include <atomic>
 #include <algorithm>
 #include <cstring>
 #include <memory>
@@ -1060,16 +1059,13 @@ void dequant_rows(const uint8_t* w, float* y, int64_t N, int64_t K) {
 
 // Activation rows rounded to int16 per 32-value block. The scales are powers of two, 2^e with
 // codes up to qmax (a block's largest code is above qmax / 2: at most one bit below an exact
-// scale), so gemm_tile scales a block's int32 sums by adding e to the exponent of their floats
-// (vpaddd, on the pipes vpdpwssd leaves free) where it would multiply: a multiply competes
+// scale), so gemm_tile scales a block's int32 sums with vscalefps (x 2^e exactly, on the pipes
+// vpdpwssd leaves free) where it would multiply by the activation's scale: a multiply competes
 // with vpdpwssd for the same two pipes (measured in a tile with Q4_1's offsets: 6.8 -> 7.3 G
-// vpdpwssd/s of 8.4, without offsets 7.2 -> 7.8). pe[i] holds (e + POW2_BIAS) << 23: a block's
-// float sum plus pe[i] is the sum times 2^(e + POW2_BIAS) (an int32 sum of 0 becomes a float
-// below 2^-30, against outputs scaled by 2^POW2_BIAS: nothing), and fb = f 2^POW2_BIAS goes
-// with it, and ub[r] = 2^-POW2_BIAS undoes the bias (NaN for a row with a NaN or an infinity,
-// so its outputs are NaN and the other rows' are as without it). pow2 is false (the scales
-// exact, d = amax / qmax) where a block has values above ~2^71; then every block of the call is so.
-constexpr int POW2_BIAS = 40, POW2_MAX = 96;   // e + bias in [0, 96]: a float sum below 2^31 stays finite
+// vpdpwssd/s of 8.4, without offsets 7.2 -> 7.8). The product is exact either way, so readers
+// that multiply by d = 2^e instead (the greedy screen's recompute, p8_tile, panel_column) get the
+// same numbers. A block with a NaN or an infinity has d = f = e = NaN: its row's outputs are NaN
+// (vscalefps by NaN is NaN), the other rows' as without it.
 inline float pow2f(int e) {                     // 2^e for e in [-126, 127]
     const int32_t bits = (e + 127) << 23;
     float f;
@@ -1077,91 +1073,43 @@ inline float pow2f(int e) {                     // 2^e for e in [-126, 127]
     return f;
 }
 struct XQ16 {
-    std::vector<int16_t> q;   // [M, K]
-    std::vector<float> d, f;  // [M, K / 32]: scale and exact sum of each 32-value block
-    bool pow2 = false;
-    std::vector<int32_t> pe;  // [M, K / 32]: (e + POW2_BIAS) << 23 where pow2
-    std::vector<float> fb;    // [M, K / 32]: f 2^POW2_BIAS where pow2
-    std::vector<float> ub;    // [M]: 2^-POW2_BIAS, or NaN for a row with non-finite values, where pow2
+    std::vector<int16_t> q;      // [M, K]
+    std::vector<float> d, f, e;  // [M, K / 32]: scale 2^e, exact sum and e (a float) of each 32-value block
 };
-
-// the exact-scale rounding: d = amax / qmax per block
-void quantize_x16_exact(const float* x, int64_t M, int64_t K, XQ16& out, float qmax) {
-    const int64_t nb = K / 32;
-    out.pow2 = false;
-    out.q.resize(M * K);
-    out.d.resize(M * nb);
-    out.f.resize(M * nb);
-    auto body = [&](int64_t m0, int64_t m1) {
-        for (int64_t i = m0 * nb; i < m1 * nb; ++i) {
-            const __m512 a = _mm512_loadu_ps(x + 32 * i), b = _mm512_loadu_ps(x + 32 * i + 16);
-            // a NaN or +-inf: the block's scale is NaN, so the row's outputs are (the max below
-            // can drop a NaN, and its codes would be any integer)
-            const bool finite = !(_mm512_fpclass_ps_mask(a, 0x99) | _mm512_fpclass_ps_mask(b, 0x99));
-            const float amax = finite ? _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b))) : 0.f;
-            const __m512 id = _mm512_set1_ps(amax > 0.f ? qmax / amax : 0.f);
-            const __m256i qa = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a, id)));
-            const __m256i qb = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(b, id)));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + 32 * i), qa);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + 32 * i + 16), qb);
-            out.d[i] = finite ? amax / qmax : NAN;
-            out.f[i] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
-        }
-    };
-    if (M < 4) body(0, M); else at::parallel_for(0, M, 4, body);
-}
 
 void quantize_x16(const float* x, int64_t M, int64_t K, XQ16& out, float qmax = 32767.f) {
     const int64_t nb = K / 32;
     out.q.resize(M * K);
     out.d.resize(M * nb);
     out.f.resize(M * nb);
-    out.pe.resize(M * nb);
-    out.fb.resize(M * nb);
-    out.ub.resize(M);
-    std::atomic<bool> ok{true};
-    const float inv_qmax = 1.f / qmax, bias = pow2f(POW2_BIAS);
+    out.e.resize(M * nb);
+    const float inv_qmax = 1.f / qmax;
     auto body = [&](int64_t m0, int64_t m1) {
-        for (int64_t m = m0; m < m1 && ok.load(std::memory_order_relaxed); ++m) {
-          out.ub[m] = pow2f(-POW2_BIAS);
-          for (int64_t i = m * nb; i < (m + 1) * nb; ++i) {
+        for (int64_t i = m0 * nb; i < m1 * nb; ++i) {
             const __m512 a = _mm512_loadu_ps(x + 32 * i), b = _mm512_loadu_ps(x + 32 * i + 16);
-            if (_mm512_fpclass_ps_mask(a, 0x99) | _mm512_fpclass_ps_mask(b, 0x99)) {
-                // a NaN or +-inf: the row's outputs are NaN (ub), and d says so to other readers
+            if (_mm512_fpclass_ps_mask(a, 0x99) | _mm512_fpclass_ps_mask(b, 0x99)) {   // a NaN or +-inf
                 std::memset(out.q.data() + 32 * i, 0, 64);
-                out.d[i] = out.f[i] = NAN;
-                out.pe[i] = 0;
-                out.fb[i] = 0.f;
-                out.ub[m] = NAN;
+                out.d[i] = out.f[i] = out.e[i] = NAN;
                 continue;
             }
             const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-            // amax / qmax < 2^e <= 2 amax / qmax (frexp's exponent, from the float's bits); below
-            // 2^-40 qmax (and all-zero blocks) the smallest scale: smaller codes, an error under
-            // 2^-41 per value
+            // amax / qmax < 2^e <= 2 amax / qmax (frexp's exponent, from the float's bits; at
+            // least -126: an all-zero block, or one below 2^-126 qmax, takes 2^-126)
             int32_t bits;
             const float ratio = amax * inv_qmax;
             std::memcpy(&bits, &ratio, 4);
-            const int e = std::max(((bits >> 23) & 0xFF) - 126, -POW2_BIAS);
-            if (e > POW2_MAX - POW2_BIAS) {
-                ok.store(false, std::memory_order_relaxed);
-                return;
-            }
+            const int e = std::max(((bits >> 23) & 0xFF) - 126, -126);
             const __m512 id = _mm512_set1_ps(pow2f(-e));
             const __m256i qa = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a, id)));
             const __m256i qb = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(b, id)));
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + 32 * i), qa);
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + 32 * i + 16), qb);
             out.d[i] = pow2f(e);
-            out.pe[i] = (e + POW2_BIAS) << 23;
+            out.e[i] = float(e);
             out.f[i] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
-            out.fb[i] = out.f[i] * bias;
-          }
         }
     };
     if (M < 4) body(0, M); else at::parallel_for(0, M, 4, body);
-    out.pow2 = ok.load();
-    if (!out.pow2) quantize_x16_exact(x, M, K, out, qmax);
 }
 
 // Per type: the 32 weights of 32-value block j of a row as int8 (ints), with KB values per
@@ -1511,10 +1459,9 @@ inline void fold_block(__m512 (&acc)[R][2], const __m512i (&ai)[R][2], const flo
 }
 
 // R activation rows against one packed panel: R x 2 vectors of int32 sums per scale block,
-// folded into R x 2 float accumulators. POW2 (x.pow2): a block's sums are scaled by its
-// power of two through their exponents and folded with one FMA; the accumulators hold the
-// outputs times 2^POW2_BIAS until they are stored.
-template <typename G, int R, bool POW2 = false>
+// folded into R x 2 float accumulators: a block's sums are scaled by its activations' power of
+// two (vscalefps) and folded with one FMA by the weights' scales (see quantize_x16).
+template <typename G, int R>
 inline void gemm_tile(const XQ16& x, int64_t m0, int64_t K, const int32_t* pw, const float* ps, const float* pm,
                       float* y, int64_t N, int64_t np, const uint8_t* next = nullptr, int64_t next_bytes = 0,
                       int act = -1) {
@@ -1550,21 +1497,16 @@ inline void gemm_tile(const XQ16& x, int64_t m0, int64_t K, const int32_t* pw, c
                 ai[r][1] = _mm512_dpwssd_epi32(ai[r][1], a, w1);
             }
         }
-        if constexpr (POW2) {
+        {
             const __m512 s0 = _mm512_loadu_ps(ps + b * GP), s1 = _mm512_loadu_ps(ps + b * GP + 16);
             for (int r = 0; r < R; ++r) {
-                const __m512i e = _mm512_set1_epi32(x.pe[(m0 + r) * xb + b / SUB]);
-                auto scaled = [&](__m512i sums) {
-                    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(sums)), e));
-                };
-                acc[r][0] = _mm512_fmadd_ps(scaled(ai[r][0]), s0, acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(scaled(ai[r][1]), s1, acc[r][1]);
+                const __m512 e = _mm512_set1_ps(x.e[(m0 + r) * xb + b / SUB]);
+                acc[r][0] = _mm512_fmadd_ps(_mm512_scalef_ps(_mm512_cvtepi32_ps(ai[r][0]), e), s0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(_mm512_scalef_ps(_mm512_cvtepi32_ps(ai[r][1]), e), s1, acc[r][1]);
             }
-        } else {
-            fold_block<R>(acc, ai, ps + b * GP, x.d.data() + m0 * xb + b / SUB, xb);
         }
         if constexpr (G::MINS) {
-            const float* f = (POW2 ? x.fb : x.f).data() + m0 * xb + b;
+            const float* f = x.f.data() + m0 * xb + b;
             const __m512 mn0 = _mm512_loadu_ps(pm + b * GP), mn1 = _mm512_loadu_ps(pm + b * GP + 16);
             for (int r = 0; r < R; ++r) {
                 const __m512 fr = _mm512_set1_ps(f[r * xb]);
@@ -1575,11 +1517,6 @@ inline void gemm_tile(const XQ16& x, int64_t m0, int64_t K, const int32_t* pw, c
     }
     const __mmask16 k0 = cols16(np, 0), k1 = cols16(np, 16);
     for (int r = 0; r < R; ++r) {
-        if constexpr (POW2) {
-            const __m512 unbias = _mm512_set1_ps(x.ub[m0 + r]);
-            acc[r][0] = _mm512_mul_ps(acc[r][0], unbias);
-            acc[r][1] = _mm512_mul_ps(acc[r][1], unbias);
-        }
         float* yr = y + (m0 + r) * N;
         if (act >= 0) {
             acc[r][0] = _mm512_mul_ps(act_of(_mm512_maskz_loadu_ps(k0, yr), act == 1), acc[r][0]);
@@ -1641,8 +1578,7 @@ inline void panel_tiles(const XQ16& xq, int64_t M, int64_t K, const int32_t* pw,
                         float* y, int64_t N, int64_t np, const uint8_t* next, int64_t lines, int act = -1) {
     by_tiles67(M, [&](auto R, int64_t m) {
         const auto [l0, l1] = tile_lines(m, decltype(R)::value, M, lines);
-        if (xq.pow2) gemm_tile<G, decltype(R)::value, true>(xq, m, K, pw, ps, pm, y, N, np, next + 64 * l0, 64 * (l1 - l0), act);
-        else gemm_tile<G, decltype(R)::value>(xq, m, K, pw, ps, pm, y, N, np, next + 64 * l0, 64 * (l1 - l0), act);
+        gemm_tile<G, decltype(R)::value>(xq, m, K, pw, ps, pm, y, N, np, next + 64 * l0, 64 * (l1 - l0), act);
     });
 }
 
