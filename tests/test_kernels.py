@@ -171,6 +171,22 @@ def test_int16_gemm_blocks_far_from_one(qtype):
         assert torch.equal(alone, got[r]), r
 
 
+def test_int16_gemm_zero_sums_are_zero_for_every_reader():
+    """Columns whose weight codes are all zero (scales -1 and +1) give exactly 0 from the GEMM, so
+    its argmax is the first column, as the greedy screen's recompute (which multiplies by the
+    activation scale instead of scaling the sums) answers: a scaled zero sum once came out as
+    +-1e-42 there and the two disagreed."""
+    if ops.isa != "avx512":
+        return
+    k = 64
+    block = lambda d: np.float16(d).tobytes() + bytes(32)
+    w = torch.from_numpy(np.frombuffer(block(-1.0) * 2 + block(1.0) * 2, dtype=np.uint8).copy().reshape(2, -1))
+    x = torch.randn(4, k)
+    y = ops.qmatmul(x, w, int(Q.Q8_0), k, 2)
+    assert torch.equal(y, torch.zeros(4, 2))
+    assert ops.greedy_rows(x, w, int(Q.Q8_0), k).tolist() == [0, 0, 0, 0]
+
+
 def q6k_extreme_rows(n, k, sign=1):
     """Q6_K rows whose every value is -128 x (0 - 32) = 4096 (d = sign): the largest int16
     weight the GEMM's panels hold (scale times code)."""
