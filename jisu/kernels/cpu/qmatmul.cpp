@@ -1734,10 +1734,14 @@ std::vector<torch::Tensor> gemm_i16_xq(const Rounded& xr, int64_t M, const std::
 }
 
 // gemm_i16_xq with x rounded here, once for all the matrices (once per code range)
-std::vector<torch::Tensor> gemm_i16(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
+// (x is released once rounded: a caller that passes it moved frees it before the GEMM, as a
+// prompt's MLP does with g, 3 MB at 512 rows)
+std::vector<torch::Tensor> gemm_i16(torch::Tensor x, const std::vector<torch::Tensor>& ws,
                                     const std::vector<int64_t>& qtypes, int64_t K, const torch::Tensor* out = nullptr) {
     const int64_t M = x.numel() / K;
-    return gemm_i16_xq(Rounded(x.data_ptr<float>(), M, K, qtypes), M, ws, qtypes, K, out);
+    const Rounded xr(x.data_ptr<float>(), M, K, qtypes);
+    x.reset();
+    return gemm_i16_xq(xr, M, ws, qtypes, K, out);
 }
 
 // ---- greedy rows: gemm_i16's argmax per row, without computing every logit ------------------
@@ -2521,7 +2525,7 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t K
 // gate/up) with integer activations: x rounded once for all of them (one row: int8 digits,
 // matvec_i8; 3+ rows on AVX-512: int16 once per code range, gemm_i16, one parallel region over
 // all their panels); else one qmatmul each. Each result is the single call's, to the bit.
-std::vector<torch::Tensor> linear_rows(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
+std::vector<torch::Tensor> linear_rows(torch::Tensor x, const std::vector<torch::Tensor>& ws,
                                        const std::vector<int64_t>& qtypes, int64_t M, int64_t K, int64_t digits) {
     std::vector<torch::Tensor> ys;
     if (digits > 0 && M == 1 && K % 32 == 0) {
@@ -2529,7 +2533,7 @@ std::vector<torch::Tensor> linear_rows(const torch::Tensor& x, const std::vector
         return ys;
     }
 #ifdef JISU_AVX512
-    if (digits > 0 && M >= GEMM_MIN_ROWS && K % 32 == 0) return gemm_i16(x, ws, qtypes, K);
+    if (digits > 0 && M >= GEMM_MIN_ROWS && K % 32 == 0) return gemm_i16(std::move(x), ws, qtypes, K);
 #endif
     for (size_t i = 0; i < ws.size(); ++i) ys.push_back(qmatmul(x, ws[i], qtypes[i], K, digits, c10::nullopt).view({M, -1}));
     return ys;
@@ -3746,11 +3750,11 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
                 "decode_block: x [B, D], 7 weights, 2 (llama) or 6 (gemma) norms");
     const int64_t B = x.size(0), D = x.size(1), HD = n_heads * head_dim;
     // matrices `idx` reading the same input, which is rounded once for all of them: y_i [B, N_i]
-    auto lin = [&](const torch::Tensor& in, std::vector<int> idx, int64_t K) {
+    auto lin = [&](torch::Tensor in, std::vector<int> idx, int64_t K) {
         std::vector<torch::Tensor> ws;
         std::vector<int64_t> ts;
         for (int i : idx) { ws.push_back(w[i]); ts.push_back(qtypes[i]); }
-        return linear_rows(in, ws, ts, B, K, digits);
+        return linear_rows(std::move(in), ws, ts, B, K, digits);
     };
     x = x.contiguous();
     if (!h.defined()) h = rms_norm(x, norms[0], eps);   // else the previous block's last stretch computed it
@@ -3838,17 +3842,8 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
         act_mul_(g, gu[1].contiguous(), gemma);
     }
     h.reset();
-    torch::Tensor y;                                                   // d, then x1 + d
-#ifdef JISU_AVX512
-    if (key_slots && digits > 0 && B >= GEMM_MIN_ROWS && g.size(1) % 32 == 0) {   // lin's GEMM, g freed once rounded
-        const int64_t d_ff = g.size(1);
-        const Rounded xr(g.data_ptr<float>(), B, d_ff, {qtypes[6]});
-        g.reset();
-        y = gemm_i16_xq(xr, B, {w[6]}, {qtypes[6]}, d_ff)[0];
-    }
-#endif
-    if (!y.defined()) y = lin(g, {6}, g.size(1))[0].contiguous();
-    g.reset();
+    const int64_t d_ff = g.size(1);
+    auto y = lin(std::move(g), {6}, d_ff)[0].contiguous();           // d, then x1 + d (g freed once rounded)
     float* yp = y.data_ptr<float>();
     // and the next block's first norm (its input's), from the same rows while they are at hand
     float* hn = nullptr;
@@ -3896,55 +3891,52 @@ std::shared_ptr<DecodeLayer> decode_layer(std::vector<torch::Tensor> w, std::vec
                                                      window, gemma, digits});
 }
 
-torch::Tensor decode_layers(torch::Tensor x, const std::vector<std::shared_ptr<DecodeLayer>>& layers,
-                            const std::vector<torch::Tensor>& slot_mappings, const std::vector<torch::Tensor>& decode_slots,
-                            torch::Tensor decode_lens, torch::Tensor positions, const std::vector<torch::Tensor>& cos,
-                            const std::vector<torch::Tensor>& sin) {
+// The blocks in order through decode_block, each block's last stretch also norming the next
+// block's input. group_slots[g]: decode rows' key slots (decode_lens keys each), or with
+// `prefill` one prompt's key slots (positions 0 .. L - 1) for paged_attention_prefill.
+torch::Tensor block_stack(torch::Tensor x, const std::vector<std::shared_ptr<DecodeLayer>>& layers,
+                          const std::vector<torch::Tensor>& slot_mappings, const std::vector<torch::Tensor>& group_slots,
+                          torch::Tensor decode_lens, torch::Tensor positions, const std::vector<torch::Tensor>& cos,
+                          const std::vector<torch::Tensor>& sin, bool prefill, const char* who) {
     for (const auto& l : layers) {
-        TORCH_CHECK(l->group >= 0 && l->group < int64_t(slot_mappings.size()) && l->group < int64_t(decode_slots.size()) &&
+        TORCH_CHECK(l->group >= 0 && l->group < int64_t(slot_mappings.size()) && l->group < int64_t(group_slots.size()) &&
                     l->rotary >= 0 && l->rotary < int64_t(cos.size()) && l->rotary < int64_t(sin.size()),
-                    "decode_layers: a layer's group or rotary index is out of range");
+                    who, ": a layer's group or rotary index is out of range");
     }
-    torch::Tensor h;     // the next block's normed input, computed with the block before it
+    torch::Tensor h, none;     // h: the next block's normed input, computed with the block before it
     for (size_t i = 0; i < layers.size(); ++i) {
         const auto& l = layers[i];
         const DecodeLayer* next = i + 1 < layers.size() ? layers[i + 1].get() : nullptr;
+        const torch::Tensor& slots = group_slots[l->group];
         torch::Tensor h_next;
         x = decode_block(std::move(x), l->w, l->qtypes, l->norms, l->n_heads, l->n_kv_heads, l->head_dim, l->eps, l->k_cache,
-                         l->v_cache, slot_mappings[l->group], decode_slots[l->group], decode_lens, positions,
+                         l->v_cache, slot_mappings[l->group], prefill ? none : slots, decode_lens, positions,
                          cos[l->rotary], sin[l->rotary], l->interleaved, l->scale, l->window, l->gemma, l->digits,
-                         std::move(h), next ? &next->norms[0] : nullptr, next ? next->eps : 0.0, &h_next);
+                         std::move(h), next ? &next->norms[0] : nullptr, next ? next->eps : 0.0, &h_next,
+                         prefill ? &slots : nullptr);
         h = h_next;
     }
     return x;
 }
 
+torch::Tensor decode_layers(torch::Tensor x, const std::vector<std::shared_ptr<DecodeLayer>>& layers,
+                            const std::vector<torch::Tensor>& slot_mappings, const std::vector<torch::Tensor>& decode_slots,
+                            torch::Tensor decode_lens, torch::Tensor positions, const std::vector<torch::Tensor>& cos,
+                            const std::vector<torch::Tensor>& sin) {
+    return block_stack(std::move(x), layers, slot_mappings, decode_slots, decode_lens, positions, cos, sin, false,
+                       "decode_layers");
+}
+
 // decode_layers for one prompt's new tokens x [T, D] (a prefill chunk, no decode rows): every
 // block's attention through paged_attention_prefill over key_slots[group] (the sequence's keys,
 // positions 0 .. L - 1) at `positions` [T]. The Python blocks run the same kernels in the same
-// order (the same numbers, tested); one call spares ~15 dispatches a block (~6 ms of SmolLM2's
-// 512-token prefill).
+// order (the same numbers, tested); one call spares ~15 dispatches a block.
 torch::Tensor prefill_layers(torch::Tensor x, const std::vector<std::shared_ptr<DecodeLayer>>& layers,
                              const std::vector<torch::Tensor>& slot_mappings, const std::vector<torch::Tensor>& key_slots,
                              torch::Tensor positions, const std::vector<torch::Tensor>& cos,
                              const std::vector<torch::Tensor>& sin) {
-    for (const auto& l : layers) {
-        TORCH_CHECK(l->group >= 0 && l->group < int64_t(slot_mappings.size()) && l->group < int64_t(key_slots.size()) &&
-                    l->rotary >= 0 && l->rotary < int64_t(cos.size()) && l->rotary < int64_t(sin.size()),
-                    "prefill_layers: a layer's group or rotary index is out of range");
-    }
-    torch::Tensor h, none;
-    for (size_t i = 0; i < layers.size(); ++i) {
-        const auto& l = layers[i];
-        const DecodeLayer* next = i + 1 < layers.size() ? layers[i + 1].get() : nullptr;
-        torch::Tensor h_next;
-        x = decode_block(std::move(x), l->w, l->qtypes, l->norms, l->n_heads, l->n_kv_heads, l->head_dim, l->eps, l->k_cache,
-                         l->v_cache, slot_mappings[l->group], none, none, positions, cos[l->rotary], sin[l->rotary],
-                         l->interleaved, l->scale, l->window, l->gemma, l->digits, std::move(h), next ? &next->norms[0] : nullptr,
-                         next ? next->eps : 0.0, &h_next, &key_slots[l->group]);
-        h = h_next;
-    }
-    return x;
+    return block_stack(std::move(x), layers, slot_mappings, key_slots, torch::Tensor(), positions, cos, sin, true,
+                       "prefill_layers");
 }
 
 // Index of the first maximum of n > 0 floats (torch.argmax's answer), -1 if there is a NaN
