@@ -68,6 +68,29 @@ def test_one_row_steps_match_transformers(ours_and_reference):
     assert kl.mean().item() <= 0.005
 
 
+def test_amx_logits_match_transformers(ours_and_reference):
+    """The AMX GEMM (off by default, tests/test_amx.py) on the real models: the same bars, and KL
+    below 1e-5 (the int16 GEMM's is ~1e-6). Only a CPU without AMX skips this."""
+    from jisu import LLM
+    from jisu.kernels import cpu
+    ops = cpu.load()
+    if ops is None or not ops.amx:
+        pytest.skip(f"no AMX here (kernels built for {cpu.isa()})")
+    name, llm, ids, ref, _ = ours_and_reference
+    fresh = LLM(llm.path, enable_prefix_caching=False, progress=False)
+    previous = ops.set_amx_min_rows(ops.AMX_MIN_ROWS)
+    try:
+        ours = torch.from_numpy(fresh.logits(ids))
+    finally:
+        ops.set_amx_min_rows(previous)
+    ref_lp, our_lp = ref.log_softmax(-1), ours.log_softmax(-1)
+    kl = (ref_lp.exp() * (ref_lp - our_lp)).sum(-1)
+    top1 = (ref.argmax(-1) == ours.argmax(-1)).float().mean().item()
+    print(f"{name} with AMX: mean KL {kl.mean().item():.2e}, top-1 agreement {top1:.4f}")
+    assert top1 >= 0.99
+    assert kl.mean().item() <= 1e-5
+
+
 def test_perplexity_vs_transformers_and_llama_cpp(ours_and_reference):
     name, llm, ids, ref, _ = ours_and_reference
     lp = ref.log_softmax(-1)

@@ -19,9 +19,11 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
 AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+AMX_FLAGS = AVX512_FLAGS + ("avx512_bf16", "amx_tile", "amx_bf16")
+_AVX512 = ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]
 ISA_CFLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"],
-              "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-                         "-mavx512vnni"]}
+              "avx512": _AVX512,
+              "amx": _AVX512 + ["-mavx512bf16", "-mamx-tile", "-mamx-bf16"]}
 _module = None
 _tried = False
 load_error: str | None = None
@@ -39,15 +41,20 @@ def cpu_flags() -> set[str]:
 
 
 def isa() -> str:
-    """The instruction set the kernels are built for here: "avx512" (with VNNI) or "avx2"."""
+    """The instruction set the kernels are built for here: "amx" (AVX-512 with VNNI, BF16 and
+    AMX tiles), "avx512" (with VNNI) or "avx2"; JISU_ISA picks a lower one."""
     forced = os.environ.get("JISU_ISA", "auto")
-    if forced not in ("auto", "avx2", "avx512"):
-        raise ValueError(f"JISU_ISA must be auto, avx2 or avx512, got {forced!r}")
+    if forced not in ("auto", "avx2", "avx512", "amx"):
+        raise ValueError(f"JISU_ISA must be auto, avx2, avx512 or amx, got {forced!r}")
     flags = cpu_flags()
-    has512 = all(f in flags for f in AVX512_FLAGS)
-    if forced == "avx512" and not has512:
-        raise RuntimeError(f"JISU_ISA=avx512, but this CPU lacks {', '.join(f for f in AVX512_FLAGS if f not in flags)}")
-    return "avx512" if has512 and forced != "avx2" else "avx2"
+    for name, needed in (("amx", AMX_FLAGS), ("avx512", AVX512_FLAGS)):
+        if forced == name and not all(f in flags for f in needed):
+            raise RuntimeError(f"JISU_ISA={name}, but this CPU lacks {', '.join(f for f in needed if f not in flags)}")
+    if forced != "auto":
+        return forced
+    if all(f in flags for f in AMX_FLAGS):
+        return "amx"
+    return "avx512" if all(f in flags for f in AVX512_FLAGS) else "avx2"
 
 
 def load():

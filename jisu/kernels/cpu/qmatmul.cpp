@@ -15,11 +15,18 @@
 #include <cstdlib>
 #include <type_traits>
 #include <vector>
+#include <atomic>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 // Built with -mavx512f/bw/vl/dq -mavx512vnni on CPUs that have them (see __init__.py): integer
 // dot products then use VNNI, and many rows take the int16 GEMM below.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
 #define JISU_AVX512 1
+#endif
+// and with -mavx512bf16 -mamx-tile -mamx-bf16 where the CPU has AMX: many rows take bf16 tiles
+#if defined(JISU_AVX512) && defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define JISU_AMX 1
 #endif
 
 #ifdef JISU_AVX512
@@ -1596,6 +1603,149 @@ void gemm_panel(const XQ16& xq, const uint8_t* w, float* y, int64_t M, int64_t N
     pack_panel<G>(w, row_bytes, n0, np, K, pw, ps, pm, next, tiles > 1 ? 0 : next_rows * row_bytes);
     panel_tiles<G>(xq, M, K, pw, ps, pm, y + n0, N, np, next, tiles > 1 ? lines : 0, act);
 }
+
+#ifdef JISU_AMX
+// ---- many rows on AMX: bf16 tiles, three products per pair of values -----------------------
+// Sapphire Rapids and later multiply 16 x 32 by 32 x 16 bf16 tiles into 16 x 16 float32 sums
+// in one instruction (tdpbf16ps, ~16x vpdpwssd's multiply-adds). bf16 keeps 8 bits of each
+// value, too few (bf16 activations and weights move SmolLM2's top-1 token on ~1% of positions),
+// so each value is split into two bf16, v = hi + lo with lo = bf16(v - hi) (16 bits), and
+//     x w ~ xh wh + xh wl + xl wh           (the xl wl term is below 2^-16 of the product)
+// which is about as exact as the int16 GEMM (relative error ~5e-6 on random data). Weights are
+// dequantized per panel of 32 rows (exactly, the Float kernel's dequant) and split into tiles
+// in the layout tdpbf16ps reads (pairs of k side by side per column); activations are split
+// once per call into 32-row, 32-value tiles. Each 32 x 32 block of y is four accumulator
+// tiles; per 32 values of k it loads 8 tiles and issues 12 products, in the order (xl, wh),
+// (xh, wh), (xh, wl) so that only two tiles change between groups.
+constexpr int64_t AMX_MIN_ROWS = 64;   // below this, packing a panel costs more than it saves
+
+// Off unless JISU_AMX=1 (or set_amx_min_rows): on this project's AMX machine, a VM whose two
+// vCPUs share one core's AMX unit with other tenants, it was 1.2-1.4x the int16 GEMM in quiet
+// periods and 0.5-0.8x in busy ones, 0.9x on the median of a 512-token prefill (RESULTS.md)
+std::atomic<int64_t> amx_min_rows{[] {
+    const char* e = std::getenv("JISU_AMX");
+    return e && std::strcmp(e, "1") == 0 ? AMX_MIN_ROWS : int64_t(0);
+}()};
+
+bool amx_ready() {   // the kernel must grant this process the tile state once (Linux 5.16+)
+    static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return ok;
+}
+
+struct TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+inline void tiles_on() {   // every tile 16 rows x 64 bytes, in this thread
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
+    _tile_loadconfig(&c);
+}
+
+// 16 floats -> bf16 (round to nearest even) hi, and the float value of hi
+inline __m256i bf16_hi(__m512 v, __m512& hi_f) {
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+    hi_f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return h;
+}
+// 32 floats -> 32 bf16 hi and 32 bf16 lo (v - hi), as two vectors of 32 x 16 bits
+inline void split32(const float* p, __m512i& hi, __m512i& lo) {
+    __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16), ha, hb;
+    const __m256i h0 = bf16_hi(a, ha), h1 = bf16_hi(b, hb);
+    hi = _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1);
+    lo = _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(a, ha))),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(b, hb)), 1);
+}
+
+// x [M, K] split into tiles: [M/32 blocks][K/32 steps][hi, lo][2 halves][16 rows][32 values]
+// (4 KB a step); rows past M are zero
+struct XB {
+    uint16_t* a = nullptr;
+    int64_t M = 0, blocks = 0, K = 0;
+    XB() = default;
+    XB(const XB&) = delete;
+    XB& operator=(const XB&) = delete;
+    ~XB() { std::free(a); }
+    void split(const float* x, int64_t M_, int64_t K_) {
+        M = M_, K = K_, blocks = (M + 31) / 32;
+        const int64_t steps = K / 32;
+        a = static_cast<uint16_t*>(std::aligned_alloc(64, sizeof(uint16_t) * blocks * steps * 2048));
+        at::parallel_for(0, blocks * 32, 8, [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) {
+                const int64_t blk = r / 32, half = (r % 32) / 16, row = r % 16;
+                uint16_t* dst = a + blk * steps * 2048 + half * 512 + row * 32;
+                for (int64_t s = 0; s < steps; ++s, dst += 2048) {
+                    __m512i hi = _mm512_setzero_si512(), lo = _mm512_setzero_si512();
+                    if (r < M) split32(x + r * K + 32 * s, hi, lo);
+                    _mm512_store_si512(dst, hi);
+                    _mm512_store_si512(dst + 1024, lo);
+                }
+            }
+        });
+    }
+    const uint16_t* step(int64_t blk, int64_t s) const { return a + (blk * (K / 32) + s) * 2048; }
+};
+
+// weight rows n0 .. n0 + np - 1 (np <= 32) into pb: [K/32 steps][hi, lo][2 tiles of 16 columns]
+// [16 pairs of k][16 columns][2] (4 KB a step); f: their float32 rows, [32][K] scratch.
+// A column's 32 values of a step, as bf16, are 16 pairs: one row of a 16 x 16 matrix of pairs
+// whose transpose is the tile.
+template <typename F>
+void pack_panel_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int64_t K, float* f, uint16_t* pb) {
+    const int64_t nb = K / F::N;
+    for (int64_t c = 0; c < 32; ++c) {
+        if (c < np) for (int64_t b = 0; b < nb; ++b) F::dequant(w + (n0 + c) * row_bytes + b * F::BYTES, f + c * K + b * F::N);
+        else std::memset(f + c * K, 0, sizeof(float) * K);
+    }
+    for (int64_t s = 0; s < K / 32; ++s)
+        for (int t = 0; t < 2; ++t) {
+            __m512i hi[16], lo[16];
+            for (int c = 0; c < 16; ++c) split32(f + (16 * t + c) * K + 32 * s, hi[c], lo[c]);
+            transpose16(hi);
+            transpose16(lo);
+            uint16_t* dst = pb + s * 2048 + t * 512;
+            for (int kp = 0; kp < 16; ++kp) {
+                _mm512_store_si512(dst + kp * 32, hi[kp]);
+                _mm512_store_si512(dst + 1024 + kp * 32, lo[kp]);
+            }
+        }
+}
+
+// Rows 32 blk .. 32 blk + 31 of y [M, row stride N], columns n0 .. n0 + np - 1, = x W^T for
+// one packed panel pb (act: as gemm_tile)
+inline void amx_block(const XB& xb, int64_t blk, const uint16_t* pb, float* y, int64_t N, int64_t n0, int64_t np, int act) {
+    alignas(64) float c[32 * 32];
+    const int64_t steps = xb.K / 32;
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t s = 0; s < steps; ++s) {
+        const uint16_t* a = xb.step(blk, s);
+        const uint16_t* wh = pb + s * 2048;
+        _tile_loadd(4, a + 1024, 64); _tile_loadd(5, a + 1536, 64);     // xl
+        _tile_loadd(6, wh, 64); _tile_loadd(7, wh + 512, 64);            // wh
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+        _tile_loadd(4, a, 64); _tile_loadd(5, a + 512, 64);              // xh
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+        _tile_loadd(6, wh + 1024, 64); _tile_loadd(7, wh + 1536, 64);    // wl
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, c, 128); _tile_stored(1, c + 16, 128); _tile_stored(2, c + 512, 128); _tile_stored(3, c + 528, 128);
+    const __mmask16 k0 = cols16(np, 0), k1 = cols16(np, 16);
+    const int64_t rows = std::min<int64_t>(32, xb.M - 32 * blk);
+    for (int64_t r = 0; r < rows; ++r) {
+        float* yr = y + (32 * blk + r) * N + n0;
+        __m512 v0 = _mm512_load_ps(c + 32 * r), v1 = _mm512_load_ps(c + 32 * r + 16);
+        if (act >= 0) {
+            v0 = _mm512_mul_ps(act_of(_mm512_maskz_loadu_ps(k0, yr), act == 1), v0);
+            v1 = _mm512_mul_ps(act_of(_mm512_maskz_loadu_ps(k1, yr + 16), act == 1), v1);
+        }
+        _mm512_mask_storeu_ps(yr, k0, v0);
+        _mm512_mask_storeu_ps(yr + 16, k1, v1);
+    }
+}
+
+#endif
 #else
 // AVX2 builds have no integer GEMM: many rows take the float32 kernels (Kernels::Gemm unused).
 struct G_Q4_0 {}; struct G_Q4_1 {}; struct G_Q5_0 {}; struct G_Q8_0 {}; struct G_Q4_K {}; struct G_Q6_K {};
@@ -1667,13 +1817,110 @@ std::vector<torch::Tensor> matvec_i8(const XQBuffer& xq, const std::vector<torch
 
 constexpr int64_t GEMM_MIN_ROWS = 3;
 
+#ifdef JISU_AMX
+// The panels of several matrices reading the same x (gemm_i16_xq's, in its order): panel p is
+// columns n0 .. n0 + np - 1 of matrix i.
+struct AmxPanels {
+    const std::vector<torch::Tensor>& ws;
+    const std::vector<int64_t>& qtypes;
+    const std::vector<int64_t>& first;   // matrix i's panels start at first[i]
+    std::vector<torch::Tensor>& ys;
+    int64_t K;
+    int act;
+    int64_t count() const { return first.back(); }
+    void pack(int64_t p, float* f, uint16_t* pb, int64_t& i, int64_t& n0, int64_t& np) const {
+        locate(p, i, n0, np);
+        dispatch(qtypes[i], [&](auto k) {
+            pack_panel_bf16<typename decltype(k)::Float>(ws[i].data_ptr<uint8_t>(), ws[i].size(1), n0, np, K, f, pb);
+        });
+    }
+    void locate(int64_t p, int64_t& i, int64_t& n0, int64_t& np) const {
+        i = 0;
+        while (p >= first[i + 1]) ++i;
+        n0 = (p - first[i]) * GP, np = std::min<int64_t>(GP, ws[i].size(0) - n0);
+    }
+    // every 32-row block of x against panels g0 .. g1 - 1, packed in slots[p % R]
+    void compute(const XB& xb, int64_t g0, int64_t g1, uint16_t* const* slots, int64_t R) const {
+        for (int64_t blk = 0; blk < xb.blocks; ++blk)
+            for (int64_t p = g0; p < g1; ++p) {
+                int64_t i, n0, np;
+                locate(p, i, n0, np);
+                amx_block(xb, blk, slots[p % R], ys[i].data_ptr<float>(), ws[i].size(0), n0, np, act);
+            }
+    }
+};
+
+// x W_i^T on AMX. Panels are taken in groups of G (the group's packed weights stay in L2 while
+// every 32-row block of x passes over them: a block is read from memory once per group, not
+// once per panel; K 1536: 112 -> 166 G multiply-adds/s). One thread multiplies, the other
+// dequantizes and packs the panels ahead of it into a ring of 2G slots: measured here (two
+// vCPUs that share one core's AMX unit), two threads multiplying ran at 0.75-0.9x one, and
+// packing is ~17% of one thread's work.
+void amx_gemm(const XB& xb, const AmxPanels& job) {
+    const int64_t P = job.count(), K = job.K;
+    constexpr int64_t G = 4, R = 2 * G;   // measured: groups of 4 over 2 and 8, at K 576 and 1536
+    std::vector<uint16_t*> slots(R);
+    for (auto& s : slots) s = static_cast<uint16_t*>(std::aligned_alloc(64, sizeof(uint16_t) * 64 * K));
+    float* f = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * 32 * K));
+    std::atomic<int64_t> packed{0}, done{0};
+    auto packer = [&] {
+        for (int64_t p = 0; p < P; ++p) {
+            while (p - done.load(std::memory_order_acquire) >= R) _mm_pause();
+            int64_t i, n0, np;
+            job.pack(p, f, slots[p % R], i, n0, np);
+            packed.store(p + 1, std::memory_order_release);
+        }
+    };
+    auto multiplier = [&] {
+        tiles_on();
+        for (int64_t g0 = 0; g0 < P; g0 += G) {
+            const int64_t g1 = std::min(P, g0 + G);
+            while (packed.load(std::memory_order_acquire) < g1) _mm_pause();
+            job.compute(xb, g0, g1, slots.data(), R);
+            done.store(g1, std::memory_order_release);
+        }
+        _tile_release();
+    };
+    auto alone = [&] {   // one thread: pack a group, multiply it
+        tiles_on();
+        for (int64_t g0 = 0; g0 < P; g0 += G) {
+            const int64_t g1 = std::min(P, g0 + G);
+            int64_t i, n0, np;
+            for (int64_t p = g0; p < g1; ++p) job.pack(p, f, slots[p % R], i, n0, np);
+            job.compute(xb, g0, g1, slots.data(), R);
+        }
+        _tile_release();
+    };
+    if (P <= G || at::get_num_threads() < 2 || at::in_parallel_region()) alone();
+    else at::parallel_for(0, 2, 1, [&](int64_t a, int64_t b) {
+        if (b - a == 2) alone();        // the runtime gave this region one thread
+        else if (a == 0) multiplier();
+        else packer();
+    });
+    std::free(f);
+    for (auto& s : slots) std::free(s);
+}
+#endif
+
 #ifdef JISU_AVX512
 // x [M, K] rounded to int16 once for each code range (G::QMAX) that the matrices reading it
 // take: one rounding, or two where a Q6_K sits among other types (a Q4_K_M file's attn_v), so
 // every matrix gets its own type's codes and the same numbers as alone
 struct Rounded {
     std::vector<std::pair<float, XQ16>> by_qmax;
+#ifdef JISU_AMX
+    XB xb;               // or, for AMX_MIN_ROWS rows and more on AMX, x split into bf16 tiles
+#endif
+    bool amx = false;
     Rounded(const float* x, int64_t M, int64_t K, const std::vector<int64_t>& qtypes) {
+#ifdef JISU_AMX
+        const int64_t amx_rows = amx_min_rows.load();
+        if (amx_rows > 0 && M >= amx_rows && amx_ready()) {
+            amx = true;
+            xb.split(x, M, K);
+            return;
+        }
+#endif
         for (int64_t t : qtypes) {
             const float q = qmax_of(t);
             if (std::none_of(by_qmax.begin(), by_qmax.end(), [&](const auto& e) { return e.first == q; })) {
@@ -1712,10 +1959,16 @@ std::vector<torch::Tensor> gemm_i16_xq(const Rounded& xr, int64_t M, const std::
             using F = typename decltype(k)::Float;
             check_weight(ws[i], K, F::N, F::BYTES);
         });
-        xqs.push_back(&xr.of(qtypes[i]));
+        if (!xr.amx) xqs.push_back(&xr.of(qtypes[i]));
         ys.push_back(out ? out->view({M, -1}) : torch::empty({M, ws[i].size(0)}, torch::dtype(torch::kFloat32)));
         first.push_back(first.back() + (ws[i].size(0) + GP - 1) / GP);
     }
+#ifdef JISU_AMX
+    if (xr.amx) {
+        amx_gemm(xr.xb, AmxPanels{ws, qtypes, first, ys, K, act});
+        return ys;
+    }
+#endif
     at::parallel_for(0, first.back(), 1, [&](int64_t p0, int64_t p1) {
         int32_t* pw = static_cast<int32_t*>(std::aligned_alloc(64, sizeof(int32_t) * (K / 2) * GP));
         std::vector<float> ps(K / 16 * GP), pm(K / 16 * GP);    // room for the smallest scale block
@@ -4005,6 +4258,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.attr("isa") = "avx2";
 #endif
     m.attr("GEMM_MIN_ROWS") = GEMM_MIN_ROWS;   // qmatmul takes the int16 GEMM from this many rows
+#ifdef JISU_AMX
+    // AMX builds are AVX-512 builds whose GEMM takes bf16 tiles from AMX_MIN_ROWS rows (where
+    // the kernel grants the tile state)
+    m.attr("amx") = amx_ready();
+    m.attr("AMX_MIN_ROWS") = AMX_MIN_ROWS;
+    m.def("set_amx_min_rows", [](int64_t rows) {
+        TORCH_CHECK(rows >= 0, "set_amx_min_rows: rows must be >= 0 (0: off)");
+        return amx_min_rows.exchange(rows);
+    }, "the GEMM takes AMX tiles from this many rows (0: never); returns the previous value");
+#else
+    m.attr("amx") = false;
+#endif
 #ifdef JISU_AVX512
     m.def("gated_ffn_i16", &gated_ffn_i16, "act(h W_gate^T) * (h W_up^T), h rounded to int16 once per code range", release());
     m.def("greedy_rows", &greedy_rows, "argmax of each row of the int16 GEMM x W^T, screened in int8 (-1: undecided)", release());

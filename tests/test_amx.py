@@ -1,0 +1,129 @@
+"""The AMX GEMM (bf16 tiles, three products per pair of values) against float64 references.
+
+It is off by default (see README, "Many rows on AMX") and switched on here with
+set_amx_min_rows. Only a CPU without AMX (or a kernel that refuses the tile state) skips these:
+the int16 GEMM they replace is tested in test_kernels.py on every AVX-512 machine."""
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from jisu.kernels import cpu
+from test_kernels import KERNEL_TYPES, random_weight
+
+ops = cpu.load()
+if ops is None or not ops.amx:
+    pytest.skip(f"no AMX here (kernels built for {cpu.isa()}{'' if ops else ', not loaded'})", allow_module_level=True)
+
+
+@pytest.fixture
+def amx():
+    previous = ops.set_amx_min_rows(ops.AMX_MIN_ROWS)
+    yield
+    ops.set_amx_min_rows(previous)
+
+
+def bound(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Each product x w is computed as xh wh + xh wl + xl wh with v = vh + vl, vh = bf16(v),
+    vl = bf16(v - vh): |v - vh - vl| <= 2^-17 |v|, so a product is off by at most ~2^-15.4 of
+    |x w|, plus float32 accumulation over K."""
+    k = x.shape[1]
+    return (2 ** -15 + k * 2 ** -24) * (x.double().abs() @ w.double().abs().t()) + 1e-30
+
+
+@pytest.mark.parametrize("m", [64, 65, 100, 200])
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_amx_gemm_within_its_bound(amx, qtype, m):
+    """Every type, rows in whole and part 32-row blocks, a full panel of 32 columns and a part-full
+    one: within the split's bound of the float64 product, and 4-10x closer to it than the int16 GEMM
+    (whose activations keep ~15 bits per 32-value block)."""
+    k = 2048 if qtype in (Q.Q4_K, Q.Q6_K) else 640
+    n = 45 if m % 2 else 61
+    q, ref_w = random_weight(qtype, n=n, k=k)
+    x = torch.randn(m, k)
+    want = x.double() @ ref_w.double().t()
+    got = ops.qmatmul(x, q, int(qtype), k, 2).double()
+    assert torch.all((got - want).abs() <= bound(ref_w, x))
+    err = (got - want).norm() / want.norm()
+    assert err <= 1e-5
+    ops.set_amx_min_rows(0)
+    int16 = ops.qmatmul(x, q, int(qtype), k, 2).double()
+    assert err * 2 <= (int16 - want).norm() / want.norm()
+
+
+def test_amx_from_its_row_count(amx):
+    """Fewer than AMX_MIN_ROWS rows keep the int16 GEMM (the same numbers as with AMX off); from
+    AMX_MIN_ROWS rows on, AMX (other numbers)."""
+    q, _ = random_weight(Q.Q4_1, n=40, k=512)
+    x = torch.randn(ops.AMX_MIN_ROWS, 512)
+    below, at = ops.qmatmul(x[:-1], q, int(Q.Q4_1), 512, 2), ops.qmatmul(x, q, int(Q.Q4_1), 512, 2)
+    ops.set_amx_min_rows(0)
+    assert torch.equal(below, ops.qmatmul(x[:-1], q, int(Q.Q4_1), 512, 2))
+    assert not torch.equal(at, ops.qmatmul(x, q, int(Q.Q4_1), 512, 2))
+    with pytest.raises(RuntimeError, match="rows must be"):
+        ops.set_amx_min_rows(-1)
+
+
+def test_amx_rows_do_not_depend_on_each_other_or_on_threads(amx):
+    """A row's outputs are the same bits whatever rows surround it (tile rows are independent) and
+    whether one thread packs and multiplies or one packs ahead of the other."""
+    q, _ = random_weight(Q.Q4_K, n=300, k=512)
+    x = torch.randn(150, 512)
+    y = ops.qmatmul(x, q, int(Q.Q4_K), 512, 2)
+    perm = torch.randperm(150)
+    assert torch.equal(ops.qmatmul(x[perm], q, int(Q.Q4_K), 512, 2), y[perm])
+    assert torch.equal(ops.qmatmul(x[:70], q, int(Q.Q4_K), 512, 2), y[:70])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.qmatmul(x, q, int(Q.Q4_K), 512, 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, y)
+
+
+def test_amx_non_finite_rows_stay_in_their_row(amx):
+    """A NaN or an infinity in one row makes that row's outputs NaN and leaves the others as they
+    were."""
+    q, _ = random_weight(Q.Q8_0, n=50, k=256)
+    x = torch.randn(80, 256)
+    clean = ops.qmatmul(x, q, int(Q.Q8_0), 256, 2)
+    x[3, 17] = float("nan")
+    x[40, 0] = float("inf")
+    got = ops.qmatmul(x, q, int(Q.Q8_0), 256, 2)
+    assert torch.isnan(got[3]).all() and torch.isnan(got[40]).all()
+    keep = [r for r in range(80) if r not in (3, 40)]
+    assert torch.equal(got[keep], clean[keep])
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_amx_gated_ffn_and_many_equal_single_calls(amx, gelu):
+    """gate and up in one call (act applied as up's tiles are stored) and q/k/v in one call give
+    the bits of separate calls (act_mul_ after)."""
+    k = 512
+    wg, _ = random_weight(Q.Q4_K, n=100, k=k)
+    wu, _ = random_weight(Q.Q6_K, n=100, k=k)
+    h = torch.randn(96, k)
+    g = ops.qmatmul(h, wg, int(Q.Q4_K), k, 2)
+    ops.act_mul_(g, ops.qmatmul(h, wu, int(Q.Q6_K), k, 2), gelu)
+    assert torch.equal(ops.gated_ffn_i16(h, wg, wu, int(Q.Q4_K), int(Q.Q6_K), k, gelu), g)
+    ws = [random_weight(t, n=n, k=k)[0] for t, n in ((Q.Q4_1, 64), (Q.Q4_1, 20), (Q.Q8_0, 33))]
+    types = [int(Q.Q4_1), int(Q.Q4_1), int(Q.Q8_0)]
+    for y, w, t in zip(ops.qmatmul_many(h, ws, types, k, 2), ws, types):
+        assert torch.equal(y, ops.qmatmul(h, w, t, k, 2))
+
+
+def test_amx_prefill_logits(amx, tiny_llama_path):
+    """A tiny model's prompt through AMX (float32 caches, so that the GEMMs make the difference):
+    the logits within 1e-4 of the float32 path's, at least twice as close as the int16 GEMM's."""
+    from jisu import LLM
+    ids = list(range(3, 100))
+    logits = {}
+    for label, rows, acts in (("amx", ops.AMX_MIN_ROWS, "int16"), ("int16", 0, "int16"), ("float32", 0, "float32")):
+        ops.set_amx_min_rows(rows)
+        llm = LLM(str(tiny_llama_path), activations=acts, kv_cache_dtype="float32", enable_prefix_caching=False,
+                  progress=False)
+        logits[label] = torch.from_numpy(llm.logits(ids)).double()
+    exact = logits["float32"]
+    err = {k: ((v - exact).norm() / exact.norm()).item() for k, v in logits.items() if k != "float32"}
+    assert err["amx"] <= 1e-4 and 2 * err["amx"] <= err["int16"], err     # measured 3.4e-5 and 1.1e-4
