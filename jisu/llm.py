@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import os
@@ -121,6 +122,12 @@ class LLM:
             self.engine_config.kv_cache_dtype = "float16" if self.activations != "float32" else "float32"
         self.model = load_model(g, self.config, max_len, getattr(torch, dtype), ops, activations)
         self.engine = LLMEngine(self.model, self.config, self.tokenizer, self.engine_config)
+        # Everything alive now (model, tokenizer, engine: ~190k objects with SmolLM2's vocabulary)
+        # leaves the cyclic GC's generations, which its collections during generation walked:
+        # measured on SmolLM2 decode, alternating in one process, 101.7 -> 109.4 tok/s. An LLM
+        # holds no reference cycles, so deleting it still frees it (tested).
+        gc.collect()
+        gc.freeze()
         self.load_seconds = time.perf_counter() - t0
         self._request_ids = itertools.count()
 

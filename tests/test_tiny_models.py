@@ -298,3 +298,18 @@ def test_bf16_path_runs_and_stays_close(tiny_llama_path):
     b = torch.from_numpy(bf16.logits(ids)).log_softmax(-1)
     assert float((a.exp() * (a - b)).sum(-1).mean()) < 0.01
     assert bf16.generate("the", greedy(5))[0].token_ids
+
+
+def test_llm_objects_leave_the_cyclic_gc_and_are_still_freed(tmp_path):
+    """LLM() freezes what is alive once loaded (gc.freeze: the model's and tokenizer's objects
+    leave the collections that generation triggers), which is safe only while an LLM holds no
+    reference cycle: deleting one, after generating, must free its model, engine and caches."""
+    import gc
+    import weakref
+    path = write_tiny_llama(tmp_path / "m.gguf")
+    llm = LLM(str(path), progress=False)
+    assert gc.get_freeze_count() > 0
+    llm.generate(["hello"], SamplingParams(max_tokens=4, temperature=0))
+    refs = [weakref.ref(o) for o in (llm, llm.model, llm.engine, llm.tokenizer)]
+    del llm
+    assert [r() is None for r in refs] == [True] * 4

@@ -618,6 +618,29 @@ inline float row8(const uint8_t* row, const XQ& x, int64_t nb) {
 }
 
 #ifdef JISU_AVX512
+// 16 rows of 16 int32 -> their transpose (row i of the result: element i of every row)
+inline void transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {      // u[4a + c], 128-bit lane L: element 4L + c of rows 4a..4a+3
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {
+        const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+        const __m512i w0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD), w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
+        r[c] = _mm512_shuffle_i32x4(v0, v1, 0x88);
+        r[8 + c] = _mm512_shuffle_i32x4(v0, v1, 0xDD);
+        r[4 + c] = _mm512_shuffle_i32x4(w0, w1, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(w0, w1, 0xDD);
+    }
+}
+
 // ---- one row on 512-bit registers: two 32-value blocks per integer dot ----------------------
 // Zen 5 (and Intel cores) execute 512-bit integer and float ops at full width, so a zmm dot of
 // two blocks (64 weight bytes against 64 activation bytes, 16 int32 lanes: lanes 0-7 the first
@@ -845,9 +868,12 @@ inline void q6k_dot(const uint8_t* b, const XQ& x, int64_t i, __m512& acc) {
 
 // One row: 32-value types sixteen blocks at a time, a tail of three to seven pairs as one
 // part-full group, of one or two pairs through dot2, then an odd last block; Q4_K per
-// super-block and Q6_K per super-block (q4k_dot, q6k_dot), two accumulator chains each.
+// super-block and Q6_K per super-block (q4k_dot, q6k_dot), two accumulator chains each. The
+// result is a vector whose 16 lanes sum to the row's dot: matvec8_rows adds 16 rows' lanes with
+// one transpose (a horizontal reduction per row, a chain of dependent shuffles and adds, drew
+// ~20% of a SmolLM2 matvec's samples on Sapphire Rapids, where K 576 is only 18 blocks a row).
 template <typename B, int DIG>
-inline float row16(const uint8_t* row, const XQ& x, int64_t nb) {
+inline __m512 row16(const uint8_t* row, const XQ& x, int64_t nb) {
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, accv = _mm512_setzero_ps();
     float accm = 0.f;
     if constexpr (B::N == 32) {
@@ -864,7 +890,8 @@ inline float row16(const uint8_t* row, const XQ& x, int64_t nb) {
             dot1<B, DIG>(row + (nb - 1) * B::BYTES, x, nb - 1, a1, accm);
             accm += hsum(a1);
         }
-        return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), accv)) + accm;
+        const __m512 v = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), accv);
+        return _mm512_mask_add_ps(v, 1, v, _mm512_set1_ps(accm));
     } else if constexpr (std::is_same_v<B, Q4_Kx8>) {
         __m256 am = _mm256_setzero_ps();
         int64_t blk = 0;
@@ -873,7 +900,7 @@ inline float row16(const uint8_t* row, const XQ& x, int64_t nb) {
             q4k_dot<DIG>(row + (blk + 1) * B::BYTES, x, blk + 1, acc[1], am);
         }
         if (blk < nb) q4k_dot<DIG>(row + blk * B::BYTES, x, blk, acc[0], am);
-        return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + hsum(am);
+        return _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_zextps256_ps512(am));
     } else if constexpr (std::is_same_v<B, Q6_Kx8>) {
         int64_t blk = 0;
         for (; blk + 2 <= nb; blk += 2) {
@@ -881,27 +908,44 @@ inline float row16(const uint8_t* row, const XQ& x, int64_t nb) {
             q6k_dot<DIG>(row + (blk + 1) * B::BYTES, x, blk + 1, acc[1]);
         }
         if (blk < nb) q6k_dot<DIG>(row + blk * B::BYTES, x, blk, acc[0]);
-        return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+        return _mm512_add_ps(acc[0], acc[1]);
     } else {
-        return row8<B, DIG>(row, x, nb);
+        return _mm512_zextps128_ps512(_mm_set_ss(row8<B, DIG>(row, x, nb)));
     }
 }
 #endif
 
 // Weight rows n0 .. n1 in pairs, the pair PREFETCH_ROWS ahead requested from memory early.
+// AVX-512: 16 rows' lane vectors (row16) summed at once, by a transpose.
 template <typename B, int DIG>
 void matvec8_rows(const XQ& x, const uint8_t* w, float* y, int64_t n0, int64_t n1, int64_t K) {
     const int64_t nb = K / B::N, row_bytes = nb * B::BYTES;
+#ifdef JISU_AVX512
+    for (int64_t n = n0; n < n1; n += 16) {
+        const int rows = int(std::min<int64_t>(16, n1 - n));
+        __m512i v[16];
+        for (int r = 0; r < 16; ++r) {
+            if (r >= rows) {
+                v[r] = _mm512_setzero_si512();
+                continue;
+            }
+            const uint8_t* row = w + (n + r) * row_bytes;
+            if (r % 2 == 0 && n + r + PREFETCH_ROWS + 2 <= n1) prefetch_row(row + PREFETCH_ROWS * row_bytes, 2 * row_bytes);
+            v[r] = _mm512_castps_si512(row16<B, DIG>(row, x, nb));
+        }
+        transpose16(v);                  // v[i]: lane i of every row
+        __m512 sum = _mm512_castsi512_ps(v[0]);
+        for (int i = 1; i < 16; ++i) sum = _mm512_add_ps(sum, _mm512_castsi512_ps(v[i]));
+        _mm512_mask_storeu_ps(y + n, __mmask16((1u << rows) - 1), sum);
+    }
+#else
     for (int64_t n = n0; n < n1; n += 2) {
         const int rows = int(std::min<int64_t>(2, n1 - n));
         const uint8_t* r0 = w + n * row_bytes;
         if (n + PREFETCH_ROWS + 2 <= n1) prefetch_row(r0 + PREFETCH_ROWS * row_bytes, 2 * row_bytes);
-#ifdef JISU_AVX512
-        for (int r = 0; r < rows; ++r) y[n + r] = row16<B, DIG>(r0 + r * row_bytes, x, nb);
-#else
         for (int r = 0; r < rows; ++r) y[n + r] = row8<B, DIG>(r0 + r * row_bytes, x, nb);
-#endif
     }
+#endif
 }
 
 // Two activation rows against every weight row, 32-value types: each block is unpacked and its
@@ -1179,29 +1223,6 @@ struct G_Q6_K {
         return _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
     }
 };
-
-// 16 rows of 16 int32 -> their transpose (row i of the result: element i of every row)
-inline void transpose16(__m512i r[16]) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {      // u[4a + c], 128-bit lane L: element 4L + c of rows 4a..4a+3
-        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int c = 0; c < 4; ++c) {
-        const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
-        const __m512i w0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD), w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
-        r[c] = _mm512_shuffle_i32x4(v0, v1, 0x88);
-        r[8 + c] = _mm512_shuffle_i32x4(v0, v1, 0xDD);
-        r[4 + c] = _mm512_shuffle_i32x4(w0, w1, 0x88);
-        r[12 + c] = _mm512_shuffle_i32x4(w0, w1, 0xDD);
-    }
-}
 
 constexpr int GP = 32;   // weight rows (output columns) per panel: two vectors of 16 lanes
 
@@ -1620,8 +1641,9 @@ void gemm_panel(const XQ16& xq, const uint8_t* w, float* y, int64_t M, int64_t N
 constexpr int64_t AMX_MIN_ROWS = 64;   // below this, packing a panel costs more than it saves
 
 // Off unless JISU_AMX=1 (or set_amx_min_rows): on this project's AMX machine, a VM whose two
-// vCPUs share one core's AMX unit with other tenants, it was 1.2-1.4x the int16 GEMM in quiet
-// periods and 0.5-0.8x in busy ones, 0.9x on the median of a 512-token prefill (RESULTS.md)
+// vCPUs share one core's AMX unit with other tenants, its GEMMs were 1.2-1.4x the int16 GEMM's
+// in quiet periods and 0.5x in busy ones; 512-token prefills, 8 alternating pairs of processes:
+// 0.49-1.30x the int16 GEMM's speed, median 0.77x (RESULTS.md, sixteenth session)
 std::atomic<int64_t> amx_min_rows{[] {
     const char* e = std::getenv("JISU_AMX");
     return e && std::strcmp(e, "1") == 0 ? AMX_MIN_ROWS : int64_t(0);
