@@ -320,7 +320,7 @@ void quantize_x8(const float* x, int64_t K, XQBuffer& out, int digits) {
     out.q.resize(K);
     if (digits == 2) out.q2.resize(K);
 #ifdef JISU_AVX512
-    if (digits == 2) out.w16.assign(64 * ((nb + 1) / 2), 0);
+    if (digits == 2) out.w16.resize(64 * ((nb + 1) / 2));   // an odd last block's partner words are never read
 #endif
     for (auto* v : {&out.d, &out.f, &out.g8, &out.c8, &out.c16}) v->resize(nb);
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -352,21 +352,19 @@ void quantize_x8(const float* x, int64_t K, XQBuffer& out, int digits) {
             if (digits == 2) {
                 ri[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(t, r), _mm256_set1_ps(float(BASE))),
                                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-                codes = _mm256_add_epi32(codes, _mm256_add_epi32(_mm256_mullo_epi32(qi[i], _mm256_set1_epi32(BASE)), ri[i]));
+                const __m256i c = _mm256_add_epi32(_mm256_mullo_epi32(qi[i], _mm256_set1_epi32(BASE)), ri[i]);
+                codes = _mm256_add_epi32(codes, c);
+#ifdef JISU_AVX512
+                // the code as one word too: |BASE q + q2| <= 127 BASE + 127 < 32768
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(out.w16.data() + 64 * (b / 2) + 16 * (b % 2) + 32 * (i / 2) + 8 * (i % 2)),
+                                 _mm256_cvtepi32_epi16(c));
+#endif
             } else {
                 codes = _mm256_add_epi32(codes, qi[i]);
             }
         }
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + 32 * b), pack_i8(qi));
         if (digits == 2) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q2.data() + 32 * b), pack_i8(ri));
-#ifdef JISU_AVX512
-        if (digits == 2) {
-            int16_t* w = out.w16.data() + 64 * (b / 2) + 16 * (b % 2);
-            for (int i = 0; i < 4; ++i)   // |BASE q + q2| <= 127 BASE + 127 < 32768
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(w + 32 * (i / 2) + 8 * (i % 2)),
-                                 _mm256_cvtepi32_epi16(_mm256_add_epi32(_mm256_mullo_epi32(qi[i], _mm256_set1_epi32(BASE)), ri[i])));
-        }
-#endif
         const float unit = digits == 2 ? d / float(BASE) : d;
         const float ds = unit * float(hsum_i32(codes));
         out.d[b] = unit;
@@ -1751,11 +1749,8 @@ struct XB {
 // whose transpose is the tile.
 template <typename F>
 void pack_panel_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int64_t K, float* f, uint16_t* pb) {
-    const int64_t nb = K / F::N;
-    for (int64_t c = 0; c < 32; ++c) {
-        if (c < np) for (int64_t b = 0; b < nb; ++b) F::dequant(w + (n0 + c) * row_bytes + b * F::BYTES, f + c * K + b * F::N);
-        else std::memset(f + c * K, 0, sizeof(float) * K);
-    }
+    dequant_rows<F>(w + n0 * row_bytes, f, np, K);
+    std::memset(f + np * K, 0, sizeof(float) * (32 - np) * K);
     for (int64_t s = 0; s < K / 32; ++s)
         for (int t = 0; t < 2; ++t) {
             __m512i hi[16], lo[16];
@@ -1885,7 +1880,8 @@ struct AmxPanels {
     int64_t K;
     int act;
     int64_t count() const { return first.back(); }
-    void pack(int64_t p, float* f, uint16_t* pb, int64_t& i, int64_t& n0, int64_t& np) const {
+    void pack(int64_t p, float* f, uint16_t* pb) const {
+        int64_t i, n0, np;
         locate(p, i, n0, np);
         dispatch(qtypes[i], [&](auto k) {
             pack_panel_bf16<typename decltype(k)::Float>(ws[i].data_ptr<uint8_t>(), ws[i].size(1), n0, np, K, f, pb);
@@ -1923,8 +1919,7 @@ void amx_gemm(const XB& xb, const AmxPanels& job) {
     auto packer = [&] {
         for (int64_t p = 0; p < P; ++p) {
             while (p - done.load(std::memory_order_acquire) >= R) _mm_pause();
-            int64_t i, n0, np;
-            job.pack(p, f, slots[p % R], i, n0, np);
+            job.pack(p, f, slots[p % R]);
             packed.store(p + 1, std::memory_order_release);
         }
     };
@@ -1942,8 +1937,7 @@ void amx_gemm(const XB& xb, const AmxPanels& job) {
         tiles_on();
         for (int64_t g0 = 0; g0 < P; g0 += G) {
             const int64_t g1 = std::min(P, g0 + G);
-            int64_t i, n0, np;
-            for (int64_t p = g0; p < g1; ++p) job.pack(p, f, slots[p % R], i, n0, np);
+            for (int64_t p = g0; p < g1; ++p) job.pack(p, f, slots[p % R]);
             job.compute(xb, g0, g1, slots.data(), R);
         }
         _tile_release();
