@@ -1,8 +1,11 @@
 """The AMX GEMM (bf16 tiles, three products per pair of values) against float64 references.
 
-It is off by default (see README, "Many rows on AMX") and switched on here with
-set_amx_min_rows. Only a CPU without AMX (or a kernel that refuses the tile state) skips these:
-the int16 GEMM they replace is tested in test_kernels.py on every AVX-512 machine."""
+It is on by default where the CPU has AMX (JISU_AMX=0 turns it off; see README, "Many rows on
+AMX"), and the fixture below switches it on whatever the environment says. Only a CPU without AMX
+(or a kernel that refuses the tile state) skips these: the int16 GEMM they replace is tested in
+test_kernels.py on every AVX-512 machine."""
+
+import os
 
 import pytest
 import torch
@@ -16,9 +19,12 @@ if ops is None or not ops.amx:
     pytest.skip(f"no AMX here (kernels built for {cpu.isa()}{'' if ops else ', not loaded'})", allow_module_level=True)
 
 
+ROWS = 64   # AMX from this many rows in these tests (the default, AMX_MIN_ROWS, is higher)
+
+
 @pytest.fixture
 def amx():
-    previous = ops.set_amx_min_rows(ops.AMX_MIN_ROWS)
+    previous = ops.set_amx_min_rows(ROWS)
     yield
     ops.set_amx_min_rows(previous)
 
@@ -51,11 +57,20 @@ def test_amx_gemm_within_its_bound(amx, qtype, m):
     assert err * 2 <= (int16 - want).norm() / want.norm()
 
 
+def test_amx_is_on_by_default_from_amx_min_rows():
+    """Unless JISU_AMX=0, the GEMM takes AMX from AMX_MIN_ROWS rows (the measured crossover with
+    the int16 GEMM, above the rows of most batched decode steps)."""
+    current = ops.set_amx_min_rows(0)
+    ops.set_amx_min_rows(current)
+    assert current == (0 if os.environ.get("JISU_AMX") == "0" else ops.AMX_MIN_ROWS)
+    assert ops.AMX_MIN_ROWS > 64
+
+
 def test_amx_from_its_row_count(amx):
-    """Fewer than AMX_MIN_ROWS rows keep the int16 GEMM (the same numbers as with AMX off); from
-    AMX_MIN_ROWS rows on, AMX (other numbers)."""
+    """Fewer rows than set keep the int16 GEMM (the same numbers as with AMX off); from that many
+    rows on, AMX (other numbers)."""
     q, _ = random_weight(Q.Q4_1, n=40, k=512)
-    x = torch.randn(ops.AMX_MIN_ROWS, 512)
+    x = torch.randn(ROWS, 512)
     below, at = ops.qmatmul(x[:-1], q, int(Q.Q4_1), 512, 2), ops.qmatmul(x, q, int(Q.Q4_1), 512, 2)
     ops.set_amx_min_rows(0)
     assert torch.equal(below, ops.qmatmul(x[:-1], q, int(Q.Q4_1), 512, 2))
@@ -66,7 +81,7 @@ def test_amx_from_its_row_count(amx):
 
 def test_amx_rows_do_not_depend_on_each_other_or_on_threads(amx):
     """A row's outputs are the same bits whatever rows surround it (tile rows are independent) and
-    whether one thread packs and multiplies or one packs ahead of the other."""
+    whether one thread packs and multiplies every panel or two take groups of panels in turn."""
     q, _ = random_weight(Q.Q4_K, n=300, k=512)
     x = torch.randn(150, 512)
     y = ops.qmatmul(x, q, int(Q.Q4_K), 512, 2)
@@ -119,7 +134,7 @@ def test_amx_prefill_logits(amx, tiny_llama_path):
     from jisu import LLM
     ids = list(range(3, 100))
     logits = {}
-    for label, rows, acts in (("amx", ops.AMX_MIN_ROWS, "int16"), ("int16", 0, "int16"), ("float32", 0, "float32")):
+    for label, rows, acts in (("amx", ROWS, "int16"), ("int16", 0, "int16"), ("float32", 0, "float32")):
         ops.set_amx_min_rows(rows)
         llm = LLM(str(tiny_llama_path), activations=acts, kv_cache_dtype="float32", enable_prefix_caching=False,
                   progress=False)

@@ -68,17 +68,15 @@ def test_one_row_steps_match_transformers(ours_and_reference):
     assert kl.mean().item() <= 0.005
 
 
-def test_amx_logits_match_transformers(ours_and_reference):
-    """The AMX GEMM (off by default, tests/test_amx.py) on the real models: the same bars, and KL
-    below 1e-5 (the int16 GEMM's is ~1e-6). Only a CPU without AMX skips this."""
+def _logits_with_amx_rows(ours_and_reference, rows: int, label: str) -> None:
+    """A fresh LLM's logits of the text with the AMX GEMM from `rows` rows (0: off, the int16
+    GEMM): the same bars, and KL below 1e-5 (both GEMMs are near 1e-6)."""
     from jisu import LLM
     from jisu.kernels import cpu
     ops = cpu.load()
-    if ops is None or not ops.amx:
-        pytest.skip(f"no AMX here (kernels built for {cpu.isa()})")
     name, llm, ids, ref, _ = ours_and_reference
     fresh = LLM(llm.path, enable_prefix_caching=False, progress=False)
-    previous = ops.set_amx_min_rows(ops.AMX_MIN_ROWS)
+    previous = ops.set_amx_min_rows(rows)
     try:
         ours = torch.from_numpy(fresh.logits(ids))
     finally:
@@ -86,9 +84,32 @@ def test_amx_logits_match_transformers(ours_and_reference):
     ref_lp, our_lp = ref.log_softmax(-1), ours.log_softmax(-1)
     kl = (ref_lp.exp() * (ref_lp - our_lp)).sum(-1)
     top1 = (ref.argmax(-1) == ours.argmax(-1)).float().mean().item()
-    print(f"{name} with AMX: mean KL {kl.mean().item():.2e}, top-1 agreement {top1:.4f}")
+    print(f"{name} with {label}: mean KL {kl.mean().item():.2e}, top-1 agreement {top1:.4f}")
     assert top1 >= 0.99
     assert kl.mean().item() <= 1e-5
+
+
+def _amx_ops():
+    from jisu.kernels import cpu
+    ops = cpu.load()
+    return ops if ops is not None and ops.amx else None
+
+
+def test_amx_logits_match_transformers(ours_and_reference):
+    """The AMX GEMM (the default for prompts where the CPU has AMX, tests/test_amx.py), switched
+    on whatever JISU_AMX says. Only a CPU without AMX skips this."""
+    ops = _amx_ops()
+    if ops is None:
+        pytest.skip("no AMX here")
+    _logits_with_amx_rows(ours_and_reference, ops.AMX_MIN_ROWS, "AMX")
+
+
+def test_int16_gemm_logits_match_transformers(ours_and_reference):
+    """The int16 GEMM for prompts, which AMX replaces where the CPU has it (JISU_AMX=0 keeps it):
+    still checked on such a CPU. Elsewhere it is the default, checked by test_logits_match_transformers."""
+    if _amx_ops() is None:
+        pytest.skip("the int16 GEMM is the default here: test_logits_match_transformers checks it")
+    _logits_with_amx_rows(ours_and_reference, 0, "the int16 GEMM")
 
 
 def test_perplexity_vs_transformers_and_llama_cpp(ours_and_reference):

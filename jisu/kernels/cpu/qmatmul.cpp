@@ -1671,15 +1671,20 @@ void gemm_panel(const XQ16& xq, const uint8_t* w, float* y, int64_t M, int64_t N
 // once per call into 32-row, 32-value tiles. Each 32 x 32 block of y is four accumulator
 // tiles; per 32 values of k it loads 8 tiles and issues 12 products, in the order (xl, wh),
 // (xh, wh), (xh, wl) so that only two tiles change between groups.
-constexpr int64_t AMX_MIN_ROWS = 64;   // below this, packing a panel costs more than it saves
+// Below this, packing a panel costs more than AMX saves: 4 matrices of SmolLM2 / Gemma 3 shapes,
+// 8 alternating rounds, AMX's speed over the int16 GEMM's at 32 / 64 / 96 / 128 / 192 / 256 rows:
+// 0.55 / 0.70 / 0.77 / 1.05 / 1.11 / 1.27 (RESULTS.md, seventeenth session)
+constexpr int64_t AMX_MIN_ROWS = 160;
 
-// Off unless JISU_AMX=1 (or set_amx_min_rows): on this project's AMX machine, a VM whose two
-// vCPUs share one core's AMX unit with other tenants, its GEMMs were 1.2-1.4x the int16 GEMM's
-// in quiet periods and 0.5x in busy ones; 512-token prefills, 8 alternating pairs of processes:
-// 0.49-1.30x the int16 GEMM's speed, median 0.77x (RESULTS.md, sixteenth session)
+// On where the CPU and the kernel allow it; JISU_AMX=0 (or set_amx_min_rows(0)) keeps the int16
+// GEMM. On this project's AMX machine (a VM whose cores other tenants share, so that AMX ran at
+// full or half speed by turns), 512-token prefills alternating in one process: 1.32x (SmolLM2)
+// and 1.26x (Gemma 3) the int16 GEMM's speed, medians of 16 pairs (RESULTS.md, seventeenth
+// session; the sixteenth session's design, one thread packing for the other, had been 0.62x /
+// 0.75x there).
 std::atomic<int64_t> amx_min_rows{[] {
     const char* e = std::getenv("JISU_AMX");
-    return e && std::strcmp(e, "1") == 0 ? AMX_MIN_ROWS : int64_t(0);
+    return e && std::strcmp(e, "0") == 0 ? int64_t(0) : AMX_MIN_ROWS;
 }()};
 
 bool amx_ready() {   // the kernel must grant this process the tile state once (Linux 5.16+)
@@ -1715,32 +1720,66 @@ inline void split32(const float* p, __m512i& hi, __m512i& lo) {
 }
 
 // x [M, K] split into tiles: [M/32 blocks][K/32 steps][hi, lo][2 halves][16 rows][32 values]
-// (4 KB a step); rows past M are zero
+// (4 KB a step); rows past M are zero. A whole block takes the bytes of its 32 float rows, so x
+// that nobody else holds is split in place (split_in_place): the tiles of a 512-row prompt's
+// MLP input then take no memory of their own where a copy took 3 MB (SmolLM2's peak RSS).
 struct XB {
-    uint16_t* a = nullptr;
+    uint16_t* a = nullptr;      // the whole blocks
+    uint16_t* tail = nullptr;   // the last block where it is part-full and a is x's storage
+    bool owned = true;          // a was allocated here (else it is x's storage)
     int64_t M = 0, blocks = 0, K = 0;
     XB() = default;
     XB(const XB&) = delete;
     XB& operator=(const XB&) = delete;
-    ~XB() { std::free(a); }
+    ~XB() {
+        if (owned) std::free(a);
+        std::free(tail);
+    }
+    // rows (n <= 32 of them, row stride K) into one block's tiles at dst
+    static void split_block(const float* rows, int64_t n, int64_t K, uint16_t* dst) {
+        for (int64_t r = 0; r < 32; ++r) {
+            uint16_t* d = dst + (r / 16) * 512 + (r % 16) * 32;
+            for (int64_t s = 0; s < K / 32; ++s, d += 2048) {
+                __m512i hi = _mm512_setzero_si512(), lo = _mm512_setzero_si512();
+                if (r < n) split32(rows + r * K + 32 * s, hi, lo);
+                _mm512_store_si512(d, hi);
+                _mm512_store_si512(d + 1024, lo);
+            }
+        }
+    }
     void split(const float* x, int64_t M_, int64_t K_) {
         M = M_, K = K_, blocks = (M + 31) / 32;
-        const int64_t steps = K / 32;
-        a = static_cast<uint16_t*>(std::aligned_alloc(64, sizeof(uint16_t) * blocks * steps * 2048));
-        at::parallel_for(0, blocks * 32, 8, [&](int64_t r0, int64_t r1) {
-            for (int64_t r = r0; r < r1; ++r) {
-                const int64_t blk = r / 32, half = (r % 32) / 16, row = r % 16;
-                uint16_t* dst = a + blk * steps * 2048 + half * 512 + row * 32;
-                for (int64_t s = 0; s < steps; ++s, dst += 2048) {
-                    __m512i hi = _mm512_setzero_si512(), lo = _mm512_setzero_si512();
-                    if (r < M) split32(x + r * K + 32 * s, hi, lo);
-                    _mm512_store_si512(dst, hi);
-                    _mm512_store_si512(dst + 1024, lo);
-                }
-            }
+        a = static_cast<uint16_t*>(std::aligned_alloc(64, sizeof(uint16_t) * blocks * (K / 32) * 2048));
+        at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+            for (int64_t b = b0; b < b1; ++b)
+                split_block(x + b * 32 * K, std::min<int64_t>(32, M - 32 * b), K, a + b * (K / 32) * 2048);
         });
     }
-    const uint16_t* step(int64_t blk, int64_t s) const { return a + (blk * (K / 32) + s) * 2048; }
+    // x (64-byte aligned, M_ K_ floats, nobody else reading it) becomes the tiles: each whole
+    // block is copied out (32 rows) and written back as tiles; a part-full last block goes to tail
+    void split_in_place(float* x, int64_t M_, int64_t K_) {
+        M = M_, K = K_, blocks = (M + 31) / 32, owned = false;
+        a = reinterpret_cast<uint16_t*>(x);
+        const int64_t whole = M / 32, block_floats = 32 * K;
+        if (whole < blocks) {
+            tail = static_cast<uint16_t*>(std::aligned_alloc(64, sizeof(uint16_t) * (K / 32) * 2048));
+            split_block(x + whole * block_floats, M - 32 * whole, K, tail);
+        }
+        const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), whole));
+        float* copies = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * block_floats * T));
+        std::atomic<int64_t> seat{0};
+        at::parallel_for(0, whole, std::max<int64_t>(1, (whole + T - 1) / T), [&](int64_t b0, int64_t b1) {
+            float* rows = copies + block_floats * seat.fetch_add(1, std::memory_order_relaxed);
+            for (int64_t b = b0; b < b1; ++b) {
+                std::memcpy(rows, x + b * block_floats, sizeof(float) * block_floats);
+                split_block(rows, 32, K, a + b * (K / 32) * 2048);
+            }
+        });
+        std::free(copies);
+    }
+    const uint16_t* step(int64_t blk, int64_t s) const {
+        return (tail && blk == blocks - 1 ? tail : a + blk * (K / 32) * 2048) + s * 2048;
+    }
 };
 
 // weight rows n0 .. n0 + np - 1 (np <= 32) into pb: [K/32 steps][hi, lo][2 tiles of 16 columns]
@@ -1767,11 +1806,8 @@ void pack_panel_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np
 
 // Rows 32 blk .. 32 blk + 31 of y [M, row stride N], columns n0 .. n0 + np - 1, = x W^T for
 // one packed panel pb (act: as gemm_tile)
-inline void amx_block(const XB& xb, int64_t blk, const uint16_t* pb, float* y, int64_t N, int64_t n0, int64_t np, int act) {
-    alignas(64) float c[32 * 32];
-    const int64_t steps = xb.K / 32;
-    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-    for (int64_t s = 0; s < steps; ++s) {
+inline void amx_steps(const XB& xb, int64_t blk, const uint16_t* pb, int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
         const uint16_t* a = xb.step(blk, s);
         const uint16_t* wh = pb + s * 2048;
         _tile_loadd(4, a + 1024, 64); _tile_loadd(5, a + 1536, 64);     // xl
@@ -1782,7 +1818,12 @@ inline void amx_block(const XB& xb, int64_t blk, const uint16_t* pb, float* y, i
         _tile_loadd(6, wh + 1024, 64); _tile_loadd(7, wh + 1536, 64);    // wl
         _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
     }
-    _tile_stored(0, c, 128); _tile_stored(1, c + 16, 128); _tile_stored(2, c + 512, 128); _tile_stored(3, c + 528, 128);
+}
+inline void amx_c_store(float* c) { _tile_stored(0, c, 128); _tile_stored(1, c + 16, 128); _tile_stored(2, c + 512, 128); _tile_stored(3, c + 528, 128); }
+
+// the 32 x 32 results c (row stride 32) of rows 32 blk .. of y [M, row stride N], columns n0 ..
+// n0 + np - 1 (act: as gemm_tile)
+inline void amx_out(const float* c, const XB& xb, int64_t blk, float* y, int64_t N, int64_t n0, int64_t np, int act) {
     const __mmask16 k0 = cols16(np, 0), k1 = cols16(np, 16);
     const int64_t rows = std::min<int64_t>(32, xb.M - 32 * blk);
     for (int64_t r = 0; r < rows; ++r) {
@@ -1795,6 +1836,16 @@ inline void amx_block(const XB& xb, int64_t blk, const uint16_t* pb, float* y, i
         _mm512_mask_storeu_ps(yr, k0, v0);
         _mm512_mask_storeu_ps(yr + 16, k1, v1);
     }
+}
+
+// Rows 32 blk .. 32 blk + 31 of y [M, row stride N], columns n0 .. n0 + np - 1, = x W^T for
+// one packed panel pb (act: as gemm_tile)
+inline void amx_block(const XB& xb, int64_t blk, const uint16_t* pb, float* y, int64_t N, int64_t n0, int64_t np, int act) {
+    alignas(64) float c[32 * 32];
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    amx_steps(xb, blk, pb, 0, xb.K / 32);
+    amx_c_store(c);
+    amx_out(c, xb, blk, y, N, n0, np, act);
 }
 
 #endif
@@ -1892,64 +1943,53 @@ struct AmxPanels {
         while (p >= first[i + 1]) ++i;
         n0 = (p - first[i]) * GP, np = std::min<int64_t>(GP, ws[i].size(0) - n0);
     }
-    // every 32-row block of x against panels g0 .. g1 - 1, packed in slots[p % R]
-    void compute(const XB& xb, int64_t g0, int64_t g1, uint16_t* const* slots, int64_t R) const {
+    // every 32-row block of x against panels g0 .. g1 - 1, panel p packed in slots[p - g0]
+    void compute(const XB& xb, int64_t g0, int64_t g1, uint16_t* const* slots) const {
         for (int64_t blk = 0; blk < xb.blocks; ++blk)
             for (int64_t p = g0; p < g1; ++p) {
                 int64_t i, n0, np;
                 locate(p, i, n0, np);
-                amx_block(xb, blk, slots[p % R], ys[i].data_ptr<float>(), ws[i].size(0), n0, np, act);
+                amx_block(xb, blk, slots[p - g0], ys[i].data_ptr<float>(), ws[i].size(0), n0, np, act);
             }
     }
 };
 
-// x W_i^T on AMX. Panels are taken in groups of G (the group's packed weights stay in L2 while
-// every 32-row block of x passes over them: a block is read from memory once per group, not
-// once per panel; K 1536: 112 -> 166 G multiply-adds/s). One thread multiplies, the other
-// dequantizes and packs the panels ahead of it into a ring of 2G slots: measured here (two
-// vCPUs that share one core's AMX unit), two threads multiplying ran at 0.75-0.9x one, and
-// packing is ~17% of one thread's work.
+// x W_i^T on AMX. Each thread takes an equal run of panels and goes through it in groups of G:
+// it dequantizes and packs a group's panels, then passes every 32-row block of x over them (the
+// group's packed weights stay in L2: a block of x is read from memory once per group, not once
+// per panel; K 1536: 112 -> 166 G multiply-adds/s). The sixteenth session had one thread
+// multiply while the other packed ahead of it, measured when two copies of a tile loop ran at
+// half speed each (one AMX unit for both vCPUs); on the same VM later, two copies ran at full
+// speed each, and every thread packing and multiplying its own panels made 512-token prefills
+// 1.03-1.14x faster at the median of alternating pairs (up to 1.8x in the periods AMX ran at
+// full speed) where packing ahead had been 0.5-0.9x (RESULTS.md, seventeenth session).
 void amx_gemm(const XB& xb, const AmxPanels& job) {
     const int64_t P = job.count(), K = job.K;
-    constexpr int64_t G = 4, R = 2 * G;   // measured: groups of 4 over 2 and 8, at K 576 and 1536
-    std::vector<uint16_t*> slots(R);
-    for (auto& s : slots) s = static_cast<uint16_t*>(std::aligned_alloc(64, sizeof(uint16_t) * 64 * K));
-    float* f = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * 32 * K));
-    std::atomic<int64_t> packed{0}, done{0};
-    auto packer = [&] {
-        for (int64_t p = 0; p < P; ++p) {
-            while (p - done.load(std::memory_order_acquire) >= R) _mm_pause();
-            job.pack(p, f, slots[p % R]);
-            packed.store(p + 1, std::memory_order_release);
-        }
-    };
-    auto multiplier = [&] {
+    constexpr int64_t G = 4;   // measured: groups of 4 over 2 and 8, at K 576 and 1536
+    const int64_t groups = (P + G - 1) / G;
+    const int64_t T = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), groups);
+    // each thread's G packed panels (64 K bf16 each) and float scratch (32 K), allocated here in
+    // one piece: buffers allocated on the pool's threads went to per-thread malloc arenas, and
+    // the peak RSS of a 512-token prefill moved by up to 8 MB from run to run
+    const int64_t per = G * 64 * K * 2 + 32 * K * 4;
+    uint8_t* scratch = static_cast<uint8_t*>(std::aligned_alloc(64, per * T));
+    std::atomic<int64_t> next{0}, seat{0};
+    auto run = [&](int64_t, int64_t) {
+        uint8_t* mine = scratch + per * seat.fetch_add(1, std::memory_order_relaxed);
+        uint16_t* slots[G];
+        for (int64_t g = 0; g < G; ++g) slots[g] = reinterpret_cast<uint16_t*>(mine + g * 64 * K * 2);
+        float* f = reinterpret_cast<float*>(mine + G * 64 * K * 2);
         tiles_on();
-        for (int64_t g0 = 0; g0 < P; g0 += G) {
-            const int64_t g1 = std::min(P, g0 + G);
-            while (packed.load(std::memory_order_acquire) < g1) _mm_pause();
-            job.compute(xb, g0, g1, slots.data(), R);
-            done.store(g1, std::memory_order_release);
+        for (int64_t g; (g = next.fetch_add(1, std::memory_order_relaxed)) < groups;) {
+            const int64_t g0 = g * G, g1 = std::min(P, g0 + G);
+            for (int64_t p = g0; p < g1; ++p) job.pack(p, f, slots[p - g0]);
+            job.compute(xb, g0, g1, slots);
         }
         _tile_release();
     };
-    auto alone = [&] {   // one thread: pack a group, multiply it
-        tiles_on();
-        for (int64_t g0 = 0; g0 < P; g0 += G) {
-            const int64_t g1 = std::min(P, g0 + G);
-            for (int64_t p = g0; p < g1; ++p) job.pack(p, f, slots[p % R]);
-            job.compute(xb, g0, g1, slots.data(), R);
-        }
-        _tile_release();
-    };
-    if (P <= G || at::get_num_threads() < 2 || at::in_parallel_region()) alone();
-    else at::parallel_for(0, 2, 1, [&](int64_t a, int64_t b) {
-        if (b - a == 2) alone();        // the runtime gave this region one thread
-        else if (a == 0) multiplier();
-        else packer();
-    });
-    std::free(f);
-    for (auto& s : slots) std::free(s);
+    if (T < 2) run(0, 1);
+    else at::parallel_for(0, T, 1, run);
+    std::free(scratch);
 }
 #endif
 
@@ -1963,10 +2003,31 @@ struct Rounded {
     XB xb;               // or, for AMX_MIN_ROWS rows and more on AMX, x split into bf16 tiles
 #endif
     bool amx = false;
-    Rounded(const float* x, int64_t M, int64_t K, const std::vector<int64_t>& qtypes) {
 #ifdef JISU_AMX
+    torch::Tensor storage;   // x, split in place into xb
+    static bool amx_for(int64_t M) {
         const int64_t amx_rows = amx_min_rows.load();
-        if (amx_rows > 0 && M >= amx_rows && amx_ready()) {
+        return amx_rows > 0 && M >= amx_rows && amx_ready();
+    }
+#endif
+    // x (contiguous float32 [M, K]) rounded, or split in place for AMX where nothing else holds
+    // it (then this keeps it): callers that release x once rounded pass it moved
+    Rounded(torch::Tensor&& x, int64_t M, int64_t K, const std::vector<int64_t>& qtypes) {
+#ifdef JISU_AMX
+        if (amx_for(M) && x.is_contiguous() && x.use_count() == 1 && x.storage().use_count() == 1 && x.storage_offset() == 0 &&
+            reinterpret_cast<uintptr_t>(x.data_ptr<float>()) % 64 == 0) {
+            amx = true;
+            storage = std::move(x);
+            xb.split_in_place(storage.data_ptr<float>(), M, K);
+            return;
+        }
+#endif
+        round(x.data_ptr<float>(), M, K, qtypes);
+    }
+    Rounded(const float* x, int64_t M, int64_t K, const std::vector<int64_t>& qtypes) { round(x, M, K, qtypes); }
+    void round(const float* x, int64_t M, int64_t K, const std::vector<int64_t>& qtypes) {
+#ifdef JISU_AMX
+        if (amx_for(M)) {
             amx = true;
             xb.split(x, M, K);
             return;
@@ -2043,7 +2104,7 @@ std::vector<torch::Tensor> gemm_i16_xq(const Rounded& xr, int64_t M, const std::
 std::vector<torch::Tensor> gemm_i16(torch::Tensor x, const std::vector<torch::Tensor>& ws,
                                     const std::vector<int64_t>& qtypes, int64_t K, const torch::Tensor* out = nullptr) {
     const int64_t M = x.numel() / K;
-    const Rounded xr(x.data_ptr<float>(), M, K, qtypes);
+    const Rounded xr(std::move(x), M, K, qtypes);
     x.reset();
     return gemm_i16_xq(xr, M, ws, qtypes, K, out);
 }
@@ -3914,7 +3975,7 @@ torch::Tensor gated_ffn_i16(torch::Tensor h, torch::Tensor w_gate, torch::Tensor
     TORCH_CHECK(w_gate.size(0) == w_up.size(0), "gated_ffn_i16: gate and up must have the same rows");
     h = h.contiguous();
     const int64_t M = h.size(0);
-    const Rounded xr(h.data_ptr<float>(), M, K, {qtype_gate, qtype_up});
+    const Rounded xr(std::move(h), M, K, {qtype_gate, qtype_up});
     h.reset();        // freed here where the caller passed it moved (decode_block)
     auto g = gemm_i16_xq(xr, M, {w_gate}, {qtype_gate}, K)[0];
     gemm_i16_xq(xr, M, {w_up}, {qtype_up}, K, &g, gelu ? 1 : 0);
