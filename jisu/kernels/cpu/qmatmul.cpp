@@ -4124,8 +4124,7 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
     x = x.contiguous();
     if (!h.defined()) h = rms_norm(x, norms[0], eps);   // else the previous block's last stretch computed it
     TORCH_CHECK(h.is_contiguous() && h.sizes() == x.sizes() && h.dtype() == torch::kFloat32, "decode_block: h must be x's normed rows");
-    auto qkv = lin(h, {0, 1, 2}, D);
-    h.reset();
+    auto qkv = lin(std::move(h), {0, 1, 2}, D);     // h freed once rounded (or split in place for AMX)
     // The steps between the matrices work row by row, one stretch at a time (norms, RoPE and cache
     // writes; norm, residual and norm; norm, residual and the next block's norm), each row through
     // the same row functions as rms_norm and rope_; from 8 rows a stretch is one parallel region.
@@ -4181,8 +4180,9 @@ torch::Tensor decode_block(torch::Tensor x, std::vector<torch::Tensor> w, std::v
     // Python block (x1 in o, y in d): a 512-token prompt's peak RSS was 5-10 MB higher with
     // fresh tensors for them (glibc's heap keeps freed blocks, see llm._keep_freed_memory).
     qkv.clear();
-    auto x1 = lin(a.view({B, HD}), {3}, HD)[0].contiguous();     // o, then x + o
+    torch::Tensor av = a.view({B, HD});
     a.reset();
+    auto x1 = lin(std::move(av), {3}, HD)[0].contiguous();     // o, then x + o
     h = torch::empty_like(x);
     const float* xp = x.data_ptr<float>();
     float* x1p = x1.data_ptr<float>();
