@@ -1783,25 +1783,35 @@ struct XB {
 };
 
 // weight rows n0 .. n0 + np - 1 (np <= 32) into pb: [K/32 steps][hi, lo][2 tiles of 16 columns]
-// [16 pairs of k][16 columns][2] (4 KB a step); f: their float32 rows, [32][K] scratch.
-// A column's 32 values of a step, as bf16, are 16 pairs: one row of a 16 x 16 matrix of pairs
-// whose transpose is the tile.
+// [16 pairs of k][16 columns][2] (4 KB a step); f: [32][PACK_CHUNK] float scratch. The rows are
+// dequantized PACK_CHUNK values at a time (32 KB, so they are split from L1; whole rows were
+// 72-256 KB a panel), a multiple of every block size. A column's 32 values of a step, as bf16,
+// are 16 pairs: one row of a 16 x 16 matrix of pairs whose transpose is the tile.
+constexpr int64_t PACK_CHUNK = 256;
 template <typename F>
 void pack_panel_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int64_t K, float* f, uint16_t* pb) {
-    dequant_rows<F>(w + n0 * row_bytes, f, np, K);
-    std::memset(f + np * K, 0, sizeof(float) * (32 - np) * K);
-    for (int64_t s = 0; s < K / 32; ++s)
-        for (int t = 0; t < 2; ++t) {
-            __m512i hi[16], lo[16];
-            for (int c = 0; c < 16; ++c) split32(f + (16 * t + c) * K + 32 * s, hi[c], lo[c]);
-            transpose16(hi);
-            transpose16(lo);
-            uint16_t* dst = pb + s * 2048 + t * 512;
-            for (int kp = 0; kp < 16; ++kp) {
-                _mm512_store_si512(dst + kp * 32, hi[kp]);
-                _mm512_store_si512(dst + 1024 + kp * 32, lo[kp]);
-            }
+    static_assert(PACK_CHUNK % F::N == 0, "a chunk holds whole blocks");
+    for (int64_t c0 = 0; c0 < K; c0 += PACK_CHUNK) {
+        const int64_t len = std::min(PACK_CHUNK, K - c0);
+        for (int64_t r = 0; r < 32; ++r) {
+            float* fr = f + r * PACK_CHUNK;
+            if (r >= np) { std::memset(fr, 0, sizeof(float) * len); continue; }
+            const uint8_t* row = w + (n0 + r) * row_bytes + c0 / F::N * F::BYTES;
+            for (int64_t v = 0; v < len; v += F::N, row += F::BYTES) F::dequant(row, fr + v);
         }
+        for (int64_t s = 0; s < len / 32; ++s)
+            for (int t = 0; t < 2; ++t) {
+                __m512i hi[16], lo[16];
+                for (int c = 0; c < 16; ++c) split32(f + (16 * t + c) * PACK_CHUNK + 32 * s, hi[c], lo[c]);
+                transpose16(hi);
+                transpose16(lo);
+                uint16_t* dst = pb + (c0 / 32 + s) * 2048 + t * 512;
+                for (int kp = 0; kp < 16; ++kp) {
+                    _mm512_store_si512(dst + kp * 32, hi[kp]);
+                    _mm512_store_si512(dst + 1024 + kp * 32, lo[kp]);
+                }
+            }
+    }
 }
 
 // Rows 32 blk .. 32 blk + 31 of y [M, row stride N], columns n0 .. n0 + np - 1, = x W^T for
@@ -1968,10 +1978,9 @@ void amx_gemm(const XB& xb, const AmxPanels& job) {
     constexpr int64_t G = 4;   // measured: groups of 4 over 2 and 8, at K 576 and 1536
     const int64_t groups = (P + G - 1) / G;
     const int64_t T = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), groups);
-    // each thread's G packed panels (64 K bf16 each) and float scratch (32 K), allocated here in
-    // one piece: buffers allocated on the pool's threads went to per-thread malloc arenas, and
-    // the peak RSS of a 512-token prefill moved by up to 8 MB from run to run
-    const int64_t per = G * 64 * K * 2 + 32 * K * 4;
+    // each thread's G packed panels (64 K bf16 each) and float scratch (32 PACK_CHUNK), allocated
+    // here in one piece, on the calling thread's heap rather than in the pool threads' arenas
+    const int64_t per = G * 64 * K * 2 + 32 * PACK_CHUNK * 4;
     uint8_t* scratch = static_cast<uint8_t*>(std::aligned_alloc(64, per * T));
     std::atomic<int64_t> next{0}, seat{0};
     auto run = [&](int64_t, int64_t) {
