@@ -6,6 +6,7 @@ import time
 
 import click
 
+from jisu.bench import DECODE_CONTEXT
 from jisu.registry import DEFAULT_MODEL, MODELS
 
 MODEL_HELP = f"registry name ({', '.join(MODELS)}) or path to a .gguf file [default: {DEFAULT_MODEL}]"
@@ -253,7 +254,7 @@ def perplexity(file, model, threads, ctx):
               help="comma-separated comparators (llama.cpp, transformers); missing ones are skipped")
 @click.option("--prompt-tokens", type=click.IntRange(min=8), default=512, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--decode-context", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--decode-context", type=click.IntRange(min=1), default=DECODE_CONTEXT, show_default=True,
               help="prompt tokens before the decoded ones (thousands: decode deep in a long conversation)")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
@@ -276,7 +277,7 @@ def bench(model, compare, prompt_tokens, decode_tokens, decode_context, repeats,
     except (ValueError, RuntimeError) as e:     # a length that does not fit; jisu's run failing
         raise click.ClickException(str(e)) from None
     title = (f"{model or DEFAULT_MODEL}: {prompt_tokens}-token prompt, {decode_tokens} decoded tokens"
-             + (f" after {decode_context} tokens of context" if decode_context != speed.DECODE_CONTEXT else "")
+             + (f" after {decode_context} tokens of context" if decode_context != DECODE_CONTEXT else "")
              + f", median of {repeats}"
              + (f" x {rounds} rounds" if rounds > 1 else ""))
     click.echo(speed.table(results, title))

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jisu.bench import DECODE_CONTEXT
+
 PROMPT_FILE = Path(__file__).resolve().parents[2] / "tests" / "data" / "gpl3_preamble.txt"
 FALLBACK_TEXT = "The history of computing is a story of people, machines and ideas. " * 40
 
@@ -155,9 +157,6 @@ def bench_transformers(path: str, prompt_ids: list[int], decode_ids: list[int], 
             decode.append(time.perf_counter() - t)
     return SpeedResult("transformers", _median_rate(n_decode - 1, decode), _median_rate(len(prompt_ids), prefill), load,
                        f"transformers {transformers.__version__}, fp32, {threads} threads", statistics.median(prefill))
-
-
-DECODE_CONTEXT = 8     # tokens before the decoded ones, by default: a short chat turn
 
 
 BENCHES = {"jisu": bench_jisu, "llama.cpp": bench_llama_cpp, "transformers": bench_transformers}
