@@ -1816,8 +1816,11 @@ void pack_panel_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np
 
 // Rows 32 blk .. 32 blk + 31 of y [M, row stride N], columns n0 .. n0 + np - 1, = x W^T for
 // one packed panel pb (act: as gemm_tile)
-inline void amx_steps(const XB& xb, int64_t blk, const uint16_t* pb, int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) {
+inline void amx_block(const XB& xb, int64_t blk, const uint16_t* pb, float* y, int64_t N, int64_t n0, int64_t np, int act) {
+    alignas(64) float c[32 * 32];
+    const int64_t steps = xb.K / 32;
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t s = 0; s < steps; ++s) {
         const uint16_t* a = xb.step(blk, s);
         const uint16_t* wh = pb + s * 2048;
         _tile_loadd(4, a + 1024, 64); _tile_loadd(5, a + 1536, 64);     // xl
@@ -1828,12 +1831,7 @@ inline void amx_steps(const XB& xb, int64_t blk, const uint16_t* pb, int64_t s0,
         _tile_loadd(6, wh + 1024, 64); _tile_loadd(7, wh + 1536, 64);    // wl
         _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
     }
-}
-inline void amx_c_store(float* c) { _tile_stored(0, c, 128); _tile_stored(1, c + 16, 128); _tile_stored(2, c + 512, 128); _tile_stored(3, c + 528, 128); }
-
-// the 32 x 32 results c (row stride 32) of rows 32 blk .. of y [M, row stride N], columns n0 ..
-// n0 + np - 1 (act: as gemm_tile)
-inline void amx_out(const float* c, const XB& xb, int64_t blk, float* y, int64_t N, int64_t n0, int64_t np, int act) {
+    _tile_stored(0, c, 128); _tile_stored(1, c + 16, 128); _tile_stored(2, c + 512, 128); _tile_stored(3, c + 528, 128);
     const __mmask16 k0 = cols16(np, 0), k1 = cols16(np, 16);
     const int64_t rows = std::min<int64_t>(32, xb.M - 32 * blk);
     for (int64_t r = 0; r < rows; ++r) {
@@ -1846,16 +1844,6 @@ inline void amx_out(const float* c, const XB& xb, int64_t blk, float* y, int64_t
         _mm512_mask_storeu_ps(yr, k0, v0);
         _mm512_mask_storeu_ps(yr + 16, k1, v1);
     }
-}
-
-// Rows 32 blk .. 32 blk + 31 of y [M, row stride N], columns n0 .. n0 + np - 1, = x W^T for
-// one packed panel pb (act: as gemm_tile)
-inline void amx_block(const XB& xb, int64_t blk, const uint16_t* pb, float* y, int64_t N, int64_t n0, int64_t np, int act) {
-    alignas(64) float c[32 * 32];
-    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-    amx_steps(xb, blk, pb, 0, xb.K / 32);
-    amx_c_store(c);
-    amx_out(c, xb, blk, y, N, n0, np, act);
 }
 
 #endif
@@ -1964,15 +1952,14 @@ struct AmxPanels {
     }
 };
 
-// x W_i^T on AMX. Each thread takes an equal run of panels and goes through it in groups of G:
-// it dequantizes and packs a group's panels, then passes every 32-row block of x over them (the
-// group's packed weights stay in L2: a block of x is read from memory once per group, not once
-// per panel; K 1536: 112 -> 166 G multiply-adds/s). The sixteenth session had one thread
+// x W_i^T on AMX. Every thread takes groups of G panels from a shared counter (a faster core takes
+// more of them), dequantizes and packs a group's panels, then passes every 32-row block of x over
+// them (the group's packed weights stay in L2: a block of x is read from memory once per group,
+// not once per panel; K 1536: 112 -> 166 G multiply-adds/s). The sixteenth session had one thread
 // multiply while the other packed ahead of it, measured when two copies of a tile loop ran at
-// half speed each (one AMX unit for both vCPUs); on the same VM later, two copies ran at full
-// speed each, and every thread packing and multiplying its own panels made 512-token prefills
-// 1.03-1.14x faster at the median of alternating pairs (up to 1.8x in the periods AMX ran at
-// full speed) where packing ahead had been 0.5-0.9x (RESULTS.md, seventeenth session).
+// half speed each (one AMX unit for both vCPUs); on the same kind of VM later, two copies ran at
+// full speed each, and this design made 512-token prefills 1.32x (SmolLM2) / 1.26x (Gemma 3) the
+// int16 GEMM's speed where packing ahead had been 0.62x / 0.75x (RESULTS.md, seventeenth session).
 void amx_gemm(const XB& xb, const AmxPanels& job) {
     const int64_t P = job.count(), K = job.K;
     constexpr int64_t G = 4;   // measured: groups of 4 over 2 and 8, at K 576 and 1536
@@ -2014,31 +2001,21 @@ struct Rounded {
     bool amx = false;
 #ifdef JISU_AMX
     torch::Tensor storage;   // x, split in place into xb
-    static bool amx_for(int64_t M) {
-        const int64_t amx_rows = amx_min_rows.load();
-        return amx_rows > 0 && M >= amx_rows && amx_ready();
-    }
 #endif
-    // x (contiguous float32 [M, K]) rounded, or split in place for AMX where nothing else holds
-    // it (then this keeps it): callers that release x once rounded pass it moved
+    // x (contiguous float32 [M, K]) rounded, or for AMX split into tiles: in place where nothing
+    // else holds x (then this keeps it), so callers that release x once rounded pass it moved
     Rounded(torch::Tensor&& x, int64_t M, int64_t K, const std::vector<int64_t>& qtypes) {
 #ifdef JISU_AMX
-        if (amx_for(M) && x.is_contiguous() && x.use_count() == 1 && x.storage().use_count() == 1 && x.storage_offset() == 0 &&
-            reinterpret_cast<uintptr_t>(x.data_ptr<float>()) % 64 == 0) {
+        const int64_t amx_rows = amx_min_rows.load();
+        if (amx_rows > 0 && M >= amx_rows && amx_ready()) {
             amx = true;
-            storage = std::move(x);
-            xb.split_in_place(storage.data_ptr<float>(), M, K);
-            return;
-        }
-#endif
-        round(x.data_ptr<float>(), M, K, qtypes);
-    }
-    Rounded(const float* x, int64_t M, int64_t K, const std::vector<int64_t>& qtypes) { round(x, M, K, qtypes); }
-    void round(const float* x, int64_t M, int64_t K, const std::vector<int64_t>& qtypes) {
-#ifdef JISU_AMX
-        if (amx_for(M)) {
-            amx = true;
-            xb.split(x, M, K);
+            if (x.is_contiguous() && x.use_count() == 1 && x.storage().use_count() == 1 && x.storage_offset() == 0 &&
+                reinterpret_cast<uintptr_t>(x.data_ptr<float>()) % 64 == 0) {
+                storage = std::move(x);
+                xb.split_in_place(storage.data_ptr<float>(), M, K);
+            } else {
+                xb.split(x.data_ptr<float>(), M, K);
+            }
             return;
         }
 #endif
@@ -2046,7 +2023,7 @@ struct Rounded {
             const float q = qmax_of(t);
             if (std::none_of(by_qmax.begin(), by_qmax.end(), [&](const auto& e) { return e.first == q; })) {
                 by_qmax.emplace_back(q, XQ16{});
-                quantize_x16(x, M, K, by_qmax.back().second, q);
+                quantize_x16(x.data_ptr<float>(), M, K, by_qmax.back().second, q);
             }
         }
     }
