@@ -13,24 +13,34 @@ from gguf.quants import quantize
 K_QUANTS = (Q.Q4_K, Q.Q6_K, Q.Q5_K, Q.Q2_K, Q.Q3_K)
 
 
+# K-quant scales for random blocks: (low, high) of d, and dmin/d for the formats that subtract
+# a minimum. d puts a weight's spread near 0.05 (as the Gaussian formats and real checkpoints);
+# dmin/d is the mean quant, so a block's values centre on zero. Random bytes with larger d and no
+# centring gave weights of ~0.5 with a positive mean: attention scores of ~1e5 in two layers,
+# where float16 K/V (or any 1e-4 change) flips which key wins, so logit checks failed at random.
+K_SCALES = {Q.Q4_K: (1e-4, 3e-4, 7.5), Q.Q5_K: (5e-5, 1.5e-4, 15.5), Q.Q2_K: (2.5e-3, 6e-3, 1.5),
+            Q.Q3_K: (5e-4, 1.5e-3, None), Q.Q6_K: (6.2e-5, 9e-5, None)}
+
+
 def random_quant_bytes(shape: tuple[int, int], qtype: Q, rng: np.random.Generator) -> np.ndarray:
     """Raw blocks for `shape` in `qtype`. Formats the gguf package can quantize are quantized
-    from Gaussian data; K-quants get random bytes with small, finite fp16 scales."""
+    from Gaussian data; K-quants get random bytes with the fp16 scales of K_SCALES."""
     if qtype not in K_QUANTS:
         data = rng.standard_normal(shape).astype(np.float32) * 0.05
         return data.astype(np.float16) if qtype == Q.F16 else data if qtype == Q.F32 else quantize(data, qtype)
     block, size = GGML_QUANT_SIZES[qtype]
     n_blocks = shape[0] * shape[1] // block
     raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
-
-    def f16(n):
-        return (rng.uniform(0.0005, 0.004, size=(n_blocks, n)).astype(np.float16)).view(np.uint8)
+    lo, hi, mean_q = K_SCALES[qtype]
+    d = rng.uniform(lo, hi, size=(n_blocks, 1))
+    scales = d if mean_q is None else np.concatenate([d, d * mean_q], axis=1)
+    scales = scales.astype(np.float16).view(np.uint8)
     if qtype in (Q.Q4_K, Q.Q5_K):      # d, dmin first
-        raw[:, 0:4] = f16(2)
+        raw[:, 0:4] = scales
     elif qtype == Q.Q2_K:              # scales[16], qs[64], d, dmin
-        raw[:, 80:84] = f16(2)
+        raw[:, 80:84] = scales
     elif qtype in (Q.Q3_K, Q.Q6_K):    # d last
-        raw[:, size - 2:] = f16(1)
+        raw[:, size - 2:] = scales
     return raw.reshape(shape[0], -1)
 
 
