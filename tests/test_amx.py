@@ -142,3 +142,61 @@ def test_amx_prefill_logits(amx, tiny_llama_path):
     exact = logits["float32"]
     err = {k: ((v - exact).norm() / exact.norm()).item() for k, v in logits.items() if k != "float32"}
     assert err["amx"] <= 1e-4 and 2 * err["amx"] <= err["int16"], err     # measured 3.4e-5 and 1.1e-4
+
+
+def attention_reference(q, k_cache, v_cache, slots, pos, scale, window):
+    """float64 causal attention of q [T, H, D] over the keys in `slots`, as the kernel sees them."""
+    keys, values = k_cache[slots].double(), v_cache[slots].double()
+    group = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    s = torch.einsum("thd,lhd->htl", q.double(), keys) * scale
+    j, p = torch.arange(keys.shape[0])[None, :], pos[:, None]
+    visible = (j <= p) & ((j > p - window) if window else True)
+    return torch.einsum("htl,lhd->thd", s.masked_fill(~visible[None], float("-inf")).softmax(-1), values)
+
+
+@pytest.mark.parametrize("t,h,kvh,d,window,past", [
+    (96, 9, 3, 64, 0, 0), (100, 9, 3, 64, 0, 300), (77, 4, 2, 128, 50, 190), (40, 8, 8, 64, 0, 5),
+    (64, 4, 1, 256, 0, 0)])
+def test_amx_prefill_attention_within_1e4_of_float64(amx, t, h, kvh, d, window, past):
+    """Prompt attention over float16 caches on AMX tiles (head dims up to 128, from 32 new tokens):
+    keys in scattered slots, a window, keys from an earlier chunk, query heads per KV head from 1 to
+    4, part-full blocks of rows and keys. Within 1e-4 of float64 (measured <1e-4) where the int16
+    path is ~2e-3 off; head dim 256 keeps the int16 path (the same bits as with AMX off)."""
+    torch.manual_seed(t + past)
+    length = past + t
+    q = torch.randn(t, h, d) * 2
+    k_cache = (torch.randn(length + 37, kvh, d) * 2).half()
+    v_cache = torch.randn(length + 37, kvh, d).half()
+    slots, pos = torch.randperm(length + 37)[:length], torch.arange(past, length)
+    want = attention_reference(q, k_cache, v_cache, slots, pos, d ** -0.5, window)
+    got = ops.paged_attention_prefill(q, k_cache, v_cache, slots, pos, d ** -0.5, window, True)
+    previous = ops.set_amx_min_rows(0)
+    try:
+        int16 = ops.paged_attention_prefill(q, k_cache, v_cache, slots, pos, d ** -0.5, window, True)
+    finally:
+        ops.set_amx_min_rows(previous)
+    if d > 128:
+        assert torch.equal(got, int16)
+        return
+    assert (got.double() - want).abs().max() < 1e-4
+    assert (int16.double() - want).abs().max() > 5e-4       # so the two paths really differ here
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(ops.paged_attention_prefill(q, k_cache, v_cache, slots, pos, d ** -0.5, window, True), got)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_amx_prefill_attention_keeps_the_int16_path_below_32_tokens(amx):
+    """31 new tokens (a decode-sized chunk): the int16 path's bits, AMX on or off."""
+    q = torch.randn(31, 9, 64)
+    k_cache, v_cache = torch.randn(80, 3, 64).half(), torch.randn(80, 3, 64).half()
+    slots, pos = torch.arange(40), torch.arange(9, 40)
+    got = ops.paged_attention_prefill(q, k_cache, v_cache, slots, pos, 0.125, 0, True)
+    previous = ops.set_amx_min_rows(0)
+    try:
+        assert torch.equal(ops.paged_attention_prefill(q, k_cache, v_cache, slots, pos, 0.125, 0, True), got)
+    finally:
+        ops.set_amx_min_rows(previous)

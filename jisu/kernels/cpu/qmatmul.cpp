@@ -1710,14 +1710,15 @@ inline __m256i bf16_hi(__m512 v, __m512& hi_f) {
     hi_f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     return h;
 }
-// 32 floats -> 32 bf16 hi and 32 bf16 lo (v - hi), as two vectors of 32 x 16 bits
-inline void split32(const float* p, __m512i& hi, __m512i& lo) {
-    __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16), ha, hb;
+// 32 floats (a, then b) -> 32 bf16 hi and 32 bf16 lo (v - hi), as two vectors of 32 x 16 bits
+inline void split32(__m512 a, __m512 b, __m512i& hi, __m512i& lo) {
+    __m512 ha, hb;
     const __m256i h0 = bf16_hi(a, ha), h1 = bf16_hi(b, hb);
     hi = _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1);
     lo = _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(a, ha))),
                             (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(b, hb)), 1);
 }
+inline void split32(const float* p, __m512i& hi, __m512i& lo) { split32(_mm512_loadu_ps(p), _mm512_loadu_ps(p + 16), hi, lo); }
 
 // x [M, K] split into tiles: [M/32 blocks][K/32 steps][hi, lo][2 halves][16 rows][32 values]
 // (4 KB a step); rows past M are zero. A whole block takes the bytes of its 32 float rows, so x
@@ -3471,6 +3472,221 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
     };
     if (parallel) at::parallel_for(0, tasks, 1, body); else body(0, tasks);
 }
+
+#ifdef JISU_AMX
+// ---- prefill attention on AMX: bf16 tiles, three products per pair of values ---------------
+// The GEMM's scheme (amx_block) applied to both products of attention, in two passes per task
+// (the G heads of one KV head for up to 64 / G queries): S = (sc Q) K^T for every key the task
+// sees, then each row's softmax over all of S at once (no running max, no rescaling of O), P
+// normalized, then O = P V. Each operand is split into two bf16, v = hi + lo, and each product
+// takes hi hi + hi lo + lo hi: float16 keys and values are exact as hi + lo, and q and P keep
+// 16 bits, about as exact as the int16 path's codes. Keys and values are split once per call
+// into tiles: keys as [16 pairs of d][16 keys][2] per 32 d, values as [16 pairs of keys][16 d][2].
+// S and P take 12 bytes per row and key per thread, so calls over more keys take the int16 path.
+// Error against float64 on random data: <1e-4 (the int16 path: ~2e-3). Measured on the AMX VM
+// (RESULTS.md, eighteenth session), 512 tokens, 2 threads, in-process pairs against the int16
+// path: head dim 64 (SmolLM2) 1.18-1.51x the attention alone and 1.10-1.13x the whole prefill;
+// head dim 256 (Gemma 3) 1.24-1.51x alone but 0.96-0.99x the whole prefill, so it stays on the
+// int16 path. JISU_AMX=0 (set_amx_min_rows(0)) turns this off with the AMX GEMM.
+constexpr int64_t AMX_ATTN_MAX_KEYS = 4096;
+constexpr int64_t AMX_ATTN_MIN_ROWS = 32;   // fewer new tokens: the int16 path
+constexpr int64_t AMX_ATTN_MAX_D = 128;
+
+// 16 floats of each of two rows (keys 2i, 2i + 1) -> hi and lo as 16 pairs of bf16
+inline void split_pairs(__m512 a, __m512 b, __m512i& hi, __m512i& lo) {
+    __m512 ha, hb;
+    const __m256i h0 = bf16_hi(a, ha), h1 = bf16_hi(b, hb);
+    const __m256i l0 = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(a, ha)), l1 = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(b, hb));
+    hi = _mm512_or_si512(_mm512_cvtepu16_epi32(h0), _mm512_slli_epi32(_mm512_cvtepu16_epi32(h1), 16));
+    lo = _mm512_or_si512(_mm512_cvtepu16_epi32(l0), _mm512_slli_epi32(_mm512_cvtepu16_epi32(l1), 16));
+}
+
+void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Half* vhp, const int64_t* slots,
+                           const int64_t* pos, int64_t T, int64_t H, int64_t D, int64_t KVH, float sc, int64_t window,
+                           int64_t klo, int64_t khi, bool parallel, float* op) {
+    const int64_t G = H / KVH, QB = std::max<int64_t>(1, 64 / G), nqb = (T + QB - 1) / QB, tasks = KVH * nqb;
+    const int64_t kbase = klo & ~int64_t(31), nkeys = (khi - kbase + 31) / 32 * 32, S = D / 32, DT = D / 16;
+    const int64_t kgroups = nkeys / 16, vblocks = nkeys / 32;
+    // kt [KVH][kgroups][S][hi, lo][512]; vt [KVH][vblocks][DT][hi, lo][512] (bf16 as uint16)
+    std::unique_ptr<uint16_t[], void (*)(void*)> kt(
+        static_cast<uint16_t*>(std::aligned_alloc(64, sizeof(uint16_t) * KVH * kgroups * S * 1024)), std::free);
+    std::unique_ptr<uint16_t[], void (*)(void*)> vt(
+        static_cast<uint16_t*>(std::aligned_alloc(64, sizeof(uint16_t) * KVH * vblocks * DT * 1024)), std::free);
+    // key kbase + j of KV head h as it lies in the cache, or null outside klo .. khi - 1 (zeros)
+    auto row = [&](const c10::Half* cache, int64_t j, int64_t h) -> const c10::Half* {
+        return kbase + j >= klo && kbase + j < khi ? cache + (slots[kbase + j] * KVH + h) * D : nullptr;
+    };
+    auto convert = [&](int64_t b0, int64_t b1) {      // blocks of 32 keys b0 .. b1 - 1, every KV head
+        for (int64_t b = b0; b < b1; ++b)
+            for (int64_t h = 0; h < KVH; ++h) {
+                for (int64_t kg = 2 * b; kg < 2 * b + 2; ++kg)
+                    for (int64_t s = 0; s < S; ++s) {
+                        __m512i hi[16], lo[16];
+                        for (int k = 0; k < 16; ++k) {
+                            const c10::Half* r = row(khp, 16 * kg + k, h);
+                            if (!r) { hi[k] = lo[k] = _mm512_setzero_si512(); continue; }
+                            alignas(64) float f[32];    // d pairs of one key: a split of 32 values
+                            vstore(f, vload(r + 32 * s));
+                            vstore(f + 16, vload(r + 32 * s + 16));
+                            split32(f, hi[k], lo[k]);
+                        }
+                        transpose16(hi);
+                        transpose16(lo);
+                        uint16_t* dst = kt.get() + ((h * kgroups + kg) * S + s) * 1024;
+                        for (int kp = 0; kp < 16; ++kp) {
+                            _mm512_store_si512(dst + kp * 32, hi[kp]);
+                            _mm512_store_si512(dst + 512 + kp * 32, lo[kp]);
+                        }
+                    }
+                for (int64_t dt = 0; dt < DT; ++dt) {
+                    uint16_t* dst = vt.get() + ((h * vblocks + b) * DT + dt) * 1024;
+                    for (int kp = 0; kp < 16; ++kp) {
+                        const c10::Half* r0 = row(vhp, 32 * b + 2 * kp, h);
+                        const c10::Half* r1 = row(vhp, 32 * b + 2 * kp + 1, h);
+                        __m512i hi, lo;
+                        split_pairs(r0 ? vload(r0 + 16 * dt) : _mm512_setzero_ps(), r1 ? vload(r1 + 16 * dt) : _mm512_setzero_ps(), hi, lo);
+                        _mm512_store_si512(dst + kp * 32, hi);
+                        _mm512_store_si512(dst + 512 + kp * 32, lo);
+                    }
+                }
+            }
+    };
+    if (parallel) at::parallel_for(0, vblocks, 1, convert); else convert(0, vblocks);
+    auto first_key = [&](int64_t p) { return window > 0 ? std::max<int64_t>(0, p - window + 1) : int64_t(0); };
+    auto body = [&](int64_t t0, int64_t t1) {
+        const int64_t MPmax = 64;
+        auto alloc16 = [](int64_t n) {
+            return std::unique_ptr<uint16_t[], void (*)(void*)>(static_cast<uint16_t*>(std::aligned_alloc(64, sizeof(uint16_t) * n)), std::free);
+        };
+        auto qh = alloc16(MPmax * D), ql = alloc16(MPmax * D), ph = alloc16(MPmax * nkeys), pl = alloc16(MPmax * nkeys);
+        std::unique_ptr<float[], void (*)(void*)> st(static_cast<float*>(std::aligned_alloc(64, sizeof(float) * MPmax * nkeys)), std::free);
+        alignas(64) float c[32 * 32];
+        int64_t rpos[64];
+        float inv[64];
+        tiles_on();
+        for (int64_t task = t0; task < t1; ++task) {
+            const int64_t kvh = task / nqb, tq0 = (task % nqb) * QB, M = std::min(QB, T - tq0) * G, MP = (M + 31) / 32 * 32;
+            int64_t lo = khi, hi = 0;
+            for (int64_t r = 0; r < MP; ++r) {     // row r: query r / G, head r % G; padding: zeros
+                uint16_t* dh = qh.get() + r * D;
+                uint16_t* dl = ql.get() + r * D;
+                if (r >= M) {
+                    std::memset(dh, 0, sizeof(uint16_t) * D);
+                    std::memset(dl, 0, sizeof(uint16_t) * D);
+                    continue;
+                }
+                const int64_t a = r / G, g = r % G, p = pos[tq0 + a];
+                rpos[r] = p;
+                hi = std::max(hi, p + 1);
+                lo = std::min(lo, first_key(p));
+                const float* q = qp + ((tq0 + a) * H + kvh * G + g) * D;
+                for (int64_t s = 0; s < S; ++s) {
+                    alignas(64) float f[32];
+                    _mm512_store_ps(f, _mm512_mul_ps(_mm512_loadu_ps(q + 32 * s), _mm512_set1_ps(sc)));
+                    _mm512_store_ps(f + 16, _mm512_mul_ps(_mm512_loadu_ps(q + 32 * s + 16), _mm512_set1_ps(sc)));
+                    __m512i h16, l16;
+                    split32(f, h16, l16);
+                    _mm512_storeu_si512(dh + 32 * s, h16);
+                    _mm512_storeu_si512(dl + 32 * s, l16);
+                }
+            }
+            // keys k0 .. k0 + nk - 1 (relative to kbase), whole blocks of 32
+            const int64_t k0 = (lo - kbase) & ~int64_t(31), nk = (hi - kbase + 31) / 32 * 32 - k0;
+            float* stp = st.get();
+            // S [MP][nk] = (sc Q) K^T, 32 rows x 32 keys at a time (amx_block's order of products)
+            for (int64_t r0 = 0; r0 < MP; r0 += 32)
+                for (int64_t kb = 0; kb < nk; kb += 32) {
+                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                    const uint16_t* k_a = kt.get() + ((kvh * kgroups + (k0 + kb) / 16) * S) * 1024;
+                    const uint16_t* k_b = k_a + S * 1024;
+                    for (int64_t s = 0; s < S; ++s) {
+                        const uint16_t *xh = qh.get() + r0 * D + 32 * s, *xl = ql.get() + r0 * D + 32 * s;
+                        const uint16_t *wa = k_a + s * 1024, *wb = k_b + s * 1024;
+                        _tile_loadd(4, xl, D * 2); _tile_loadd(5, xl + 16 * D, D * 2);
+                        _tile_loadd(6, wa, 64); _tile_loadd(7, wb, 64);
+                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+                        _tile_loadd(4, xh, D * 2); _tile_loadd(5, xh + 16 * D, D * 2);
+                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+                        _tile_loadd(6, wa + 512, 64); _tile_loadd(7, wb + 512, 64);
+                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+                    }
+                    float* sb = stp + r0 * nk + kb;
+                    _tile_stored(0, sb, nk * 4); _tile_stored(1, sb + 16, nk * 4);
+                    _tile_stored(2, sb + 16 * nk, nk * 4); _tile_stored(3, sb + 16 * nk + 16, nk * 4);
+                }
+            // each row's softmax over its visible keys: e = exp(s - max) split into ph + pl, 1 / sum
+            // applied to O; blocks of keys wholly visible (most) without masks
+            const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            for (int64_t r = 0; r < MP; ++r) {
+                uint16_t* dh = ph.get() + r * nk;
+                uint16_t* dl = pl.get() + r * nk;
+                if (r >= M) {
+                    std::memset(dh, 0, sizeof(uint16_t) * nk);
+                    std::memset(dl, 0, sizeof(uint16_t) * nk);
+                    continue;
+                }
+                const float* sr = stp + r * nk;
+                const int64_t j0 = first_key(rpos[r]) - kbase - k0, j1 = rpos[r] - kbase - k0;   // visible: j0 .. j1
+                const __m512i vlo = _mm512_set1_epi32(int32_t(j0)), vhi = _mm512_set1_epi32(int32_t(j1));
+                auto visible = [&](int64_t j) {
+                    const __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32(int32_t(j)));
+                    return __mmask16(_mm512_cmp_epi32_mask(idx, vlo, _MM_CMPINT_NLT) & _mm512_cmp_epi32_mask(idx, vhi, _MM_CMPINT_LE));
+                };
+                __m512 mx = _mm512_set1_ps(-INFINITY);
+                for (int64_t j = 0; j < nk; j += 16) {
+                    const __m512 v = _mm512_load_ps(sr + j);
+                    mx = j >= j0 && j + 15 <= j1 ? _mm512_max_ps(mx, v) : _mm512_mask_max_ps(mx, visible(j), mx, v);
+                }
+                const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+                __m512 sum = _mm512_setzero_ps();
+                for (int64_t j = 0; j < nk; j += 32) {
+                    __m512i h16 = _mm512_setzero_si512(), l16 = _mm512_setzero_si512();
+                    if (j + 31 >= j0 && j <= j1) {
+                        __m512 e0 = exp_p5(_mm512_sub_ps(_mm512_load_ps(sr + j), m));
+                        __m512 e1 = exp_p5(_mm512_sub_ps(_mm512_load_ps(sr + j + 16), m));
+                        if (j < j0 || j + 31 > j1) {
+                            e0 = _mm512_maskz_mov_ps(visible(j), e0);
+                            e1 = _mm512_maskz_mov_ps(visible(j + 16), e1);
+                        }
+                        sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+                        split32(e0, e1, h16, l16);
+                    }
+                    _mm512_storeu_si512(dh + j, h16);
+                    _mm512_storeu_si512(dl + j, l16);
+                }
+                inv[r] = 1.f / _mm512_reduce_add_ps(sum);
+            }
+            // O [32 rows][32 d] = P V / sum per 32 rows and 32 d: pl vh + ph vh + ph vl, in the
+            // order of pass 1 (8 tile loads for 12 products; 16 rows at a time took 6 for 6)
+            for (int64_t r0 = 0; r0 < M; r0 += 32)
+                for (int64_t dc = 0; dc < D / 32; ++dc) {
+                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                    for (int64_t kb = 0; kb < nk; kb += 32) {
+                        const uint16_t* v0 = vt.get() + ((kvh * vblocks + (k0 + kb) / 32) * DT + 2 * dc) * 1024;
+                        const uint16_t* v1 = v0 + 1024;
+                        const uint16_t *xh = ph.get() + r0 * nk + kb, *xl = pl.get() + r0 * nk + kb;
+                        _tile_loadd(4, xl, nk * 2); _tile_loadd(5, xl + 16 * nk, nk * 2);
+                        _tile_loadd(6, v0, 64); _tile_loadd(7, v1, 64);
+                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+                        _tile_loadd(4, xh, nk * 2); _tile_loadd(5, xh + 16 * nk, nk * 2);
+                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+                        _tile_loadd(6, v0 + 512, 64); _tile_loadd(7, v1 + 512, 64);
+                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+                    }
+                    _tile_stored(0, c, 128); _tile_stored(1, c + 16, 128); _tile_stored(2, c + 512, 128); _tile_stored(3, c + 528, 128);
+                    for (int64_t r = r0; r < std::min(r0 + 32, M); ++r) {
+                        float* dst = op + ((tq0 + r / G) * H + kvh * G + r % G) * D + 32 * dc;
+                        const __m512 iv = _mm512_set1_ps(inv[r]);
+                        _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_load_ps(c + (r - r0) * 32), iv));
+                        _mm512_storeu_ps(dst + 16, _mm512_mul_ps(_mm512_load_ps(c + (r - r0) * 32 + 16), iv));
+                    }
+                }
+        }
+        _tile_release();
+    };
+    if (parallel) at::parallel_for(0, tasks, 1, body); else body(0, tasks);
+}
+#endif
 #endif
 
 
@@ -3519,6 +3735,13 @@ torch::Tensor paged_attention_prefill(torch::Tensor q, torch::Tensor k_cache, to
         TORCH_CHECK(slots[j] >= 0 && slots[j] < k_cache.size(0), "paged_attention_prefill: key ", j, " in slot ", slots[j],
                     " outside the cache's ", k_cache.size(0));
 #ifdef JISU_AVX512
+#ifdef JISU_AMX
+    if (half && integer && T >= AMX_ATTN_MIN_ROWS && D <= AMX_ATTN_MAX_D && khi - (klo & ~int64_t(31)) <= AMX_ATTN_MAX_KEYS &&
+        amx_min_rows.load() > 0 && amx_ready()) {
+        prefill_attention_amx(qp, khp, vhp, slots, pos, T, H, D, KVH, float(scale), window, klo, khi, parallel, op);
+        return out;
+    }
+#endif
     if (half && integer && (khi - (klo & ~int64_t(1)) + 1) * KVH * D * 4 <= PREFILL_I16_MAX) {   // codes from an even key
         prefill_attention_i16(qp, khp, vhp, slots, pos, T, H, D, KVH, float(scale), window, klo, khi, parallel, op);
         return out;
