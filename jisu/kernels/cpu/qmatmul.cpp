@@ -1704,6 +1704,21 @@ inline void tiles_on() {   // every tile 16 rows x 64 bytes, in this thread
     _tile_loadconfig(&c);
 }
 
+// One step of a 32 x 32 block: C tiles 0-3 (rows 0-15 / 16-31 of x against columns of b0 / b1)
+// += xh bh + xh bl + xl bh, as 8 tile loads for 12 products, in the order (xl, bh), (xh, bh),
+// (xh, bl) so that only two tiles change between groups. x0 / x1: rows 0-15 / 16-31 of x's hi
+// and lo tiles (x_stride bytes a row); b: 16 pairs x 16 columns (64 bytes a row).
+inline void step3(const uint16_t* xh0, const uint16_t* xh1, const uint16_t* xl0, const uint16_t* xl1, int64_t x_stride,
+                  const uint16_t* bh0, const uint16_t* bh1, const uint16_t* bl0, const uint16_t* bl1) {
+    _tile_loadd(4, xl0, x_stride); _tile_loadd(5, xl1, x_stride);
+    _tile_loadd(6, bh0, 64); _tile_loadd(7, bh1, 64);
+    _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(4, xh0, x_stride); _tile_loadd(5, xh1, x_stride);
+    _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(6, bl0, 64); _tile_loadd(7, bl1, 64);
+    _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+}
+
 // 16 floats -> bf16 (round to nearest even) hi, and the float value of hi
 inline __m256i bf16_hi(__m512 v, __m512& hi_f) {
     const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
@@ -1822,15 +1837,9 @@ inline void amx_block(const XB& xb, int64_t blk, const uint16_t* pb, float* y, i
     const int64_t steps = xb.K / 32;
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int64_t s = 0; s < steps; ++s) {
-        const uint16_t* a = xb.step(blk, s);
-        const uint16_t* wh = pb + s * 2048;
-        _tile_loadd(4, a + 1024, 64); _tile_loadd(5, a + 1536, 64);     // xl
-        _tile_loadd(6, wh, 64); _tile_loadd(7, wh + 512, 64);            // wh
-        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-        _tile_loadd(4, a, 64); _tile_loadd(5, a + 512, 64);              // xh
-        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-        _tile_loadd(6, wh + 1024, 64); _tile_loadd(7, wh + 1536, 64);    // wl
-        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+        const uint16_t* a = xb.step(blk, s);     // [hi, lo][2 halves][16 rows][32]
+        const uint16_t* w = pb + s * 2048;       // [hi, lo][2 tiles of 16 columns]
+        step3(a, a + 512, a + 1024, a + 1536, 64, w, w + 512, w + 1024, w + 1536);
     }
     _tile_stored(0, c, 128); _tile_stored(1, c + 16, 128); _tile_stored(2, c + 512, 128); _tile_stored(3, c + 528, 128);
     const __mmask16 k0 = cols16(np, 0), k1 = cols16(np, 16);
@@ -3593,7 +3602,7 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
             // keys k0 .. k0 + nk - 1 (relative to kbase), whole blocks of 32
             const int64_t k0 = (lo - kbase) & ~int64_t(31), nk = (hi - kbase + 31) / 32 * 32 - k0;
             float* stp = st.get();
-            // S [MP][nk] = (sc Q) K^T, 32 rows x 32 keys at a time (amx_block's order of products)
+            // S [MP][nk] = (sc Q) K^T, 32 rows x 32 keys at a time
             for (int64_t r0 = 0; r0 < MP; r0 += 32)
                 for (int64_t kb = 0; kb < nk; kb += 32) {
                     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
@@ -3602,13 +3611,7 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
                     for (int64_t s = 0; s < S; ++s) {
                         const uint16_t *xh = qh.get() + r0 * D + 32 * s, *xl = ql.get() + r0 * D + 32 * s;
                         const uint16_t *wa = k_a + s * 1024, *wb = k_b + s * 1024;
-                        _tile_loadd(4, xl, D * 2); _tile_loadd(5, xl + 16 * D, D * 2);
-                        _tile_loadd(6, wa, 64); _tile_loadd(7, wb, 64);
-                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-                        _tile_loadd(4, xh, D * 2); _tile_loadd(5, xh + 16 * D, D * 2);
-                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-                        _tile_loadd(6, wa + 512, 64); _tile_loadd(7, wb + 512, 64);
-                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+                        step3(xh, xh + 16 * D, xl, xl + 16 * D, D * 2, wa, wb, wa + 512, wb + 512);
                     }
                     float* sb = stp + r0 * nk + kb;
                     _tile_stored(0, sb, nk * 4); _tile_stored(1, sb + 16, nk * 4);
@@ -3656,8 +3659,9 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
                 }
                 inv[r] = 1.f / _mm512_reduce_add_ps(sum);
             }
-            // O [32 rows][32 d] = P V / sum per 32 rows and 32 d: pl vh + ph vh + ph vl, in the
-            // order of pass 1 (8 tile loads for 12 products; 16 rows at a time took 6 for 6)
+            // O [32 rows][32 d] = P V / sum per 32 rows and 32 d, as pass 1 (16 rows at a time,
+            // 6 tile loads for 6 products, measured 1.11-1.38x / 0.75-1.13x the int16 path's speed
+            // at head dims 64 / 256, where this takes 1.18-1.26x / 1.24-1.51x)
             for (int64_t r0 = 0; r0 < M; r0 += 32)
                 for (int64_t dc = 0; dc < D / 32; ++dc) {
                     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
@@ -3665,13 +3669,7 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
                         const uint16_t* v0 = vt.get() + ((kvh * vblocks + (k0 + kb) / 32) * DT + 2 * dc) * 1024;
                         const uint16_t* v1 = v0 + 1024;
                         const uint16_t *xh = ph.get() + r0 * nk + kb, *xl = pl.get() + r0 * nk + kb;
-                        _tile_loadd(4, xl, nk * 2); _tile_loadd(5, xl + 16 * nk, nk * 2);
-                        _tile_loadd(6, v0, 64); _tile_loadd(7, v1, 64);
-                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-                        _tile_loadd(4, xh, nk * 2); _tile_loadd(5, xh + 16 * nk, nk * 2);
-                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-                        _tile_loadd(6, v0 + 512, 64); _tile_loadd(7, v1 + 512, 64);
-                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+                        step3(xh, xh + 16 * nk, xl, xl + 16 * nk, nk * 2, v0, v1, v0 + 512, v1 + 512);
                     }
                     _tile_stored(0, c, 128); _tile_stored(1, c + 16, 128); _tile_stored(2, c + 512, 128); _tile_stored(3, c + 528, 128);
                     for (int64_t r = r0; r < std::min(r0 + 32, M); ++r) {
