@@ -3495,8 +3495,10 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
 // Error against float64 on random data: <1e-4 (the int16 path: ~2e-3). Measured on the AMX VM
 // (RESULTS.md, eighteenth session), 512 tokens, 2 threads, in-process pairs against the int16
 // path: head dim 64 (SmolLM2) 1.18-1.51x the attention alone and 1.10-1.13x the whole prefill;
-// head dim 256 (Gemma 3) 1.24-1.51x alone but 0.96-0.99x the whole prefill, so it stays on the
-// int16 path. JISU_AMX=0 (set_amx_min_rows(0)) turns this off with the AMX GEMM.
+// head dim 256 (Gemma 3) 1.24-1.51x alone, but in the model 1.08x (perf samples, 12 prefills
+// each way in one process: attention is ~9% of Gemma's prefill) and 0.96-0.99x the whole prefill
+// in pairs, within the noise: it stays on the int16 path. JISU_AMX=0 (set_amx_min_rows(0)) turns
+// this off with the AMX GEMM.
 constexpr int64_t AMX_ATTN_MAX_KEYS = 4096;
 constexpr int64_t AMX_ATTN_MIN_ROWS = 32;   // fewer new tokens: the int16 path
 constexpr int64_t AMX_ATTN_MAX_D = 128;
