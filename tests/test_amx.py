@@ -1,9 +1,11 @@
-"""The AMX GEMM (bf16 tiles, three products per pair of values) against float64 references.
+"""The AMX GEMM and prompt attention (bf16 tiles, three products per pair of values) against
+float64 references.
 
-It is on by default where the CPU has AMX (JISU_AMX=0 turns it off; see README, "Many rows on
-AMX"), and the fixture below switches it on whatever the environment says. Only a CPU without AMX
-(or a kernel that refuses the tile state) skips these: the int16 GEMM they replace is tested in
-test_kernels.py on every AVX-512 machine."""
+Both are on by default where the CPU has AMX (JISU_AMX=0 turns them off; see README, "Prompts of
+160 rows and more go through AMX tiles" and "Prompt attention goes through AMX tiles too"), and
+the fixture below switches them on whatever the environment says. Only a CPU without AMX (or a
+kernel that refuses the tile state) skips these: the int16 GEMM and attention they replace are
+tested in test_kernels.py on every AVX-512 machine."""
 
 import os
 
