@@ -202,3 +202,23 @@ def test_amx_prefill_attention_keeps_the_int16_path_below_32_tokens(amx):
         assert torch.equal(ops.paged_attention_prefill(q, k_cache, v_cache, slots, pos, 0.125, 0, True), got)
     finally:
         ops.set_amx_min_rows(previous)
+
+
+@pytest.mark.parametrize("bad", ["key inf", "value inf", "value nan"])
+def test_amx_prefill_attention_non_finite_key_reaches_only_rows_that_see_it(amx, bad):
+    """An inf or NaN in one key or value (key 50 of 96, KV head 1): the query heads of that KV
+    head are NaN from row 50 on, as a float softmax makes them, and every other output keeps the
+    clean run's bits (the tiles take the bad row as zeros: P = 0 times inf would be NaN in rows
+    whose key blocks only reach it)."""
+    torch.manual_seed(5)
+    q = torch.randn(96, 9, 64)
+    k_cache, v_cache = torch.randn(101, 3, 64).half(), torch.randn(101, 3, 64).half()
+    slots, pos = torch.arange(96), torch.arange(96)
+    clean = ops.paged_attention_prefill(q, k_cache, v_cache, slots, pos, 0.125, 0, True)
+    cache = k_cache if bad.startswith("key") else v_cache
+    cache[50, 1, 3] = float("nan") if bad.endswith("nan") else float("inf")
+    got = ops.paged_attention_prefill(q, k_cache, v_cache, slots, pos, 0.125, 0, True)
+    assert torch.isnan(got[50:, 3:6]).all()
+    keep = torch.ones(96, 9, dtype=torch.bool)
+    keep[50:, 3:6] = False
+    assert torch.equal(got[keep], clean[keep])

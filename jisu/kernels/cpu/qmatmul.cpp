@@ -3492,6 +3492,7 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
 // 16 bits, about as exact as the int16 path's codes. Keys and values are split once per call
 // into tiles: keys as [16 pairs of d][16 keys][2] per 32 d, values as [16 pairs of keys][16 d][2].
 // S and P take 12 bytes per row and key per thread, so calls over more keys take the int16 path.
+// A non-finite key or value makes exactly the rows that see it NaN (see `bad` below).
 // Error against float64 on random data: <1e-4 (the int16 path: ~2e-3). Measured on the AMX VM
 // (RESULTS.md, eighteenth session), 512 tokens, 2 threads, in-process pairs against the int16
 // path: head dim 64 (SmolLM2) 1.18-1.51x the attention alone and 1.10-1.13x the whole prefill;
@@ -3527,6 +3528,15 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
     auto row = [&](const c10::Half* cache, int64_t j, int64_t h) -> const c10::Half* {
         return kbase + j >= klo && kbase + j < khi ? cache + (slots[kbase + j] * KVH + h) * D : nullptr;
     };
+    // A key or value with an inf or NaN enters the tiles as zeros and marks its key (bad [h][j]):
+    // a row that sees it is NaN, as in a float softmax, while in the products P = 0 times inf
+    // would be NaN for rows that do not see it (a task's key blocks reach past their positions)
+    std::vector<uint8_t> bad(KVH * nkeys, 0);
+    auto finite = [&](__m512 v, int64_t h, int64_t j) {
+        const __mmask16 nf = _mm512_fpclass_ps_mask(v, 0x99);     // QNaN, SNaN, +inf, -inf
+        if (nf) bad[h * nkeys + j] = 1;
+        return _mm512_maskz_mov_ps(__mmask16(~nf), v);
+    };
     auto convert = [&](int64_t b0, int64_t b1) {      // blocks of 32 keys b0 .. b1 - 1, every KV head
         for (int64_t b = b0; b < b1; ++b)
             for (int64_t h = 0; h < KVH; ++h) {
@@ -3536,10 +3546,9 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
                         for (int k = 0; k < 16; ++k) {
                             const c10::Half* r = row(khp, 16 * kg + k, h);
                             if (!r) { hi[k] = lo[k] = _mm512_setzero_si512(); continue; }
-                            alignas(64) float f[32];    // d pairs of one key: a split of 32 values
-                            vstore(f, vload(r + 32 * s));
-                            vstore(f + 16, vload(r + 32 * s + 16));
-                            split32(f, hi[k], lo[k]);
+                            // d pairs of one key: a split of 32 consecutive values
+                            split32(finite(vload(r + 32 * s), h, 16 * kg + k), finite(vload(r + 32 * s + 16), h, 16 * kg + k),
+                                    hi[k], lo[k]);
                         }
                         transpose16(hi);
                         transpose16(lo);
@@ -3555,7 +3564,8 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
                         const c10::Half* r0 = row(vhp, 32 * b + 2 * kp, h);
                         const c10::Half* r1 = row(vhp, 32 * b + 2 * kp + 1, h);
                         __m512i hi, lo;
-                        split_pairs(r0 ? vload(r0 + 16 * dt) : _mm512_setzero_ps(), r1 ? vload(r1 + 16 * dt) : _mm512_setzero_ps(), hi, lo);
+                        split_pairs(r0 ? finite(vload(r0 + 16 * dt), h, 32 * b + 2 * kp) : _mm512_setzero_ps(),
+                                    r1 ? finite(vload(r1 + 16 * dt), h, 32 * b + 2 * kp + 1) : _mm512_setzero_ps(), hi, lo);
                         _mm512_store_si512(dst + kp * 32, hi);
                         _mm512_store_si512(dst + 512 + kp * 32, lo);
                     }
@@ -3563,6 +3573,10 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
             }
     };
     if (parallel) at::parallel_for(0, vblocks, 1, convert); else convert(0, vblocks);
+    std::vector<int32_t> bad_before(KVH * (nkeys + 1), 0);    // [h][j]: marked keys before j
+    for (int64_t h = 0; h < KVH; ++h)
+        for (int64_t j = 0; j < nkeys; ++j)
+            bad_before[h * (nkeys + 1) + j + 1] = bad_before[h * (nkeys + 1) + j] + bad[h * nkeys + j];
     auto first_key = [&](int64_t p) { return window > 0 ? std::max<int64_t>(0, p - window + 1) : int64_t(0); };
     auto body = [&](int64_t t0, int64_t t1) {
         const int64_t MPmax = 64;
@@ -3574,6 +3588,7 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
         alignas(64) float c[32 * 32];
         int64_t rpos[64];
         float inv[64];
+        bool seen_bad[64];
         tiles_on();
         for (int64_t task = t0; task < t1; ++task) {
             const int64_t kvh = task / nqb, tq0 = (task % nqb) * QB, M = std::min(QB, T - tq0) * G, MP = (M + 31) / 32 * 32;
@@ -3660,6 +3675,8 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
                     _mm512_storeu_si512(dl + j, l16);
                 }
                 inv[r] = 1.f / _mm512_reduce_add_ps(sum);
+                const int32_t* bb = bad_before.data() + kvh * (nkeys + 1) + k0;
+                seen_bad[r] = bb[j1 + 1] != bb[j0];
             }
             // O [32 rows][32 d] = P V / sum per 32 rows and 32 d, as pass 1 (16 rows at a time,
             // 6 tile loads for 6 products, measured 1.11-1.38x / 0.75-1.13x the int16 path's speed
@@ -3676,7 +3693,7 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
                     _tile_stored(0, c, 128); _tile_stored(1, c + 16, 128); _tile_stored(2, c + 512, 128); _tile_stored(3, c + 528, 128);
                     for (int64_t r = r0; r < std::min(r0 + 32, M); ++r) {
                         float* dst = op + ((tq0 + r / G) * H + kvh * G + r % G) * D + 32 * dc;
-                        const __m512 iv = _mm512_set1_ps(inv[r]);
+                        const __m512 iv = _mm512_set1_ps(seen_bad[r] ? NAN : inv[r]);
                         _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_load_ps(c + (r - r0) * 32), iv));
                         _mm512_storeu_ps(dst + 16, _mm512_mul_ps(_mm512_load_ps(c + (r - r0) * 32 + 16), iv));
                     }
