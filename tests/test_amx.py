@@ -207,9 +207,9 @@ def test_amx_prefill_attention_keeps_the_int16_path_below_32_tokens(amx):
 @pytest.mark.parametrize("bad", ["key inf", "value inf", "value nan"])
 def test_amx_prefill_attention_non_finite_key_reaches_only_rows_that_see_it(amx, bad):
     """An inf or NaN in one key or value (key 50 of 96, KV head 1): the query heads of that KV
-    head are NaN from row 50 on, as a float softmax makes them, and every other output keeps the
-    clean run's bits (the tiles take the bad row as zeros: P = 0 times inf would be NaN in rows
-    whose key blocks only reach it)."""
+    head are NaN from row 50 on (a float softmax gives inf or NaN there, except for a key whose
+    scores all come out -inf), and every other output keeps the clean run's bits (the tiles take
+    the bad row as zeros: P = 0 times inf would be NaN in rows whose key blocks only reach it)."""
     torch.manual_seed(5)
     q = torch.randn(96, 9, 64)
     k_cache, v_cache = torch.randn(101, 3, 64).half(), torch.randn(101, 3, 64).half()
