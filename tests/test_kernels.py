@@ -1,5 +1,6 @@
 """The C++ CPU kernels against the reference dequantize + matmul, on fresh random data each run."""
 
+import contextlib
 import math
 
 import numpy as np
@@ -402,6 +403,40 @@ def rms(x):
     return float(x.double().pow(2).mean().sqrt())
 
 
+@contextlib.contextmanager
+def int16_attention():
+    """Prompt attention through the int16 path even where AMX would take it (tests/test_amx.py
+    tests the AMX one)."""
+    previous = ops.set_amx_min_rows(0) if getattr(ops, "amx", False) else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            ops.set_amx_min_rows(previous)
+
+
+@pytest.mark.parametrize("bad", ["key inf", "value inf", "value nan"])
+def test_paged_attention_prefill_integer_non_finite_reaches_only_rows_that_see_it(bad):
+    """An inf or NaN in one key or value (key 50 of 96, KV head 1) through the int16 path: the
+    query heads of that KV head are NaN from row 50 on and every other output keeps the clean
+    run's bits (before, an inf value was rounded away: no output was non-finite)."""
+    if ops.isa != "avx512":
+        pytest.skip("no integer attention on AVX2 builds")
+    torch.manual_seed(5)
+    q = torch.randn(96, 9, 64)
+    k_cache, v_cache = torch.randn(101, 3, 64).half(), torch.randn(101, 3, 64).half()
+    slots, pos = torch.arange(96), torch.arange(96)
+    with int16_attention():
+        clean = ops.paged_attention_prefill(q, k_cache, v_cache, slots, pos, 0.125, 0)
+        cache = k_cache if bad.startswith("key") else v_cache
+        cache[50, 1, 3] = float("nan") if bad.endswith("nan") else float("inf")
+        got = ops.paged_attention_prefill(q, k_cache, v_cache, slots, pos, 0.125, 0)
+    assert torch.isnan(got[50:, 3:6]).all()
+    keep = torch.ones(96, 9, dtype=torch.bool)
+    keep[50:, 3:6] = False
+    assert torch.equal(got[keep], clean[keep])
+
+
 @pytest.mark.parametrize("heads", [(9, 3, 64), (4, 1, 256), (2, 2, 128)], ids=str)
 @pytest.mark.parametrize("t,prior", [(1, 0), (5, 0), (17, 3), (64, 0), (100, 300), (300, 0)], ids=str)
 @pytest.mark.parametrize("window", [0, 4, 100])
@@ -418,7 +453,8 @@ def test_paged_attention_prefill_integer_products_err_less_than_float16_storage(
     q, positions = torch.randn(t, H, D), torch.arange(prior, prior + t)
     exact = sdpa_prefill(q.double(), k.double(), v.double(), slots, positions, D ** -0.5, window)
     stored = sdpa_prefill(q.double(), k.half().double(), v.half().double(), slots, positions, D ** -0.5, window)
-    got = ops.paged_attention_prefill(q, k.half(), v.half(), slots, positions, D ** -0.5, window)
+    with int16_attention():
+        got = ops.paged_attention_prefill(q, k.half(), v.half(), slots, positions, D ** -0.5, window)
     assert got.dtype == torch.float32 and got.shape == q.shape
     assert rms(got - stored) <= 1.25 * rms(stored - exact)
     assert float((got - stored).abs().max()) <= 2e-3

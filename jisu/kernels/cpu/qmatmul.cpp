@@ -3368,6 +3368,9 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
     std::vector<int16_t> kq(nkeys * KVH * D);
     std::vector<float> ks(nkeys * KVH), vs(2 * npairs_all * KVH, 0.f), lvs(vs.size());   // lvs: log vs
     std::vector<int32_t> vp(npairs_all * KVH * D);
+    // a key or value with an inf or NaN is held as zeros and marked: the rows that see it are
+    // NaN, as a float softmax makes them, and no other row changes
+    std::vector<uint8_t> bad(2 * npairs_all * KVH, 0);     // [key][KVH], as ks
     auto convert = [&](int64_t i0, int64_t i1) {      // key pairs i0 .. i1 - 1
         for (int64_t i = i0; i < i1; ++i)
             for (int64_t h = 0; h < KVH; ++h) {
@@ -3378,6 +3381,10 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
                 };
                 for (int64_t jj = j; jj <= std::min(j1, nkeys - 1); ++jj) {
                     const c10::Half* k = at(khp, jj);
+                    if (k && !std::isfinite(amax16(k, D))) {   // held as zeros, the key marked
+                        bad[jj * KVH + h] = 1;
+                        k = nullptr;
+                    }
                     int16_t* dst = kq.data() + (jj * KVH + h) * D;
                     if (k) {
                         ks[jj * KVH + h] = round_row16(k, D, CQK, dst) / CQK;
@@ -3388,7 +3395,9 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
                 }
                 const c10::Half* v0 = at(vhp, j);
                 const c10::Half* v1 = at(vhp, j1);
-                const float a0 = v0 ? amax16(v0, D) : 0.f, a1 = v1 ? amax16(v1, D) : 0.f;
+                float a0 = v0 ? amax16(v0, D) : 0.f, a1 = v1 ? amax16(v1, D) : 0.f;
+                if (!std::isfinite(a0)) bad[j * KVH + h] = 1, v0 = nullptr, a0 = 0.f;
+                if (!std::isfinite(a1)) bad[j1 * KVH + h] = 1, v1 = nullptr, a1 = 0.f;
                 const __m512 id0 = _mm512_set1_ps(inv_or_zero(a0, CPV)), id1 = _mm512_set1_ps(inv_or_zero(a1, CPV));
                 vs[j * KVH + h] = a0 / CPV;
                 vs[j1 * KVH + h] = a1 / CPV;
@@ -3401,6 +3410,10 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
             }
     };
     if (parallel) at::parallel_for(0, npairs_all, 8, convert); else convert(0, npairs_all);
+    std::vector<int32_t> bad_before(KVH * (2 * npairs_all + 1), 0);    // [h][j]: marked keys before kbase + j
+    for (int64_t h = 0; h < KVH; ++h)
+        for (int64_t j = 0; j < 2 * npairs_all; ++j)
+            bad_before[h * (2 * npairs_all + 1) + j + 1] = bad_before[h * (2 * npairs_all + 1) + j] + bad[j * KVH + h];
     auto first_key = [&](int64_t p) { return window > 0 ? std::max<int64_t>(0, p - window + 1) : int64_t(0); };
     auto body = [&](int64_t t0, int64_t t1) {
         const int64_t MPmax = (QB * G + VL - 1) / VL * VL;
@@ -3473,7 +3486,8 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
                 });
             }
             for (int64_t r = 0; r < M; ++r) {
-                const float inv = 1.f / l[r];
+                const int32_t* bb = bad_before.data() + kvh * (2 * npairs_all + 1);
+                const float inv = bb[rpos[r] + 1 - kbase] != bb[first_key(rpos[r]) - kbase] ? NAN : 1.f / l[r];
                 float* dst = op + ((tq0 + r / G) * H + kvh * G + r % G) * D;
                 for (int64_t d = 0; d < D; ++d) dst[d] = o[r * D + d] * inv;
             }
