@@ -3500,8 +3500,8 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
 // ---- prefill attention on AMX: bf16 tiles, three products per pair of values ---------------
 // The GEMM's scheme (amx_block) applied to both products of attention, in two passes per task
 // (the G heads of one KV head for up to 64 / G queries): S = (sc Q) K^T for every key the task
-// sees, then each row's softmax over all of S at once (no running max, no rescaling of O), P
-// normalized, then O = P V. Each operand is split into two bf16, v = hi + lo, and each product
+// sees, then each row's softmax over all of S at once (no running max, no rescaling of O):
+// P = exp(S - max), O = P V / sum. Each operand is split into two bf16, v = hi + lo, and each product
 // takes hi hi + hi lo + lo hi: float16 keys and values are exact as hi + lo, and q and P keep
 // 16 bits, about as exact as the int16 path's codes. Keys and values are split once per call
 // into tiles: keys as [16 pairs of d][16 keys][2] per 32 d, values as [16 pairs of keys][16 d][2].
@@ -3509,7 +3509,7 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
 // A non-finite key or value makes exactly the rows that see it NaN (see `bad` below).
 // Error against float64 on random data: <1e-4 (the int16 path: ~2e-3). Measured on the AMX VM
 // (RESULTS.md, eighteenth session), 512 tokens, 2 threads, in-process pairs against the int16
-// path: head dim 64 (SmolLM2) 1.18-1.51x the attention alone and 1.10-1.13x the whole prefill;
+// path: head dim 64 (SmolLM2) 1.18-1.35x the attention alone and 1.10-1.13x the whole prefill;
 // head dim 256 (Gemma 3) 1.24-1.51x alone, but in the model 1.08x (perf samples, 12 prefills
 // each way in one process: attention is ~9% of Gemma's prefill) and 0.96-0.99x the whole prefill
 // in pairs, within the noise: it stays on the int16 path. JISU_AMX=0 (set_amx_min_rows(0)) turns
