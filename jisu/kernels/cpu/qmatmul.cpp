@@ -3356,6 +3356,29 @@ inline void softmax_i16(float* st, int64_t MP, int n, int64_t kb, const int32_t*
     _mm512_storeu_ps(sp, _mm512_mul_ps(pmax, _mm512_set1_ps(1.f / CPV)));
 }
 
+// Keys (per KV head, numbered from the call's first held key) whose key or value row has an inf
+// or NaN: the prompt attention kernels hold such rows as zeros and mark them, and a query row
+// that sees a marked key is NaN, as a float softmax makes it, while no other row changes (in
+// the products P = 0 times inf would be NaN for rows that only share a block with the key).
+// mark() from any thread (one byte per key), count() once after, then seen().
+struct MarkedKeys {
+    int64_t n;
+    std::vector<uint8_t> bad;       // [KVH][n]
+    std::vector<int32_t> before;    // [KVH][n + 1]: marked keys before j
+    MarkedKeys(int64_t KVH, int64_t n_) : n(n_), bad(KVH * n_, 0) {}
+    void mark(int64_t h, int64_t j) { bad[h * n + j] = 1; }
+    void count() {
+        const int64_t KVH = int64_t(bad.size()) / n;
+        before.assign(KVH * (n + 1), 0);
+        for (int64_t h = 0; h < KVH; ++h)
+            for (int64_t j = 0; j < n; ++j) before[h * (n + 1) + j + 1] = before[h * (n + 1) + j] + bad[h * n + j];
+    }
+    bool seen(int64_t h, int64_t first, int64_t last) const {   // a marked key among first .. last
+        const int32_t* b = before.data() + h * (n + 1);
+        return b[last + 1] != b[first];
+    }
+};
+
 // paged_attention_prefill for float16 caches through the integer products: keys klo .. khi - 1
 // rounded once per call, then tasks as in the float kernel, key blocks starting at even keys so
 // that value pairs are the same for every task. Keys are held from kbase = klo rounded down to
@@ -3368,9 +3391,7 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
     std::vector<int16_t> kq(nkeys * KVH * D);
     std::vector<float> ks(nkeys * KVH), vs(2 * npairs_all * KVH, 0.f), lvs(vs.size());   // lvs: log vs
     std::vector<int32_t> vp(npairs_all * KVH * D);
-    // a key or value with an inf or NaN is held as zeros and marked: the rows that see it are
-    // NaN, as a float softmax makes them, and no other row changes
-    std::vector<uint8_t> bad(2 * npairs_all * KVH, 0);     // [key][KVH], as ks
+    MarkedKeys marked(KVH, 2 * npairs_all);
     auto convert = [&](int64_t i0, int64_t i1) {      // key pairs i0 .. i1 - 1
         for (int64_t i = i0; i < i1; ++i)
             for (int64_t h = 0; h < KVH; ++h) {
@@ -3381,23 +3402,18 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
                 };
                 for (int64_t jj = j; jj <= std::min(j1, nkeys - 1); ++jj) {
                     const c10::Half* k = at(khp, jj);
-                    if (k && !std::isfinite(amax16(k, D))) {   // held as zeros, the key marked
-                        bad[jj * KVH + h] = 1;
-                        k = nullptr;
-                    }
                     int16_t* dst = kq.data() + (jj * KVH + h) * D;
-                    if (k) {
-                        ks[jj * KVH + h] = round_row16(k, D, CQK, dst) / CQK;
-                    } else {
-                        std::fill(dst, dst + D, int16_t(0));
-                        ks[jj * KVH + h] = 0.f;
-                    }
+                    const float amax = k ? round_row16(k, D, CQK, dst) : 0.f;   // NaN: an inf or NaN in the row
+                    const bool held = k && std::isfinite(amax);
+                    if (k && !held) marked.mark(h, jj);          // held as zeros
+                    if (!held) std::fill(dst, dst + D, int16_t(0));
+                    ks[jj * KVH + h] = held ? amax / CQK : 0.f;
                 }
                 const c10::Half* v0 = at(vhp, j);
                 const c10::Half* v1 = at(vhp, j1);
                 float a0 = v0 ? amax16(v0, D) : 0.f, a1 = v1 ? amax16(v1, D) : 0.f;
-                if (!std::isfinite(a0)) bad[j * KVH + h] = 1, v0 = nullptr, a0 = 0.f;
-                if (!std::isfinite(a1)) bad[j1 * KVH + h] = 1, v1 = nullptr, a1 = 0.f;
+                if (!std::isfinite(a0)) marked.mark(h, j), v0 = nullptr, a0 = 0.f;
+                if (!std::isfinite(a1)) marked.mark(h, j1), v1 = nullptr, a1 = 0.f;
                 const __m512 id0 = _mm512_set1_ps(inv_or_zero(a0, CPV)), id1 = _mm512_set1_ps(inv_or_zero(a1, CPV));
                 vs[j * KVH + h] = a0 / CPV;
                 vs[j1 * KVH + h] = a1 / CPV;
@@ -3410,10 +3426,7 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
             }
     };
     if (parallel) at::parallel_for(0, npairs_all, 8, convert); else convert(0, npairs_all);
-    std::vector<int32_t> bad_before(KVH * (2 * npairs_all + 1), 0);    // [h][j]: marked keys before kbase + j
-    for (int64_t h = 0; h < KVH; ++h)
-        for (int64_t j = 0; j < 2 * npairs_all; ++j)
-            bad_before[h * (2 * npairs_all + 1) + j + 1] = bad_before[h * (2 * npairs_all + 1) + j] + bad[j * KVH + h];
+    marked.count();
     auto first_key = [&](int64_t p) { return window > 0 ? std::max<int64_t>(0, p - window + 1) : int64_t(0); };
     auto body = [&](int64_t t0, int64_t t1) {
         const int64_t MPmax = (QB * G + VL - 1) / VL * VL;
@@ -3486,8 +3499,7 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
                 });
             }
             for (int64_t r = 0; r < M; ++r) {
-                const int32_t* bb = bad_before.data() + kvh * (2 * npairs_all + 1);
-                const float inv = bb[rpos[r] + 1 - kbase] != bb[first_key(rpos[r]) - kbase] ? NAN : 1.f / l[r];
+                const float inv = marked.seen(kvh, first_key(rpos[r]) - kbase, rpos[r] - kbase) ? NAN : 1.f / l[r];
                 float* dst = op + ((tq0 + r / G) * H + kvh * G + r % G) * D;
                 for (int64_t d = 0; d < D; ++d) dst[d] = o[r * D + d] * inv;
             }
@@ -3506,7 +3518,7 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
 // 16 bits, about as exact as the int16 path's codes. Keys and values are split once per call
 // into tiles: keys as [16 pairs of d][16 keys][2] per 32 d, values as [16 pairs of keys][16 d][2].
 // S and P take 12 bytes per row and key per thread, so calls over more keys take the int16 path.
-// A non-finite key or value makes exactly the rows that see it NaN (see `bad` below).
+// A non-finite key or value makes exactly the rows that see it NaN (MarkedKeys).
 // Error against float64 on random data: <1e-4 (the int16 path: ~2e-3). Measured on the AMX VM
 // (RESULTS.md, eighteenth session), 512 tokens, 2 threads, in-process pairs against the int16
 // path: head dim 64 (SmolLM2) 1.18-1.35x the attention alone and 1.10-1.13x the whole prefill;
@@ -3542,13 +3554,11 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
     auto row = [&](const c10::Half* cache, int64_t j, int64_t h) -> const c10::Half* {
         return kbase + j >= klo && kbase + j < khi ? cache + (slots[kbase + j] * KVH + h) * D : nullptr;
     };
-    // A key or value with an inf or NaN enters the tiles as zeros and marks its key (bad [h][j]):
-    // a row that sees it is NaN, as in a float softmax, while in the products P = 0 times inf
-    // would be NaN for rows that do not see it (a task's key blocks reach past their positions)
-    std::vector<uint8_t> bad(KVH * nkeys, 0);
+    // a key or value with an inf or NaN enters the tiles as zeros, its key marked
+    MarkedKeys marked(KVH, nkeys);
     auto finite = [&](__m512 v, int64_t h, int64_t j) {
         const __mmask16 nf = _mm512_fpclass_ps_mask(v, 0x99);     // QNaN, SNaN, +inf, -inf
-        if (nf) bad[h * nkeys + j] = 1;
+        if (nf) marked.mark(h, j);
         return _mm512_maskz_mov_ps(__mmask16(~nf), v);
     };
     auto convert = [&](int64_t b0, int64_t b1) {      // blocks of 32 keys b0 .. b1 - 1, every KV head
@@ -3587,10 +3597,7 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
             }
     };
     if (parallel) at::parallel_for(0, vblocks, 1, convert); else convert(0, vblocks);
-    std::vector<int32_t> bad_before(KVH * (nkeys + 1), 0);    // [h][j]: marked keys before j
-    for (int64_t h = 0; h < KVH; ++h)
-        for (int64_t j = 0; j < nkeys; ++j)
-            bad_before[h * (nkeys + 1) + j + 1] = bad_before[h * (nkeys + 1) + j] + bad[h * nkeys + j];
+    marked.count();
     auto first_key = [&](int64_t p) { return window > 0 ? std::max<int64_t>(0, p - window + 1) : int64_t(0); };
     auto body = [&](int64_t t0, int64_t t1) {
         const int64_t MPmax = 64;
@@ -3601,8 +3608,7 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
         std::unique_ptr<float[], void (*)(void*)> st(static_cast<float*>(std::aligned_alloc(64, sizeof(float) * MPmax * nkeys)), std::free);
         alignas(64) float c[32 * 32];
         int64_t rpos[64];
-        float inv[64];
-        bool seen_bad[64];
+        float inv[64];     // 1 / sum, or NaN where the row sees a marked key
         tiles_on();
         for (int64_t task = t0; task < t1; ++task) {
             const int64_t kvh = task / nqb, tq0 = (task % nqb) * QB, M = std::min(QB, T - tq0) * G, MP = (M + 31) / 32 * 32;
@@ -3620,12 +3626,11 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
                 hi = std::max(hi, p + 1);
                 lo = std::min(lo, first_key(p));
                 const float* q = qp + ((tq0 + a) * H + kvh * G + g) * D;
+                const __m512 scv = _mm512_set1_ps(sc);
                 for (int64_t s = 0; s < S; ++s) {
-                    alignas(64) float f[32];
-                    _mm512_store_ps(f, _mm512_mul_ps(_mm512_loadu_ps(q + 32 * s), _mm512_set1_ps(sc)));
-                    _mm512_store_ps(f + 16, _mm512_mul_ps(_mm512_loadu_ps(q + 32 * s + 16), _mm512_set1_ps(sc)));
                     __m512i h16, l16;
-                    split32(f, h16, l16);
+                    split32(_mm512_mul_ps(_mm512_loadu_ps(q + 32 * s), scv), _mm512_mul_ps(_mm512_loadu_ps(q + 32 * s + 16), scv),
+                            h16, l16);
                     _mm512_storeu_si512(dh + 32 * s, h16);
                     _mm512_storeu_si512(dl + 32 * s, l16);
                 }
@@ -3688,9 +3693,7 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
                     _mm512_storeu_si512(dh + j, h16);
                     _mm512_storeu_si512(dl + j, l16);
                 }
-                inv[r] = 1.f / _mm512_reduce_add_ps(sum);
-                const int32_t* bb = bad_before.data() + kvh * (nkeys + 1) + k0;
-                seen_bad[r] = bb[j1 + 1] != bb[j0];
+                inv[r] = marked.seen(kvh, k0 + j0, k0 + j1) ? NAN : 1.f / _mm512_reduce_add_ps(sum);
             }
             // O [32 rows][32 d] = P V / sum per 32 rows and 32 d, as pass 1 (16 rows at a time,
             // 6 tile loads for 6 products, measured 1.11-1.38x / 0.75-1.13x the int16 path's speed
@@ -3707,7 +3710,7 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
                     _tile_stored(0, c, 128); _tile_stored(1, c + 16, 128); _tile_stored(2, c + 512, 128); _tile_stored(3, c + 528, 128);
                     for (int64_t r = r0; r < std::min(r0 + 32, M); ++r) {
                         float* dst = op + ((tq0 + r / G) * H + kvh * G + r % G) * D + 32 * dc;
-                        const __m512 iv = _mm512_set1_ps(seen_bad[r] ? NAN : inv[r]);
+                        const __m512 iv = _mm512_set1_ps(inv[r]);
                         _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_load_ps(c + (r - r0) * 32), iv));
                         _mm512_storeu_ps(dst + 16, _mm512_mul_ps(_mm512_load_ps(c + (r - r0) * 32 + 16), iv));
                     }
