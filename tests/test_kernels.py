@@ -1,6 +1,5 @@
 """The C++ CPU kernels against the reference dequantize + matmul, on fresh random data each run."""
 
-import contextlib
 import math
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize, quantize
 
+from amx_switch import amx_from
 from gguf_factory import random_quant_bytes
 from jisu.kernels import cpu
 from jisu.model.layers import QLinear
@@ -403,30 +403,24 @@ def rms(x):
     return float(x.double().pow(2).mean().sqrt())
 
 
-@contextlib.contextmanager
-def int16_attention():
-    """Prompt attention through the int16 path even where AMX would take it (tests/test_amx.py
-    tests the AMX one)."""
-    previous = ops.set_amx_min_rows(0) if getattr(ops, "amx", False) else None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            ops.set_amx_min_rows(previous)
-
-
+@pytest.mark.parametrize("path", ["int16", "amx"])
 @pytest.mark.parametrize("bad", ["key inf", "value inf", "value nan"])
-def test_paged_attention_prefill_integer_non_finite_reaches_only_rows_that_see_it(bad):
-    """An inf or NaN in one key or value (key 50 of 96, KV head 1) through the int16 path: the
-    query heads of that KV head are NaN from row 50 on and every other output keeps the clean
-    run's bits (before, an inf value was rounded away: no output was non-finite)."""
+def test_paged_attention_prefill_integer_non_finite_reaches_only_rows_that_see_it(path, bad):
+    """An inf or NaN in one key or value (key 50 of 96, KV head 1), through the int16 path and
+    (where the CPU has it) the AMX one: the query heads of that KV head are NaN from row 50 on (a
+    float softmax gives inf or NaN there, except for a key whose scores all come out -inf), and
+    every other output keeps the clean run's bits. Both paths hold the bad row as zeros: before,
+    the int16 path rounded an inf value away (no output non-finite), and in the AMX tiles P = 0
+    times inf made rows NaN whose key blocks only reached the bad key."""
     if ops.isa != "avx512":
         pytest.skip("no integer attention on AVX2 builds")
+    if path == "amx" and not getattr(ops, "amx", False):
+        pytest.skip("no AMX here")
     torch.manual_seed(5)
     q = torch.randn(96, 9, 64)
     k_cache, v_cache = torch.randn(101, 3, 64).half(), torch.randn(101, 3, 64).half()
     slots, pos = torch.arange(96), torch.arange(96)
-    with int16_attention():
+    with amx_from(0 if path == "int16" else ops.AMX_MIN_ROWS):
         clean = ops.paged_attention_prefill(q, k_cache, v_cache, slots, pos, 0.125, 0)
         cache = k_cache if bad.startswith("key") else v_cache
         cache[50, 1, 3] = float("nan") if bad.endswith("nan") else float("inf")
@@ -453,7 +447,7 @@ def test_paged_attention_prefill_integer_products_err_less_than_float16_storage(
     q, positions = torch.randn(t, H, D), torch.arange(prior, prior + t)
     exact = sdpa_prefill(q.double(), k.double(), v.double(), slots, positions, D ** -0.5, window)
     stored = sdpa_prefill(q.double(), k.half().double(), v.half().double(), slots, positions, D ** -0.5, window)
-    with int16_attention():
+    with amx_from(0):      # the AMX path: tests/test_amx.py
         got = ops.paged_attention_prefill(q, k.half(), v.half(), slots, positions, D ** -0.5, window)
     assert got.dtype == torch.float32 and got.shape == q.shape
     assert rms(got - stored) <= 1.25 * rms(stored - exact)

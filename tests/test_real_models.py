@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from amx_switch import amx_from
 from conftest import DATA
 from jisu import SamplingParams
 
@@ -72,15 +73,10 @@ def _logits_with_amx_rows(ours_and_reference, rows: int, label: str) -> None:
     """A fresh LLM's logits of the text with the AMX GEMM from `rows` rows (0: off, the int16
     GEMM): the same bars, and KL below 1e-5 (both GEMMs are near 1e-6)."""
     from jisu import LLM
-    from jisu.kernels import cpu
-    ops = cpu.load()
     name, llm, ids, ref, _ = ours_and_reference
     fresh = LLM(llm.path, enable_prefix_caching=False, progress=False)
-    previous = ops.set_amx_min_rows(rows)
-    try:
+    with amx_from(rows):
         ours = torch.from_numpy(fresh.logits(ids))
-    finally:
-        ops.set_amx_min_rows(previous)
     ref_lp, our_lp = ref.log_softmax(-1), ours.log_softmax(-1)
     kl = (ref_lp.exp() * (ref_lp - our_lp)).sum(-1)
     top1 = (ref.argmax(-1) == ours.argmax(-1)).float().mean().item()

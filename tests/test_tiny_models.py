@@ -5,6 +5,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
+from amx_switch import amx_from
 from gguf_factory import write_tiny_gemma3, write_tiny_llama
 from jisu import LLM, SamplingParams
 
@@ -275,25 +276,18 @@ def test_perplexity_does_not_depend_on_chunking(tiny_llama):
     AMX off (one GEMM: only the chunking could move it), and the whole window through AMX (from 32
     rows here, below this text's length) within 1e-4 of them."""
     from jisu.kernels import cpu
-    ops = cpu.load()
-    amx = getattr(ops, "amx", False)
     text = "the cat and the hat in the sun " * 6
     saved = tiny_llama.engine_config.max_num_batched_tokens
-    previous = ops.set_amx_min_rows(0) if amx else None
-    try:
+    with amx_from(0):
         whole = tiny_llama.perplexity(text)
-        tiny_llama.engine_config.max_num_batched_tokens = 7      # many chunks per window
-        assert tiny_llama.perplexity(text) == pytest.approx(whole, rel=1e-5)
-    finally:
-        tiny_llama.engine_config.max_num_batched_tokens = saved
-        if amx:
-            ops.set_amx_min_rows(previous)
-    if amx:
-        previous = ops.set_amx_min_rows(32)
         try:
-            assert tiny_llama.perplexity(text) == pytest.approx(whole, rel=1e-4)
+            tiny_llama.engine_config.max_num_batched_tokens = 7      # many chunks per window
+            assert tiny_llama.perplexity(text) == pytest.approx(whole, rel=1e-5)
         finally:
-            ops.set_amx_min_rows(previous)
+            tiny_llama.engine_config.max_num_batched_tokens = saved
+    if getattr(cpu.load(), "amx", False):
+        with amx_from(32):
+            assert tiny_llama.perplexity(text) == pytest.approx(whole, rel=1e-4)
 
 
 def test_params_list_must_match_prompts(tiny_llama):
