@@ -835,7 +835,7 @@ def panels_of(q, k, slices=2, norms=False):
     n = q.shape[0]
     count = (n + ops.PANEL_ROWS - 1) // ops.PANEL_ROWS
     out = torch.full((count, k // 32 * ops.PANEL_BLOCK_BYTES), 7, dtype=torch.uint8)
-    nrm = torch.full((count, ops.PANEL_ROWS), float("nan"))
+    nrm = torch.full((count, ops.PANEL_NORMS), float("nan"))
     cuts = np.linspace(0, count, slices + 1).astype(int)
     for p0, p1 in zip(cuts[:-1], cuts[1:]):
         ops.pack_panels(q, k, int(p0), int(p1), out, nrm)
@@ -852,11 +852,16 @@ def test_panels_hold_the_files_values():
     p, nrm = panels_of(q, 640, slices=3, norms=True)
     assert p.shape == (32, 20 * 1088)                      # as many bytes per row as the file's
     want = ops.dequantize(q, int(Q.Q8_0), 640)
-    # each column's norm, rounded up (the screen's bound relies on it), zero past the last row
-    exact = want.double().norm(dim=1)
-    got = nrm.view(-1).double()
-    assert (got[:1000] >= exact).all() and (got[:1000] <= exact * (1 + 1e-5)).all()
-    assert (got[1000:] == 0).all()
+    # each column's norm |W[n]| and the norm |R[n]| of what the six-bit screen leaves out (the
+    # weight byte's two low bits less 1.5, times the scale), both rounded up (the screen's bound
+    # relies on them), zero past the last row
+    blocks = q.view(1000, 20, 34)
+    scale = blocks[:, :, :2].contiguous().view(torch.float16).double()
+    low = (blocks[:, :, 2:].contiguous().view(torch.int8).long() & 3).double() - 1.5
+    for half, exact in ((0, want.double().norm(dim=1)), (1, (low * scale).reshape(1000, -1).norm(dim=1))):
+        got = nrm.view(-1, 2, 32)[:, half].reshape(-1).double()
+        assert (got[:1000] >= exact).all() and (got[:1000] <= exact * (1 + 1e-5)).all()
+        assert (got[1000:] == 0).all()
     assert torch.equal(ops.panel_rows(p, torch.arange(1000), 1000, 640), want)
     ids = torch.tensor([999, 0, 31, 32, 500, 500])
     assert torch.equal(ops.panel_rows(p, ids, 1000, 640), want[ids])
@@ -912,7 +917,7 @@ def test_panel_matmul_equals_dequant_then_matmul(m):
         ops.panel_matmul(x, p, 1000, 640, 0, 1000, torch.empty(m, 999))
 
 
-@pytest.mark.parametrize("m", [3, 7, 16, 33])
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 16, 33])
 def test_panel_greedy_equals_the_panel_gemm_argmax(m):
     """The screen on panels: the argmax of panel_matmul's own logits, ties to the first column,
     on random rows and on near-ties, over all columns and over the first `vocab` of them."""

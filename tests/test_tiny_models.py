@@ -190,6 +190,9 @@ def test_eos_stops_unless_ignored(tiny_llama, monkeypatch):
             logits[..., eos] = 1e4
         return logits
     monkeypatch.setattr(model, "compute_logits", eos_wins_after_two)
+    # greedy rows take the screened argmax (model.greedy) where the kernels have one, even for
+    # one row: the logits must come from compute_logits here
+    monkeypatch.setattr(model, "greedy", lambda h, vocab: None)
     out = tiny_llama.generate("the", SamplingParams(max_tokens=10, temperature=0))[0]
     assert out.token_ids[-1] == eos and len(out.token_ids) == 3 and out.finish_reason == "stop"
     out2 = tiny_llama.generate("the", SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]

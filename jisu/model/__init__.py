@@ -53,7 +53,7 @@ def _panel_linear(t: GGUFTensor, ops, slice_panels: int = 256) -> PanelLinear:
     rows = ops.PANEL_ROWS
     count, width = (n + rows - 1) // rows, k // 32 * ops.PANEL_BLOCK_BYTES
     panels = empty_huge(count * width).view(count, width)     # read whole every step: huge pages
-    norms = torch.empty(panels.shape[0], rows)
+    norms = torch.empty(panels.shape[0], ops.PANEL_NORMS)
     for p0 in range(0, panels.shape[0], slice_panels):
         p1 = min(p0 + slice_panels, panels.shape[0])
         ops.pack_panels(blocks, k, p0, p1, panels, norms)

@@ -83,8 +83,8 @@ class PanelLinear(QLinear):
     the file's blocks, and the batched GEMM and the greedy screen no longer transpose it every
     step. Every row count and the row lookups read the panels; the values are the file's. Its
     qtype is -1: no ggml type describes the panels, and nothing may read qweight as blocks.
-    `norms` [panels, 32]: each column's Euclidean norm, rounded up (the screen's bound; 1 MB for
-    Gemma's 262k columns)."""
+    `norms` [panels, 64]: each column's Euclidean norm, then the norm of what the six-bit screen
+    leaves out of it, rounded up (the screen's bound; 2 MB for Gemma's 262k columns)."""
 
     def __init__(self, panels: torch.Tensor, norms: torch.Tensor, out_features: int, in_features: int, ops):
         super().__init__(panels, -1, in_features, ops)
@@ -112,12 +112,15 @@ def project(lin: nn.Module, x: torch.Tensor, out: torch.Tensor | None) -> torch.
 def greedy_tokens(lin: nn.Module, x: torch.Tensor, vocab: int) -> torch.Tensor | None:
     """argmax over the first `vocab` columns of lin(x) for each row of x [M, K], found without
     computing every logit (int64 [M], -1 where a row is left to the caller), or None where lin
-    cannot: the answer is the int16 GEMM's own argmax, so it applies only where that GEMM would
-    compute lin(x) (integer activations, AVX-512, at least ops.GEMM_MIN_ROWS rows). The kernel
-    itself leaves every row to the caller for types it does not screen (block offsets: Q4_1, Q4_K)."""
+    cannot: the answer is the argmax of the kernel that would compute lin(x), so for blocks it
+    applies only where that is the int16 GEMM (integer activations, AVX-512, at least
+    ops.GEMM_MIN_ROWS rows), for panels to any row count (their screen recomputes its candidates
+    as panel_matmul's tile for that many rows). The kernel itself leaves every row to the caller
+    for types it does not screen (block offsets: Q4_1, Q4_K)."""
     ops = getattr(lin, "ops", None)
     if (not isinstance(lin, QLinear) or not lin.act_digits
-            or not hasattr(ops, "greedy_rows") or x.dim() != 2 or x.shape[0] < ops.GEMM_MIN_ROWS):
+            or not hasattr(ops, "greedy_rows") or x.dim() != 2 or x.shape[0] == 0
+            or (x.shape[0] < ops.GEMM_MIN_ROWS and not isinstance(lin, PanelLinear))):
         return None
     return lin.greedy(x, vocab)
 

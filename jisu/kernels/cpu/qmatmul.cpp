@@ -2127,6 +2127,7 @@ struct XQ8S {
     std::vector<int32_t> c;     // [M, K / 16]: offset bits - 128 * (sum of 16 codes): the weights enter as w + 128
     std::vector<int32_t> c32;   // [M, K / 32]: the same per 32 codes
     std::vector<float> delta;   // [M]: |x8 - x16| + g (|x8| + |x16|), rounded up: B = |W[n]| delta
+    std::vector<float> n8;      // [M]: |x8| (1 + 2^-10), rounded up (the panels' six-bit screen)
     std::vector<uint8_t> bad;   // [M]: the row has a non-finite value
 };
 
@@ -2150,6 +2151,7 @@ void quantize_x8s(const float* x, int64_t M, int64_t K, const XQ16& x16, XQ8S& o
     out.c.resize(M * K / 16);
     out.c32.resize(M * nb);
     out.delta.resize(M);
+    out.n8.resize(M);
     out.bad.assign(M, 0);
     const double g = double(K / 16 + 8) * 0x1p-24;
     auto body = [&](int64_t m0, int64_t m1) {
@@ -2184,7 +2186,7 @@ void quantize_x8s(const float* x, int64_t M, int64_t K, const XQ16& x16, XQ8S& o
                     out.mf[i] = 0x1.8p23f;
                     out.c[2 * i] = out.c[2 * i + 1] = out.c32[i] = 0x4B400000;
                 }
-                out.delta[m] = 0.f;
+                out.delta[m] = out.n8[m] = 0.f;
                 continue;
             }
             __m512d dd = _mm512_setzero_pd(), s8 = _mm512_setzero_pd(), s16 = _mm512_setzero_pd();
@@ -2229,6 +2231,7 @@ void quantize_x8s(const float* x, int64_t M, int64_t K, const XQ16& x16, XQ8S& o
             const double delta = std::sqrt(_mm512_reduce_add_pd(dd)) +
                                  g * (std::sqrt(_mm512_reduce_add_pd(s8)) + std::sqrt(_mm512_reduce_add_pd(s16)));
             out.delta[m] = float(delta * (1.0 + 0x1p-12));
+            out.n8[m] = float(std::sqrt(_mm512_reduce_add_pd(s8)) * (1.0 + 0x1p-10));
         }
     };
     if (M < 4) body(0, M); else at::parallel_for(0, M, 4, body);
@@ -2492,14 +2495,114 @@ torch::Tensor greedy_rows(torch::Tensor x, torch::Tensor w, int64_t qtype, int64
 // step (the GEMM and the greedy screen alike) transposed it 32 rows at a time into panels, the
 // same way every step (the screen: a fixed ~4-5 ms of its 13 at 32 rows). Repacked at load into exactly those panels it
 // takes as many bytes as the file's blocks (1088 per 32 values and GP rows), so the file's pages
-// can be let go behind it. Panel p (rows p GP ..) holds, for its nb = K / 32 blocks,
+// can be let go behind it. Panel p (rows p GP ..) is, for its nb = K / 32 blocks,
 //     nb x 1024 bytes: block b's eight quads for the GP rows, w + 128 (pack_panel8's pw layout)
 //     nb x GP fp16 scales
-// and every reader takes this layout: p8_tile below for 1-15 rows (exact integer sums with no
+// though stored split in two (PanelAt below: the screen of one to three rows reads 832 of the
+// 1088 bytes a block) and decoded back a block at a time: p8_tile below for 1-15 rows (exact integer sums with no
 // horizontal sums: one row of SmolLM2's matrix 3x faster), the int16 GEMM's own tile on widened
 // panels from 16 rows (widen_panel, PANEL_I16_ROWS), the greedy screen, and row lookups for the
 // embedding.
 constexpr int64_t P8_QUADS = 8 * GP * 4, P8_SCALES = GP * 2, P8_BLOCK = P8_QUADS + P8_SCALES;
+
+// As stored, each byte u = w + 128 of those quads is split: its top six bits u >> 2 into one
+// part of the tensor that holds every panel's six-bit codes and scales, its two low bits u & 3
+// into another. The greedy screen reads only the first (832 of 1088 bytes a block; a decode
+// step's head is memory-bound, Gemma's 45% of it), the rest decode a panel back to quads
+// first (decode_panel). The tensor [panels, K / 32 * P8_BLOCK] holds, for P panels:
+//     P x nb x (768 six-bit bytes + 64 scale bytes), then P x nb x 256 two-bit bytes
+// A block's 768: for t = 0, 1 and half h = 0, 1 (columns 16 h ..), quads 4 t .. 4 t + 3 of those
+// 16 columns as three vectors (pack6); its 256: the same four quads' low bits as one vector.
+constexpr int64_t P6_HI = 768, P6_LO = 256, P6_PART = P6_HI + P8_SCALES;
+
+struct PanelAt {
+    const uint8_t* hi;   // nb x P6_HI six-bit codes, then nb x GP fp16 scales
+    const uint8_t* lo;   // nb x P6_LO two-bit codes
+};
+inline PanelAt panel_at(const uint8_t* w, int64_t panels, int64_t nb, int64_t p) {
+    return {w + p * nb * P6_PART, w + panels * nb * P6_PART + p * nb * P6_LO};
+}
+
+// ternlog 0xE4: c ? a : b, bit by bit
+inline __m512i select_bits(__m512i c, __m512i a, __m512i b) { return _mm512_ternarylogic_epi32(a, b, c, 0xE4); }
+
+// Four vectors of bytes u0 .. u3 as three in place, p_j = (u_j & ~3) | two bits of u3's top six
+// (bits 2 j + 2, 2 j + 3), and one of their low bits, lo = sum_j (u_j & 3) << 2 j. The screen
+// takes p_j & ~3 = 4 (u_j >> 2) as they lie and u3's top six from the three (top6); a decode puts
+// the low bits back (decode_block). The epi16 shifts move bits across a byte boundary only where
+// the selects then drop them.
+inline void pack6(const __m512i (&u)[4], uint8_t* hi, uint8_t* lo) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    __m512i low = _mm512_and_si512(u[0], m3);
+    for (int j = 0; j < 3; ++j) {
+        _mm512_store_si512(hi + 64 * j, select_bits(m3, _mm512_srli_epi16(u[3], 2 * j + 2), u[j]));
+        if (j) low = _mm512_or_si512(low, _mm512_slli_epi16(_mm512_and_si512(u[j], m3), 2 * j));
+    }
+    _mm512_store_si512(lo, _mm512_or_si512(low, _mm512_slli_epi16(_mm512_and_si512(u[3], m3), 6)));
+}
+
+// u3's top six bits in place (bits 2-7), from the three vectors' low bits, over `base`'s bits 0-1
+inline __m512i top6(__m512i p0, __m512i p1, __m512i p2, __m512i base) {
+    return select_bits(_mm512_set1_epi8(0x0C), _mm512_slli_epi16(p0, 2),
+                       select_bits(_mm512_set1_epi8(0x30), _mm512_slli_epi16(p1, 4),
+                                   select_bits(_mm512_set1_epi8(char(0xC0)), _mm512_slli_epi16(p2, 6), base)));
+}
+
+// the screen's weights 4 (u_j >> 2) of four quads (bytes <= 252) from their three vectors at s
+inline void unpack6(const uint8_t* s, __m512i (&v)[4]) {
+    const __m512i p0 = _mm512_load_si512(s), p1 = _mm512_load_si512(s + 64), p2 = _mm512_load_si512(s + 128);
+    const __m512i top = _mm512_set1_epi8(char(0xFC));
+    v[0] = _mm512_and_si512(p0, top);
+    v[1] = _mm512_and_si512(p1, top);
+    v[2] = _mm512_and_si512(p2, top);
+    v[3] = top6(p0, p1, p2, _mm512_setzero_si512());
+}
+
+// block b of a stored panel back to its 1024 bytes of quads (pack_panel8's pw layout) at out
+inline void decode_block(const PanelAt& v, int64_t b, uint8_t* out) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    for (int t = 0; t < 2; ++t)
+        for (int h = 0; h < 2; ++h) {
+            const uint8_t* s = v.hi + b * P6_HI + (2 * t + h) * 192;
+            const __m512i p0 = _mm512_load_si512(s), p1 = _mm512_load_si512(s + 64), p2 = _mm512_load_si512(s + 128);
+            const __m512i lo = _mm512_load_si512(v.lo + b * P6_LO + (2 * t + h) * 64);
+            uint8_t* o = out + 4 * t * GP * 4 + 64 * h;   // quad 4 t + i at o + i GP 4
+            _mm512_store_si512(o, select_bits(m3, lo, p0));
+            _mm512_store_si512(o + GP * 4, select_bits(m3, _mm512_srli_epi16(lo, 2), p1));
+            _mm512_store_si512(o + 2 * GP * 4, select_bits(m3, _mm512_srli_epi16(lo, 4), p2));
+            _mm512_store_si512(o + 3 * GP * 4, top6(p0, p1, p2, _mm512_srli_epi16(lo, 6)));
+        }
+}
+
+// a stored panel back to the P8 layout (nb x 1024 bytes of quads, then the scales) at out
+// (64-byte aligned, nb P8_BLOCK bytes)
+inline void decode_panel(const PanelAt& v, int64_t nb, uint8_t* out) {
+    for (int64_t b = 0; b < nb; ++b) decode_block(v, b, out + b * P8_QUADS);
+    std::memcpy(out + nb * P8_QUADS, v.hi + nb * P6_HI, nb * P8_SCALES);
+}
+
+// the calling thread's buffer for one decoded panel
+inline uint8_t* panel_scratch(int64_t nb) {
+    struct Buf {
+        uint8_t* p = nullptr;
+        int64_t n = 0;
+        ~Buf() { std::free(p); }
+    };
+    static thread_local Buf buf;
+    if (buf.n < nb * P8_BLOCK) {
+        std::free(buf.p);
+        buf.p = static_cast<uint8_t*>(std::aligned_alloc(64, nb * P8_BLOCK));
+        buf.n = nb * P8_BLOCK;
+    }
+    return buf.p;
+}
+
+// prefetch block b of a stored panel (both parts; at b = 0 also its scales)
+inline void prefetch_block(const PanelAt& v, int64_t nb, int64_t b) {
+    prefetch_row(v.hi + b * P6_HI, P6_HI);
+    prefetch_row(v.lo + b * P6_LO, P6_LO);
+    if (b == 0) prefetch_row(v.hi + nb * P6_HI, nb * P8_SCALES);
+}
 // p8_tile's activation codes split into two signed bytes q = 256 h + l for vpdpbusd, which
 // needs |q| <= 32639 (h in [-127, 127]): the int16 rounding's 32767 levels become 32639.
 constexpr float QMAX2 = 32639.f;
@@ -2529,9 +2632,8 @@ void quantize_x2(const float* x, int64_t M, int64_t K, XQ2& out) {
     }
 }
 
-// a panel's fp16 scales as floats [nb][GP]
-inline void panel_scales(const uint8_t* panel, int64_t nb, float* ps) {
-    const uint8_t* s = panel + nb * P8_QUADS;
+// a panel's fp16 scales (nb x GP at s) as floats [nb][GP]
+inline void panel_scales(const uint8_t* s, int64_t nb, float* ps) {
     for (int64_t i = 0; i < nb * GP; i += 16)
         _mm512_storeu_ps(ps + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 2 * i))));
 }
@@ -2558,16 +2660,18 @@ inline void p8_digit(const int32_t* wp, const int8_t* xd, int64_t K, __m512i (&a
 // h digit first, shifted up by 8, then the l digit into the same accumulator. The float steps
 // are gemm_tile's.
 template <int R>
-inline void p8_tile(const XQ2& x, int64_t m0, int64_t K, const uint8_t* panel, const float* ps, float* y, int64_t ldy,
-                    __mmask16 k0, __mmask16 k1, const uint8_t* next = nullptr) {
+inline void p8_tile(const XQ2& x, int64_t m0, int64_t K, const PanelAt& panel, const float* ps, float* y, int64_t ldy,
+                    __mmask16 k0, __mmask16 k1, const PanelAt* next = nullptr) {
     const int64_t nb = K / 32;
     const int8_t* xh = x.h.data() + m0 * K;
     const int8_t* xl = x.l.data() + m0 * K;
     __m512 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    alignas(64) uint8_t quads[P8_QUADS];
+    const int32_t* wp = reinterpret_cast<const int32_t*>(quads);
     for (int64_t b = 0; b < nb; ++b) {
-        const int32_t* wp = reinterpret_cast<const int32_t*>(panel + b * P8_QUADS);
-        if (next) prefetch_row(next + b * P8_BLOCK, P8_BLOCK);
+        decode_block(panel, b, quads);   // streamed a block at a time, with the next panel's block requested
+        if (next) prefetch_block(*next, nb, b);
         __m512i ai[R][2];
         for (int r = 0; r < R; ++r) ai[r][0] = ai[r][1] = _mm512_set1_epi32(x.ch[(m0 + r) * nb + b]);
         p8_digit<R>(wp, xh + b * 32, K, ai);
@@ -2585,18 +2689,21 @@ inline void p8_tile(const XQ2& x, int64_t m0, int64_t K, const uint8_t* panel, c
     }
 }
 
-// A panel's weights as gemm_tile's int16 pairs pw [K / 2][GP], from its quads: per 16 columns and
+// A stored panel's weights as gemm_tile's int16 pairs pw [K / 2][GP], from its quads (decoded a
+// block at a time): per 16 columns and
 // quad, the bytes back to signed, widened, and the two pairs of each column's four values split
 // into two vectors (a few instructions per 64 weights, where packing from the file's blocks costs
 // a transpose). Many rows then take the int16 GEMM's own tile: the same sums, the same numbers.
-inline void widen_panel(const uint8_t* panel, int64_t nb, int32_t* pw) {
+inline void widen_panel(const PanelAt& v, int64_t nb, int32_t* pw) {
+    alignas(64) uint8_t panel[P8_QUADS];
     const __m512i flip = _mm512_set1_epi8(char(0x80));
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     for (int64_t b = 0; b < nb; ++b) {
+        decode_block(v, b, panel);
         for (int g = 0; g < 8; ++g) {
             for (int h = 0; h < 2; ++h) {
-                const __m512i q = _mm512_xor_si512(_mm512_load_si512(panel + b * P8_QUADS + (g * GP + 16 * h) * 4), flip);
+                const __m512i q = _mm512_xor_si512(_mm512_load_si512(panel + (g * GP + 16 * h) * 4), flip);
                 const __m512i lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(q));         // columns 0-7: pairs 0, 1
                 const __m512i hi = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(q, 1));   // columns 8-15
                 int32_t* at = pw + (b * 16 + 2 * g) * GP + 16 * h;
@@ -2623,12 +2730,14 @@ void check_panels(const torch::Tensor& w, int64_t N, int64_t K) {
 
 void check_norms(const torch::Tensor& norms, const torch::Tensor& w) {
     TORCH_CHECK(norms.dtype() == torch::kFloat32 && norms.dim() == 2 && norms.is_contiguous() && norms.size(0) == w.size(0) &&
-                norms.size(1) == GP, "panels: norms must be contiguous float32 [", w.size(0), ", ", GP, "]");
+                norms.size(1) == 2 * GP, "panels: norms must be contiguous float32 [", w.size(0), ", ", 2 * GP, "]");
 }
 
-// Panels p0 .. p1 - 1 of out from the Q8_0 matrix w [N, K / 32 * 34] (rows p0 GP ..), and their
-// columns' norms |W[n]| (rounded up; the greedy screen's bound). The loader packs a large matrix
-// a slice at a time and lets the file's pages go behind it.
+// Panels p0 .. p1 - 1 of out from the Q8_0 matrix w [N, K / 32 * 34] (rows p0 GP ..), stored
+// split (PanelAt), and per panel 2 GP norms: its columns' |W[n]| and |R[n]|, R[n] the column's
+// values less the screen's (u - 2 - 126.5 = (u & 3) - 1.5, times the block's scale), both
+// rounded up (the greedy screen's bound). The loader packs a large matrix a slice at a time and
+// lets the file's pages go behind it.
 void pack_panels(torch::Tensor w, int64_t K, int64_t p0, int64_t p1, torch::Tensor out, torch::Tensor norms) {
     const int64_t N = w.size(0), nb = K / 32;
     check_weight(w, K, 32, 34);
@@ -2638,16 +2747,46 @@ void pack_panels(torch::Tensor w, int64_t K, int64_t p0, int64_t p1, torch::Tens
     const uint8_t* wb = w.data_ptr<uint8_t>();
     uint8_t* ob = out.data_ptr<uint8_t>();
     float* nb_out = norms.data_ptr<float>();
+    const int64_t panels = out.size(0);
     at::parallel_for(p0, p1, 1, [&](int64_t a, int64_t b) {
         int32_t* pw = static_cast<int32_t*>(std::aligned_alloc(64, P8_QUADS * nb));
         std::vector<float> ps(nb * GP);
+        const __m512i m3 = _mm512_set1_epi8(3), three = _mm512_set1_epi8(3);
         for (int64_t p = a; p < b; ++p) {
             const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
-            pack_panel8<G_Q8_0>(wb, w.size(1), n0, np, K, pw, ps.data(), nb_out + p * GP, nullptr, 0);
-            uint8_t* panel = ob + p * nb * P8_BLOCK;
-            std::memcpy(panel, pw, P8_QUADS * nb);
+            pack_panel8<G_Q8_0>(wb, w.size(1), n0, np, K, pw, ps.data(), nb_out + p * 2 * GP, nullptr, 0);
+            const PanelAt v = panel_at(ob, panels, nb, p);
+            uint8_t* hi = const_cast<uint8_t*>(v.hi);
+            uint8_t* lo = const_cast<uint8_t*>(v.lo);
+            __m512d r2[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
+            for (int64_t j = 0; j < nb; ++j) {
+                const uint8_t* q = reinterpret_cast<const uint8_t*>(pw) + j * P8_QUADS;
+                for (int t = 0; t < 2; ++t)
+                    for (int h = 0; h < 2; ++h) {
+                        __m512i u[4], sq = _mm512_setzero_si512();
+                        for (int i = 0; i < 4; ++i) {
+                            u[i] = _mm512_load_si512(q + (4 * t + i) * GP * 4 + 64 * h);
+                            // |2 (u & 3) - 3| in {1, 3}: four squares per column lane
+                            const __m512i l = _mm512_and_si512(u[i], m3);
+                            const __m512i e = _mm512_abs_epi8(_mm512_sub_epi8(_mm512_add_epi8(l, l), three));
+                            sq = _mm512_dpbusd_epi32(sq, e, e);
+                        }
+                        pack6(u, hi + j * P6_HI + (2 * t + h) * 192, lo + j * P6_LO + (2 * t + h) * 64);
+                        // (s (l - 1.5))^2 = s^2 (2 l - 3)^2 / 4, summed per column in double
+                        const __m512 sc = _mm512_loadu_ps(ps.data() + j * GP + 16 * h);
+                        for (int e = 0; e < 2; ++e) {
+                            const __m512d s8 = _mm512_cvtps_pd(e ? _mm512_extractf32x8_ps(sc, 1) : _mm512_castps512_ps256(sc));
+                            const __m512d w8 = _mm512_cvtepi32_pd(e ? _mm512_extracti64x4_epi64(sq, 1) : _mm512_castsi512_si256(sq));
+                            r2[2 * h + e] = _mm512_fmadd_pd(_mm512_mul_pd(s8, s8), _mm512_mul_pd(w8, _mm512_set1_pd(0.25)), r2[2 * h + e]);
+                        }
+                    }
+            }
+            const __m512d up = _mm512_set1_pd(1.0 + 0x1p-20);
+            float* rn = nb_out + p * 2 * GP + GP;
+            for (int c = 0; c < 4; ++c)
+                _mm256_storeu_ps(rn + 8 * c, _mm512_cvt_roundpd_ps(_mm512_mul_pd(_mm512_sqrt_pd(r2[c]), up), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
             for (int64_t i = 0; i < nb * GP; i += 16)   // the scales came from fp16: exact
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(panel + nb * P8_QUADS + 2 * i),
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + nb * P6_HI + 2 * i),
                                     _mm512_cvtps_ph(_mm512_loadu_ps(ps.data() + i), _MM_FROUND_TO_NEAREST_INT));
         }
         std::free(pw);
@@ -2663,7 +2802,7 @@ torch::Tensor panel_matmul(torch::Tensor x, torch::Tensor w, int64_t N, int64_t 
     TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.size(-1) == K, "x must be float32 [..., K] with K=", K);
     TORCH_CHECK(0 <= start && start < end && end <= N, "panel_matmul: columns ", start, "..", end, " out of 0..", N);
     x = x.contiguous();
-    const int64_t M = x.numel() / K, cols = end - start, nb = K / 32;
+    const int64_t M = x.numel() / K, cols = end - start, nb = K / 32, panels = w.size(0);
     auto shape = x.sizes().vec();
     shape.back() = cols;
     TORCH_CHECK(!out || (out->dtype() == torch::kFloat32 && out->is_contiguous() && out->numel() == M * cols),
@@ -2679,18 +2818,21 @@ torch::Tensor panel_matmul(torch::Tensor x, torch::Tensor w, int64_t N, int64_t 
         at::parallel_for(start / GP, (end + GP - 1) / GP, 1, [&](int64_t p0, int64_t p1) {
             int32_t* pw = static_cast<int32_t*>(std::aligned_alloc(64, sizeof(int32_t) * (K / 2) * GP));
             std::vector<float> ps(nb * GP);
-            const int64_t lines = nb * P8_BLOCK / 64;
+            const int64_t lines = nb * P6_PART / 64;
             for (int64_t p = p0; p < p1; ++p) {
-                const uint8_t* panel = wb + p * nb * P8_BLOCK;
-                panel_scales(panel, nb, ps.data());
+                const PanelAt panel = panel_at(wb, panels, nb, p);
+                panel_scales(panel.hi + nb * P6_HI, nb, ps.data());
                 widen_panel(panel, nb, pw);
+                // the next panel: its six-bit part a share per tile, its two-bit part at once
+                const PanelAt next = panel_at(wb, panels, nb, std::min(p + 1, panels - 1));
+                if (p + 1 < p1) prefetch_row(next.lo, nb * P6_LO);
                 const int64_t np = std::min<int64_t>(end - p * GP, GP), share = p + 1 < p1 ? lines : 0;
                 const int64_t lo = std::max<int64_t>(start - p * GP, 0);
                 // a panel that starts before `start`: its tiles into a buffer, the columns wanted copied
                 std::vector<float> part(lo > 0 ? M * GP : 0);
                 float* yp = lo > 0 ? part.data() : yb + (p * GP - start);
                 const int64_t ldy = lo > 0 ? GP : cols;
-                panel_tiles<G_Q8_0>(xq, M, K, pw, ps.data(), nullptr, yp, ldy, np, panel + nb * P8_BLOCK, share);
+                panel_tiles<G_Q8_0>(xq, M, K, pw, ps.data(), nullptr, yp, ldy, np, next.hi, share);
                 for (int64_t m = 0; lo > 0 && m < M; ++m)
                     std::copy(part.data() + m * GP + lo, part.data() + m * GP + np, yb + m * cols);
             }
@@ -2705,13 +2847,14 @@ torch::Tensor panel_matmul(torch::Tensor x, torch::Tensor w, int64_t N, int64_t 
         for (int64_t p = p0; p < p1; ++p) {
             const int64_t lo = std::max<int64_t>(start - p * GP, 0), hi = std::min<int64_t>(end - p * GP, GP);
             const uint32_t lanes = uint32_t((uint64_t(1) << hi) - 1) & ~uint32_t((uint64_t(1) << lo) - 1);
-            const uint8_t* panel = wb + p * nb * P8_BLOCK;
-            panel_scales(panel, nb, ps.data());
+            const PanelAt panel = panel_at(wb, panels, nb, p);
+            panel_scales(panel.hi + nb * P6_HI, nb, ps.data());
             // column p GP of row 0; lanes before `start` are masked off and never touched
             float* yp = yb + (p * GP - start);
             // the next panel is requested during this one's first tile: without it the panels
             // stream from memory at a third of the rate (Gemma's 262k rows, 8 rows: 13.6 -> 5.3 ms)
-            const uint8_t* next = p + 1 < p1 ? panel + nb * P8_BLOCK : nullptr;
+            const PanelAt after = panel_at(wb, panels, nb, std::min(p + 1, panels - 1));
+            const PanelAt* next = p + 1 < p1 ? &after : nullptr;
             by_tiles(M, [&](auto R, int64_t m) {
                 p8_tile<decltype(R)::value>(xq, m, K, panel, ps.data(), yp + m * cols, cols, __mmask16(lanes), __mmask16(lanes >> 16),
                                             m == 0 ? next : nullptr);
@@ -2733,10 +2876,13 @@ torch::Tensor panel_rows(torch::Tensor w, torch::Tensor ids, int64_t N, int64_t 
     auto y = torch::empty({n, K}, torch::dtype(torch::kFloat32));
     const uint8_t* wb = w.data_ptr<uint8_t>();
     float* yb = y.data_ptr<float>();
+    const int64_t panels = w.size(0);
     at::parallel_for(0, n, 16, [&](int64_t a, int64_t b) {
+        uint8_t* panel = panel_scratch(nb);
+        int64_t held = -1;   // the panel decoded into it
         for (int64_t i = a; i < b; ++i) {
             const int64_t c = id[i] % GP;
-            const uint8_t* panel = wb + id[i] / GP * nb * P8_BLOCK;
+            if (id[i] / GP != held) decode_panel(panel_at(wb, panels, nb, held = id[i] / GP), nb, panel);
             float* out = yb + i * K;
             for (int64_t j = 0; j < nb; ++j) {
                 const float d = f16(panel + nb * P8_QUADS + (j * GP + c) * 2);
@@ -2753,25 +2899,99 @@ torch::Tensor panel_rows(torch::Tensor w, torch::Tensor ids, int64_t N, int64_t 
 // Column c of a panel for row m of x: the value gemm_tile and p8_tile give it, to the bit. Per
 // block the exact integer sum of w q, then their float steps in their order: the block's fp16
 // scale times the row's activation scale, multiplied and added into the running sum.
-float panel_column(const uint8_t* panel, int64_t nb, int c, const XQ16& x, int64_t m, int64_t K) {
-    const __m512i flip = _mm512_set1_epi8(char(0x80));
+float panel_column(const PanelAt& v, int64_t nb, int c, const XQ16& x, int64_t m, int64_t K) {
+    const int h = c / 16, l = c % 16;
     float acc = 0.f;
     for (int64_t b = 0; b < nb; ++b) {
-        // the block's eight quads of column c lie GP * 4 bytes apart
-        const __m256i quads = _mm256_i32gather_epi32(reinterpret_cast<const int*>(panel + b * P8_QUADS + 4 * c),
-                                                      _mm256_setr_epi32(0, GP, 2 * GP, 3 * GP, 4 * GP, 5 * GP, 6 * GP, 7 * GP), 4);
-        const __m512i w = _mm512_cvtepi8_epi16(_mm256_xor_si256(quads, _mm512_castsi512_si256(flip)));
+        // the column's four bytes of each stored vector (lane l), its quads put back as in
+        // decode_block with 32-bit words for vectors; then the values as signed bytes
+        alignas(32) uint32_t quads[8];
+        for (int t = 0; t < 2; ++t) {
+            uint32_t p[3], lo;
+            for (int j = 0; j < 3; ++j) std::memcpy(&p[j], v.hi + b * P6_HI + (2 * t + h) * 192 + 64 * j + 4 * l, 4);
+            std::memcpy(&lo, v.lo + b * P6_LO + (2 * t + h) * 64 + 4 * l, 4);
+            const uint32_t m3 = 0x03030303u, top = ~m3;
+            for (int j = 0; j < 3; ++j) quads[4 * t + j] = (p[j] & top) | ((lo >> (2 * j)) & m3);
+            quads[4 * t + 3] = ((p[0] & m3) << 2) | ((p[1] & m3) << 4) | ((p[2] & m3) << 6) | ((lo >> 6) & m3);
+        }
+        const __m256i flip = _mm256_set1_epi8(char(0x80));
+        const __m512i w = _mm512_cvtepi8_epi16(_mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(quads)), flip));
         const __m512i q = _mm512_loadu_si512(x.q.data() + m * K + 32 * b);
         const int32_t sum = _mm512_reduce_add_epi32(_mm512_madd_epi16(w, q));
-        const float s = f16(panel + nb * P8_QUADS + (b * GP + c) * 2);
+        const float s = f16(v.hi + nb * P6_HI + (b * GP + c) * 2);
         acc = std::fma(float(sum), s * x.d[m * nb + b], acc);
     }
     return acc;
 }
 
+// R rows of x8 against the six-bit part of one stored panel (columns n0 ..): y6, the row's
+// logits with every weight byte u taken as (u & ~3) + 1.5 (the middle of what its two low bits
+// allow), and its bound, into the rows' states. Twice the weight, 8 (u >> 2) - 253, is an
+// integer: vpdpbusd sums 4 (u >> 2) (unpack6) against the codes, the sum shifted up by 1 is
+// added to c6 (the float offset's bits less 253 times the block's sum of codes, see
+// screen_tile), and the row's scale D is halved. The bound adds |R[n]| |x8| to the screen's
+// |W[n]| delta:
+//     |y6 - y16| <= |x8 (W6 - W)[n]| + |y8' - y16|  <=  |R[n]| |x8| + |W[n]| delta
+// (y8' as screen_tile's y8; the float rounding of y6 against |W6[n]| <= |W[n]| + |R[n]| is
+// below the 2^-10 that n8 carries).
+template <int R>
+inline void screen_tile6(const XQ8S& x, const int32_t* c6, int64_t m0, int64_t K, const uint8_t* hi,
+                         const c10::Half* ps, const float* norms, Screen* st, int64_t n0, int64_t np,
+                         const uint8_t* next, int64_t next_bytes) {
+    const int64_t nb = K / 32;
+    const int8_t* xq = x.q.data() + m0 * K;
+    const int64_t lines = next_bytes / 64, per_block = (lines + nb - 1) / nb;
+    // the float sums live in memory between blocks: 2 R integer sums, 8 unpacked vectors and
+    // 2 R float sums (7 rows: 36) do not fit in the 32 registers
+    alignas(64) float accm[R][2][16] = {};
+    for (int64_t b = 0; b < nb; ++b) {
+        prefetch_part(next, lines, per_block, b);
+        __m512i ai[R][2];
+        for (int r = 0; r < R; ++r) ai[r][0] = ai[r][1] = _mm512_setzero_si512();
+        for (int t = 0; t < 2; ++t) {
+            __m512i v0[4], v1[4];
+            unpack6(hi + b * P6_HI + (2 * t) * 192, v0);
+            unpack6(hi + b * P6_HI + (2 * t + 1) * 192, v1);
+            for (int i = 0; i < 4; ++i)
+                for (int r = 0; r < R; ++r) {
+                    int32_t quad;
+                    std::memcpy(&quad, xq + r * K + b * 32 + 4 * (4 * t + i), 4);
+                    const __m512i a = _mm512_set1_epi32(quad);
+                    ai[r][0] = _mm512_dpbusd_epi32(ai[r][0], v0[i], a);
+                    ai[r][1] = _mm512_dpbusd_epi32(ai[r][1], v1[i], a);
+                }
+        }
+        const __m512 s0 = scales16(ps + b * GP), s1 = scales16(ps + b * GP + 16);
+        for (int r = 0; r < R; ++r) {
+            const __m512i c = _mm512_set1_epi32(c6[(m0 + r) * nb + b]);
+            const __m512 mf = _mm512_set1_ps(x.mf[(m0 + r) * nb + b]);
+            const __m512 f0 = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(ai[r][0], 1), c));
+            const __m512 f1 = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(ai[r][1], 1), c));
+            _mm512_store_ps(accm[r][0], _mm512_fmadd_ps(_mm512_sub_ps(f0, mf), s0, _mm512_load_ps(accm[r][0])));
+            _mm512_store_ps(accm[r][1], _mm512_fmadd_ps(_mm512_sub_ps(f1, mf), s1, _mm512_load_ps(accm[r][1])));
+        }
+    }
+    const __m512 w0 = _mm512_loadu_ps(norms), w1 = _mm512_loadu_ps(norms + 16);
+    const __m512 r0 = _mm512_loadu_ps(norms + GP), r1 = _mm512_loadu_ps(norms + GP + 16);
+    const __mmask16 k0 = cols16(np, 0), k1 = cols16(np, 16);
+    for (int r = 0; r < R; ++r) {
+        const __m512 D = _mm512_set1_ps(0.5f * x.row[m0 + r]);
+        const __m512 dr = _mm512_set1_ps(x.delta[m0 + r]), e = _mm512_set1_ps(x.n8[m0 + r]);
+        screen_cols(st[m0 + r], _mm512_mul_ps(_mm512_load_ps(accm[r][0]), D), _mm512_fmadd_ps(r0, e, _mm512_mul_ps(w0, dr)),
+                    _mm512_mul_ps(_mm512_load_ps(accm[r][1]), D), _mm512_fmadd_ps(r1, e, _mm512_mul_ps(w1, dr)), k0, k1, n0);
+    }
+}
+
+// Below this many rows the panels' screen reads their six-bit part only (screen_tile6): a decode
+// step's output matrix is memory-bound there, and it leaves tens to ~1600 candidates a row (Gemma
+// 3), each computed alone. From here the rows' products, not the bytes, bound the screen, and the
+// eight-bit screen on decoded panels (2.4 candidates a row) is the faster.
+constexpr int64_t SCREEN6_MAX_ROWS = 4;
+
 // greedy_rows for W in panels: argmax over the first N columns of panel_matmul(x, W) per row,
 // -1 where a row has a non-finite value (or a block below 2^-60, or 2^-60 below the row's
-// largest). The screen reads the panels as they are, and the columns' norms pack_panels gave.
+// largest). The screen reads the panels' six-bit part only (screen_tile6), and the norms
+// pack_panels gave; each candidate is then computed from its decoded panel.
 torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms, int64_t rows, int64_t N, int64_t K) {
     check_panels(w, rows, K);
     check_norms(norms, w);
@@ -2779,7 +2999,7 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
                 "panel_greedy: x must be float32 [M > 0, K]");
     TORCH_CHECK(0 < N && N <= rows, "panel_greedy: N=", N, " columns out of 1..", rows);
     x = x.contiguous();
-    const int64_t M = x.size(0), nb = K / 32, panels = (N + GP - 1) / GP;
+    const int64_t M = x.size(0), nb = K / 32, panels = (N + GP - 1) / GP, stored = w.size(0);
     auto out = torch::full({M}, int64_t(-1), torch::dtype(torch::kInt64));
     int64_t* o = out.data_ptr<int64_t>();
     const uint8_t* wb = w.data_ptr<uint8_t>();
@@ -2792,23 +3012,49 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
     else quantize_x2(x.data_ptr<float>(), M, K, x2);
     XQ8S x8;
     quantize_x8s(x.data_ptr<float>(), M, K, i16 ? x16 : x2.x16, x8);
+    // c6: the offset's bits less 253 times each block's sum of codes (c32 holds bits - 128 sum)
+    std::vector<int32_t> c6(M * nb);
+    for (int64_t i = 0; i < M * nb; ++i) {
+        int32_t bits;
+        std::memcpy(&bits, &x8.mf[i], 4);
+        const int32_t sum = (bits - x8.c32[i]) / 128;
+        c6[i] = bits - 253 * sum;
+    }
     std::vector<std::vector<Screen>> st(at::get_num_threads(), std::vector<Screen>(M));
-    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    if (M >= SCREEN6_MAX_ROWS) {
+        // many rows: the eight-bit screen (screen_tile) on each panel decoded, few candidates
+        at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+            Screen* mine = st[at::get_thread_num()].data();
+            uint8_t* panel = panel_scratch(nb);
+            for (int64_t p = p0; p < p1; ++p) {
+                const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
+                decode_panel(panel_at(wb, stored, nb, p), nb, panel);
+                const PanelAt next = panel_at(wb, stored, nb, std::min(p + 1, stored - 1));
+                if (p + 1 < p1) prefetch_row(next.lo, nb * P6_LO);
+                const int64_t lines = p + 1 < p1 ? nb * P6_PART / 64 : 0;
+                by_tiles67<7>(M, [&](auto R, int64_t m) {
+                    const auto [l0, l1] = tile_lines(m, decltype(R)::value, M, lines);
+                    screen_tile<G_Q8_0, decltype(R)::value>(x8, m, K, reinterpret_cast<const int32_t*>(panel),
+                                                            reinterpret_cast<const c10::Half*>(panel + nb * P8_QUADS),
+                                                            nw + p * 2 * GP, mine, n0, np, next.hi + 64 * l0, 64 * (l1 - l0));
+                });
+            }
+        });
+    } else at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
         Screen* mine = st[at::get_thread_num()].data();
         for (int64_t p = p0; p < p1; ++p) {
-            const uint8_t* panel = wb + p * nb * P8_BLOCK;
-            const c10::Half* ps = reinterpret_cast<const c10::Half*>(panel + nb * P8_QUADS);   // read by the tiles
+            const uint8_t* hi = panel_at(wb, stored, nb, p).hi;
+            const c10::Half* ps = reinterpret_cast<const c10::Half*>(hi + nb * P6_HI);   // read by the tiles
             const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
-            const int32_t* pw = reinterpret_cast<const int32_t*>(panel);
             // the next panel is requested a share per tile: all of it in the first tile stalled on
             // full miss buffers (32 rows: 11.7 -> 11.5 ms); its scales, read first, at once
-            const uint8_t* next = panel + nb * P8_BLOCK;
-            if (p + 1 < p1) prefetch_row(next + nb * P8_QUADS, nb * P8_SCALES);
-            const int64_t lines = p + 1 < p1 ? nb * P8_QUADS / 64 : 0;
+            const uint8_t* next = hi + nb * P6_PART;
+            if (p + 1 < p1) prefetch_row(next + nb * P6_HI, nb * P8_SCALES);
+            const int64_t lines = p + 1 < p1 ? nb * P6_HI / 64 : 0;
             by_tiles67<7>(M, [&](auto R, int64_t m) {
                 const auto [l0, l1] = tile_lines(m, decltype(R)::value, M, lines);
-                screen_tile<G_Q8_0, decltype(R)::value>(x8, m, K, pw, ps, nw + p * GP, mine, n0, np,
-                                                        next + 64 * l0, 64 * (l1 - l0));
+                screen_tile6<decltype(R)::value>(x8, c6.data(), m, K, hi, ps, nw + p * 2 * GP, mine, n0, np,
+                                                 next + 64 * l0, 64 * (l1 - l0));
             });
         }
     });
@@ -2823,7 +3069,7 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
             int64_t arg = -1;
             bool nan = false;
             for (int32_t col : cols) {
-                const float v = panel_column(wb + col / GP * nb * P8_BLOCK, nb, col % GP, xq, m, K);
+                const float v = panel_column(panel_at(wb, stored, nb, col / GP), nb, col % GP, xq, m, K);
                 if (std::isnan(v)) nan = true;
                 if (v > best || arg < 0) { best = v; arg = col; }
             }
@@ -4630,6 +4876,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("greedy_rows", &greedy_rows, "argmax of each row of the int16 GEMM x W^T, screened in int8 (-1: undecided)", release());
     m.attr("PANEL_ROWS") = GP;
     m.attr("PANEL_BLOCK_BYTES") = P8_BLOCK;
+    m.attr("PANEL_NORMS") = 2 * GP;   // per panel: its columns' |W[n]|, then their |R[n]| (pack_panels)
     m.def("pack_panels", &pack_panels, "Q8_0 rows into panels p0..p1 of out, their columns' norms into norms", release());
     m.def("panel_matmul", &panel_matmul, "columns start..end of x W^T for W in panels", py::arg("x"), py::arg("w"),
           py::arg("N"), py::arg("K"), py::arg("start"), py::arg("end"), py::arg("out") = py::none(), release());
