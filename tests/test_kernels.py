@@ -952,7 +952,7 @@ def screen_rounding(x, qmax16):
     return (x8 - x16).reshape(x.shape[0], -1)
 
 
-@pytest.mark.parametrize("m", [3, 16])
+@pytest.mark.parametrize("m", [4, 16])
 @pytest.mark.parametrize("panels", [True, False], ids=["panels", "blocks"])
 def test_greedy_screen_bound_holds_where_it_is_tight(m, panels):
     """Columns built against the screen's own rounding: for row r, Q_r points along x8 - x16 (its
@@ -989,6 +989,40 @@ def test_greedy_screen_bound_holds_where_it_is_tight(m, panels):
         got = ops.greedy_rows(x, q, int(Q.Q8_0), k)
     assert logits.argmax(-1).tolist() == [2 * r for r in range(m)]   # the construction holds
     assert got.tolist() == [2 * r for r in range(m)]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_six_bit_screen_bound_holds_where_it_is_tight(m):
+    """One to three rows screen the panels' six-bit part: each weight byte u taken as
+    (u & ~3) + 1.5, with |R[n]| |x8| added to the bound. Columns built against it, on rows of
+    +-1 (int8 and int16 codes exact): Q's two low bits are 3 where x > 0 and 0 where x < 0, so
+    its residual is parallel to x and its screened logit is too low by the whole |R| |x|; P's are
+    the opposite (too high by as much) and its six-bit codes add 456 of 640 signs, so P's
+    screened value passes Q's by 4 * 456 against a bound of 2 * 1.5 * 640 while Q's exact
+    logit still wins. A bound below 0.95 of |R| |x8| loses Q."""
+    if ops.isa != "avx512":
+        return
+    rng = np.random.default_rng()
+    k, n, nb = 640, 100, 20
+    sign = rng.choice([-1, 1], k)
+    x = torch.from_numpy(np.tile(sign.astype(np.float32), (m, 1)))
+    codes = rng.integers(-3, 4, (n, k))                        # filler columns, far below
+    hq = 32 + 8 * sign                                         # Q's six-bit codes: u >> 2
+    lq = np.where(sign > 0, 3, 0)
+    delta = np.zeros(k, dtype=np.int64)
+    picked = rng.choice(k, 456, replace=False)
+    delta[picked] = sign[picked]
+    qi, pi = 61, 12                                            # P first: a tie would go to P
+    codes[qi] = 4 * hq + lq - 128
+    codes[pi] = 4 * (hq + delta) + (3 - lq) - 128
+    scale = np.full((n, nb, 1), np.float16(2 ** -7)).view(np.uint8)
+    blocks = np.concatenate([scale, codes.astype(np.int8).reshape(n, nb, 32).view(np.uint8)], axis=2)
+    q = torch.from_numpy(np.ascontiguousarray(blocks.reshape(n, -1)))
+    p, nrm = panels_of(q, k, norms=True)
+    logits = ops.panel_matmul(x, p, n, k, 0, n)
+    assert logits.argmax(-1).tolist() == [qi] * m               # the construction holds
+    assert (logits[:, qi] - logits[:, pi]).min() > 0.5
+    assert ops.panel_greedy(x, p, nrm, n, n, k).tolist() == [qi] * m
 
 
 def test_panel_greedy_leaves_what_it_cannot_decide():

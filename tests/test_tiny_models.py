@@ -90,6 +90,34 @@ def test_output_matrix_in_panels(tmp_path, tied):
     np.testing.assert_allclose(llm.logits(prompt), hf_logits(path, prompt), atol=2e-3, rtol=1e-3)
 
 
+def test_one_greedy_row_screens_the_panels(tmp_path):
+    """A single greedy sequence's decode steps (one row) take the panels' screen, not full
+    logits, and generate the tokens the full logits give; so do two and three sequences."""
+    from jisu.kernels import cpu
+    ops = cpu.load()
+    if ops is None or ops.isa != "avx512":
+        return
+    path = write_tiny_llama(tmp_path / "m.gguf", tied=True)
+    llm = LLM(str(path), progress=False)
+    rows = []
+    screen = llm.model.output.greedy
+
+    def counted(x, vocab):
+        rows.append(x.shape[0])
+        return screen(x, vocab)
+    llm.model.output.greedy = counted
+    for prompts in (PROMPTS[:1], PROMPTS[:2], PROMPTS[:3]):
+        rows.clear()
+        got = [o.token_ids for o in llm.generate(prompts, greedy(16))]
+        assert len(rows) >= 15 and set(rows) <= set(range(1, len(prompts) + 1)) and len(prompts) in rows
+        llm.model.greedy = lambda h, vocab: None                  # full logits, then argmax
+        try:
+            want = [o.token_ids for o in llm.generate(prompts, greedy(16))]
+        finally:
+            del llm.model.greedy
+        assert got == want
+
+
 def test_sliding_window_matters(tmp_path):
     """Keys beyond the window must not change a sliding layer's output: perturbing the first
     token changes late logits less in a windowed model than with the window off."""
