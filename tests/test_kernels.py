@@ -933,8 +933,12 @@ def test_panel_greedy_equals_the_panel_gemm_argmax(m):
         n = q.shape[0]
         p, nrm = panels_of(q, 640, norms=True)
         logits = ops.panel_matmul(x, p, n, 640, 0, n)
-        assert torch.equal(ops.panel_greedy(x, p, nrm, n, n, 640), logits.argmax(-1))
-        assert torch.equal(ops.panel_greedy(x, p, nrm, n, n - 45, 640), logits[:, :n - 45].argmax(-1))
+        # random rows are flat (hundreds of candidates): every candidate computed here
+        assert torch.equal(ops.panel_greedy(x, p, nrm, n, n, 640, n), logits.argmax(-1))
+        assert torch.equal(ops.panel_greedy(x, p, nrm, n, n - 45, 640, n), logits[:, :n - 45].argmax(-1))
+        # with the default cap (N / 64, at least 256) a row is that argmax or left to the caller
+        got = ops.panel_greedy(x, p, nrm, n, n, 640)
+        assert ((got == logits.argmax(-1)) | (got == -1)).all()
 
 
 def screen_rounding(x, qmax16):
@@ -1041,6 +1045,17 @@ def test_panel_greedy_leaves_what_it_cannot_decide():
     assert got[4] == 0
     with pytest.raises(RuntimeError, match="N=101 columns out of 1..100"):
         ops.panel_greedy(x, p, nrm, 100, 101, 512)
+    # a flat row: more candidates than the screen computes alone (N / 64) is left to the caller,
+    # on both screens
+    q, _ = random_weight(Q.Q8_0, n=8224, k=64)
+    p, nrm = panels_of(q, 64, norms=True)
+    rows = ops.panel_rows(p, torch.tensor([4000, 17, 8223, 555]), 8224, 64)
+    for m in (1, 5):
+        x = rows[:m].clone()                                       # peaked: each its own column wins
+        x[-1] = 0.0                                                # every logit 0: all tie
+        got = ops.panel_greedy(x, p, nrm, 8224, 8224, 64).tolist()
+        assert got[-1] == -1
+        assert got[:-1] == ops.panel_matmul(x[:-1], p, 8224, 64, 0, 8224).argmax(-1).tolist()
 
 
 @pytest.mark.parametrize("m", [1, 2, 5, 33])

@@ -2310,6 +2310,8 @@ void pack_panel8(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, in
 
 // One row's screening state on one thread: t, the largest lower bound y8 - B seen so far, and
 // the columns whose upper bound y8 + B reached the t of their time (a superset of the final set).
+// One row's screening state on one thread: t, the largest lower bound y8 - B seen so far, and
+// the columns whose upper bound y8 + B reached the t of their time (a superset of the final set).
 struct Screen {
     float t = -INFINITY;
     bool bad = false;
@@ -2350,7 +2352,12 @@ inline void screen_cols(Screen& st, __m512 y0, __m512 b0, __m512 y1, __m512 b1, 
 
 // Row m's candidates over the threads' screens, in column order; false where the row is left to
 // the caller (a non-finite value, or no finite threshold).
-bool survivors(const std::vector<std::vector<Screen>>& st, const XQ8S& x8, int64_t m, std::vector<int32_t>& cols) {
+// A row with more than `cap` candidates (a flat row: near-uniform logits, e.g. after a random
+// prompt) is left to the caller too: each candidate is computed alone, ~1 us (its bytes lie
+// scattered), so past N / 64 of them the screen costs more than full logits (a Gemma row with
+// ~100k candidates under the six-bit bound took 160 ms, full logits 10).
+bool survivors(const std::vector<std::vector<Screen>>& st, const XQ8S& x8, int64_t m, std::vector<int32_t>& cols,
+               int64_t cap = INT64_MAX) {
     float t = -INFINITY;
     bool bad = x8.bad[m];
     for (auto& s : st) { t = std::max(t, s[m].t); bad |= s[m].bad; }
@@ -2358,6 +2365,7 @@ bool survivors(const std::vector<std::vector<Screen>>& st, const XQ8S& x8, int64
     for (auto& s : st)
         for (const auto& c : s[m].cand)
             if (c.second >= t) cols.push_back(c.first);
+    if (int64_t(cols.size()) > cap) return false;
     std::sort(cols.begin(), cols.end());
     return true;
 }
@@ -2990,9 +2998,10 @@ constexpr int64_t SCREEN6_MAX_ROWS = 4;
 
 // greedy_rows for W in panels: argmax over the first N columns of panel_matmul(x, W) per row,
 // -1 where a row has a non-finite value (or a block below 2^-60, or 2^-60 below the row's
-// largest). The screen reads the panels' six-bit part only (screen_tile6), and the norms
+// largest), or more than cap candidates (cap < 0: N / 64, at least 256; see survivors). The screen reads the panels' six-bit part only (screen_tile6), and the norms
 // pack_panels gave; each candidate is then computed from its decoded panel.
-torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms, int64_t rows, int64_t N, int64_t K) {
+torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms, int64_t rows, int64_t N, int64_t K,
+                           int64_t cap) {
     check_panels(w, rows, K);
     check_norms(norms, w);
     TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == K && x.size(0) > 0,
@@ -3064,7 +3073,7 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
     at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
         for (int64_t m = m0; m < m1; ++m) {
             std::vector<int32_t> cols;
-            if (!survivors(st, x8, m, cols)) continue;
+            if (!survivors(st, x8, m, cols, cap < 0 ? std::max<int64_t>(256, N / 64) : cap)) continue;
             float best = -INFINITY;
             int64_t arg = -1;
             bool nan = false;
@@ -4881,7 +4890,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("panel_matmul", &panel_matmul, "columns start..end of x W^T for W in panels", py::arg("x"), py::arg("w"),
           py::arg("N"), py::arg("K"), py::arg("start"), py::arg("end"), py::arg("out") = py::none(), release());
     m.def("panel_rows", &panel_rows, "rows of W in panels, dequantized", release());
-    m.def("panel_greedy", &panel_greedy, "argmax of each row of panel_matmul over the first N columns (-1: undecided)", release());
+    m.def("panel_greedy", &panel_greedy, "argmax of each row of panel_matmul over the first N columns (-1: undecided; "
+          "also a row with more than cap candidates, -1: N / 64)", py::arg("x"), py::arg("w"), py::arg("norms"), py::arg("rows"),
+          py::arg("N"), py::arg("K"), py::arg("cap") = -1, release());
 #endif
     m.def("argmax", &argmax, "index of the first maximum (-1: NaN)", release());
     m.def("argmax_rows", &argmax_rows, "argmax of the given rows, in parallel (-1: NaN)", release());
