@@ -2517,7 +2517,7 @@ constexpr int64_t P8_QUADS = 8 * GP * 4, P8_SCALES = GP * 2, P8_BLOCK = P8_QUADS
 // part of the tensor that holds every panel's six-bit codes and scales, its two low bits u & 3
 // into another. The greedy screen reads only the first (832 of 1088 bytes a block; a decode
 // step's head is memory-bound, Gemma's 45% of it), the rest decode a panel back to quads
-// first (decode_panel). The tensor [panels, K / 32 * P8_BLOCK] holds, for P panels:
+// first (unsplit_panel). The tensor [panels, K / 32 * P8_BLOCK] holds, for P panels:
 //     P x nb x (768 six-bit bytes + 64 scale bytes), then P x nb x 256 two-bit bytes
 // A block's 768: for t = 0, 1 and half h = 0, 1 (columns 16 h ..), quads 4 t .. 4 t + 3 of those
 // 16 columns as three vectors (pack6); its 256: the same four quads' low bits as one vector.
@@ -2537,7 +2537,7 @@ inline __m512i select_bits(__m512i c, __m512i a, __m512i b) { return _mm512_tern
 // Four vectors of bytes u0 .. u3 as three in place, p_j = (u_j & ~3) | two bits of u3's top six
 // (bits 2 j + 2, 2 j + 3), and one of their low bits, lo = sum_j (u_j & 3) << 2 j. The screen
 // takes p_j & ~3 = 4 (u_j >> 2) as they lie and u3's top six from the three (top6); a decode puts
-// the low bits back (decode_block). The epi16 shifts move bits across a byte boundary only where
+// the low bits back (unsplit_block). The epi16 shifts move bits across a byte boundary only where
 // the selects then drop them.
 inline void pack6(const __m512i (&u)[4], uint8_t* hi, uint8_t* lo) {
     const __m512i m3 = _mm512_set1_epi8(3);
@@ -2567,7 +2567,7 @@ inline void unpack6(const uint8_t* s, __m512i (&v)[4]) {
 }
 
 // block b of a stored panel back to its 1024 bytes of quads (pack_panel8's pw layout) at out
-inline void decode_block(const PanelAt& v, int64_t b, uint8_t* out) {
+inline void unsplit_block(const PanelAt& v, int64_t b, uint8_t* out) {
     const __m512i m3 = _mm512_set1_epi8(3);
     for (int t = 0; t < 2; ++t)
         for (int h = 0; h < 2; ++h) {
@@ -2584,8 +2584,8 @@ inline void decode_block(const PanelAt& v, int64_t b, uint8_t* out) {
 
 // a stored panel back to the P8 layout (nb x 1024 bytes of quads, then the scales) at out
 // (64-byte aligned, nb P8_BLOCK bytes)
-inline void decode_panel(const PanelAt& v, int64_t nb, uint8_t* out) {
-    for (int64_t b = 0; b < nb; ++b) decode_block(v, b, out + b * P8_QUADS);
+inline void unsplit_panel(const PanelAt& v, int64_t nb, uint8_t* out) {
+    for (int64_t b = 0; b < nb; ++b) unsplit_block(v, b, out + b * P8_QUADS);
     std::memcpy(out + nb * P8_QUADS, v.hi + nb * P6_HI, nb * P8_SCALES);
 }
 
@@ -2678,7 +2678,7 @@ inline void p8_tile(const XQ2& x, int64_t m0, int64_t K, const PanelAt& panel, c
     alignas(64) uint8_t quads[P8_QUADS];
     const int32_t* wp = reinterpret_cast<const int32_t*>(quads);
     for (int64_t b = 0; b < nb; ++b) {
-        decode_block(panel, b, quads);   // streamed a block at a time, with the next panel's block requested
+        unsplit_block(panel, b, quads);   // streamed a block at a time, with the next panel's block requested
         if (next) prefetch_block(*next, nb, b);
         __m512i ai[R][2];
         for (int r = 0; r < R; ++r) ai[r][0] = ai[r][1] = _mm512_set1_epi32(x.ch[(m0 + r) * nb + b]);
@@ -2708,7 +2708,7 @@ inline void widen_panel(const PanelAt& v, int64_t nb, int32_t* pw) {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     for (int64_t b = 0; b < nb; ++b) {
-        decode_block(v, b, panel);
+        unsplit_block(v, b, panel);
         for (int g = 0; g < 8; ++g) {
             for (int h = 0; h < 2; ++h) {
                 const __m512i q = _mm512_xor_si512(_mm512_load_si512(panel + (g * GP + 16 * h) * 4), flip);
@@ -2890,7 +2890,7 @@ torch::Tensor panel_rows(torch::Tensor w, torch::Tensor ids, int64_t N, int64_t 
         int64_t held = -1;   // the panel decoded into it
         for (int64_t i = a; i < b; ++i) {
             const int64_t c = id[i] % GP;
-            if (id[i] / GP != held) decode_panel(panel_at(wb, panels, nb, held = id[i] / GP), nb, panel);
+            if (id[i] / GP != held) unsplit_panel(panel_at(wb, panels, nb, held = id[i] / GP), nb, panel);
             float* out = yb + i * K;
             for (int64_t j = 0; j < nb; ++j) {
                 const float d = f16(panel + nb * P8_QUADS + (j * GP + c) * 2);
@@ -2912,7 +2912,7 @@ float panel_column(const PanelAt& v, int64_t nb, int c, const XQ16& x, int64_t m
     float acc = 0.f;
     for (int64_t b = 0; b < nb; ++b) {
         // the column's four bytes of each stored vector (lane l), its quads put back as in
-        // decode_block with 32-bit words for vectors; then the values as signed bytes
+        // unsplit_block with 32-bit words for vectors; then the values as signed bytes
         alignas(32) uint32_t quads[8];
         for (int t = 0; t < 2; ++t) {
             uint32_t p[3], lo;
@@ -2998,8 +2998,10 @@ constexpr int64_t SCREEN6_MAX_ROWS = 4;
 
 // greedy_rows for W in panels: argmax over the first N columns of panel_matmul(x, W) per row,
 // -1 where a row has a non-finite value (or a block below 2^-60, or 2^-60 below the row's
-// largest), or more than cap candidates (cap < 0: N / 64, at least 256; see survivors). The screen reads the panels' six-bit part only (screen_tile6), and the norms
-// pack_panels gave; each candidate is then computed from its decoded panel.
+// largest), or more than cap candidates (cap < 0: N / 64, at least 256; see survivors). One
+// to three rows screen the panels' six-bit part only (screen_tile6), more the eight-bit values
+// of each panel unsplit (screen_tile), both with the norms pack_panels gave; each candidate is
+// then computed from its column's bytes (panel_column).
 torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms, int64_t rows, int64_t N, int64_t K,
                            int64_t cap) {
     check_panels(w, rows, K);
@@ -3037,7 +3039,7 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
             uint8_t* panel = panel_scratch(nb);
             for (int64_t p = p0; p < p1; ++p) {
                 const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
-                decode_panel(panel_at(wb, stored, nb, p), nb, panel);
+                unsplit_panel(panel_at(wb, stored, nb, p), nb, panel);
                 const PanelAt next = panel_at(wb, stored, nb, std::min(p + 1, stored - 1));
                 if (p + 1 < p1) prefetch_row(next.lo, nb * P6_LO);
                 const int64_t lines = p + 1 < p1 ? nb * P6_PART / 64 : 0;
