@@ -58,7 +58,8 @@ def test_one_row_steps_match_transformers(ours_and_reference):
     from jisu import LLM
     name, llm, ids, ref, _ = ours_and_reference
     one = LLM(llm.path, max_num_batched_tokens=1, enable_prefix_caching=False, progress=False)
-    assert one.model.output.act_digits == 2
+    # the int16 activations where the kernels are on (JISU_KERNELS=torch: dense float32 there)
+    assert getattr(one.model.output, "act_digits", 0) == (2 if hasattr(one.model.output, "ops") else 0)
     n = 200
     ours = torch.from_numpy(one.logits(ids[:n]))
     ref_lp, our_lp = ref[:n].log_softmax(-1), ours.log_softmax(-1)

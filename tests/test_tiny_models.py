@@ -83,7 +83,8 @@ def test_output_matrix_in_panels(tmp_path, tied):
     ops = cpu.load()
     assert isinstance(llm.model.output, PanelLinear) == (ops is not None and ops.isa == "avx512")
     assert not isinstance(exact.model.output, PanelLinear)
-    assert (llm.model.token_embd.table is llm.model.output) == tied
+    if ops is not None:              # the kernels' embedding reads the output matrix where tied
+        assert (llm.model.token_embd.table is llm.model.output) == tied
     ids = torch.arange(llm.config.vocab_size)
     assert torch.equal(llm.model.token_embd(ids), exact.model.token_embd(ids))
     prompt = [5, 6, 7, 8, 9]
