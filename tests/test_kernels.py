@@ -919,6 +919,24 @@ def test_panel_matmul_equals_dequant_then_matmul(m):
         ops.panel_matmul(x, p, 1000, 640, 0, 1000, torch.empty(m, 999))
 
 
+@pytest.mark.parametrize("k", [32, 96])
+@pytest.mark.parametrize("n", [1, 33])
+def test_panels_of_any_block_count(k, n):
+    """Split panels of one or three blocks and one or two panels: rows, logits and the screens'
+    argmax (one to three rows the six-bit screen, more the eight-bit) as the file's blocks give."""
+    if ops.isa != "avx512":
+        return
+    q, _ = random_weight(Q.Q8_0, n=n, k=k)
+    p, nrm = panels_of(q, k, norms=True)
+    want = ops.dequantize(q, int(Q.Q8_0), k)
+    assert torch.equal(ops.panel_rows(p, torch.arange(n), n, k), want)
+    for m in (1, 2, 3, 5, 17):
+        x = torch.randn(m, k)
+        y = ops.panel_matmul(x, p, n, k, 0, n)
+        torch.testing.assert_close(y.double(), x.double() @ want.double().t(), rtol=1e-4, atol=1e-3)
+        assert torch.equal(ops.panel_greedy(x, p, nrm, n, n, k, n), y.argmax(-1))
+
+
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 16, 33])
 def test_panel_greedy_equals_the_panel_gemm_argmax(m):
     """The screen on panels: the argmax of panel_matmul's own logits, ties to the first column,
