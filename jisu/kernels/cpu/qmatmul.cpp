@@ -2370,6 +2370,25 @@ bool survivors(const std::vector<std::vector<Screen>>& st, const XQ8S& x8, int64
     return true;
 }
 
+// survivors for the six-bit screen: row m's columns whose stored upper bound (up [N]) reaches
+// the final threshold, in column order
+bool stored_survivors(const std::vector<std::vector<Screen>>& st, const XQ8S& x8, int64_t m, const float* up, int64_t N,
+                      std::vector<int32_t>& cols, int64_t cap) {
+    float t = -INFINITY;
+    bool bad = x8.bad[m];
+    for (auto& s : st) { t = std::max(t, s[m].t); bad |= s[m].bad; }
+    if (bad || !std::isfinite(t)) return false;
+    const __m512 tv = _mm512_set1_ps(t);
+    for (int64_t n = 0; n < N; n += 16) {
+        const __mmask16 valid = N - n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - n)) - 1);
+        for (__mmask16 k = _mm512_mask_cmp_ps_mask(valid, _mm512_loadu_ps(up + n), tv, _CMP_GE_OQ); k; k &= k - 1) {
+            cols.push_back(int32_t(n + __builtin_ctz(k)));
+            if (int64_t(cols.size()) > cap) return false;
+        }
+    }
+    return true;
+}
+
 // R rows of x8 against one packed panel (columns n0 ..): y8 and its bound, into the rows' states.
 // 16 scales at p: floats, or the panels' fp16 (converted as they are read)
 inline __m512 scales16(const float* p) { return _mm512_loadu_ps(p); }
@@ -2942,10 +2961,12 @@ float panel_column(const PanelAt& v, int64_t nb, int c, const XQ16& x, int64_t m
 //     |y6 - y16| <= |x8 (W6 - W)[n]| + |y8' - y16|  <=  |R[n]| |x8| + |W[n]| delta
 // (y8' as screen_tile's y8; the float rounding of y6 against |W6[n]| <= |W[n]| + |R[n]| is
 // below the 2^-10 that n8 carries).
+inline void store_cols(Screen& st, float* up, __m512 y0, __m512 b0, __m512 y1, __m512 b1, __mmask16 k0, __mmask16 k1);
+
 template <int R>
 inline void screen_tile6(const XQ8S& x, const int32_t* c6, int64_t m0, int64_t K, const uint8_t* hi,
-                         const c10::Half* ps, const float* norms, Screen* st, int64_t n0, int64_t np,
-                         const uint8_t* next, int64_t next_bytes) {
+                         const c10::Half* ps, const float* norms, Screen* st, float* upper, int64_t ldu,
+                         int64_t n0, int64_t np, const uint8_t* next, int64_t next_bytes) {
     const int64_t nb = K / 32;
     const int8_t* xq = x.q.data() + m0 * K;
     const int64_t lines = next_bytes / 64, per_block = (lines + nb - 1) / nb;
@@ -2985,9 +3006,26 @@ inline void screen_tile6(const XQ8S& x, const int32_t* c6, int64_t m0, int64_t K
     for (int r = 0; r < R; ++r) {
         const __m512 D = _mm512_set1_ps(0.5f * x.row[m0 + r]);
         const __m512 dr = _mm512_set1_ps(x.delta[m0 + r]), e = _mm512_set1_ps(x.n8[m0 + r]);
-        screen_cols(st[m0 + r], _mm512_mul_ps(_mm512_load_ps(accm[r][0]), D), _mm512_fmadd_ps(r0, e, _mm512_mul_ps(w0, dr)),
-                    _mm512_mul_ps(_mm512_load_ps(accm[r][1]), D), _mm512_fmadd_ps(r1, e, _mm512_mul_ps(w1, dr)), k0, k1, n0);
+        store_cols(st[m0 + r], upper + (m0 + r) * ldu + n0, _mm512_mul_ps(_mm512_load_ps(accm[r][0]), D),
+                   _mm512_fmadd_ps(r0, e, _mm512_mul_ps(w0, dr)), _mm512_mul_ps(_mm512_load_ps(accm[r][1]), D),
+                   _mm512_fmadd_ps(r1, e, _mm512_mul_ps(w1, dr)), k0, k1);
     }
+}
+
+// screen_cols for the six-bit screen: every column's upper bound y + B is stored (up[0 .. 32),
+// -inf in lanes past the panel's columns) and the row's threshold kept, no candidate list: its
+// bound leaves many columns above a running threshold (one that has not yet met the row's
+// largest logit), and a list of them, pruned as it grew, cost a flat row 9.6 ms where the
+// stores cost nothing to speak of. The candidates are read off once the threshold is final.
+inline void store_cols(Screen& st, float* up, __m512 y0, __m512 b0, __m512 y1, __m512 b1, __mmask16 k0, __mmask16 k1) {
+    const __m512 hi0 = _mm512_add_ps(y0, b0), hi1 = _mm512_add_ps(y1, b1);
+    const __m512 lo0 = _mm512_sub_ps(y0, b0), lo1 = _mm512_sub_ps(y1, b1);
+    if (_mm512_mask_cmp_ps_mask(k0, hi0, lo0, _CMP_UNORD_Q) | _mm512_mask_cmp_ps_mask(k1, hi1, lo1, _CMP_UNORD_Q)) st.bad = true;
+    const __m512 none = _mm512_set1_ps(-INFINITY);
+    const float lmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_mask_mov_ps(none, k0, lo0), _mm512_mask_mov_ps(none, k1, lo1)));
+    if (lmax > st.t) st.t = lmax;
+    _mm512_storeu_ps(up, _mm512_mask_mov_ps(none, k0, hi0));
+    _mm512_storeu_ps(up + 16, _mm512_mask_mov_ps(none, k1, hi1));
 }
 
 // Below this many rows the panels' screen reads their six-bit part only (screen_tile6): a decode
@@ -3051,7 +3089,14 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
                 });
             }
         });
-    } else at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    }
+    // one to three rows: every column's upper bound, [M][panels GP] in the calling thread's buffer
+    // (1 MB a row of Gemma's)
+    static thread_local std::vector<float> upper_buf;
+    const int64_t ldu = panels * GP;
+    if (M < SCREEN6_MAX_ROWS && int64_t(upper_buf.size()) < M * ldu) upper_buf.resize(M * ldu);
+    float* upper = upper_buf.data();
+    if (M < SCREEN6_MAX_ROWS) at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
         Screen* mine = st[at::get_thread_num()].data();
         for (int64_t p = p0; p < p1; ++p) {
             const uint8_t* hi = panel_at(wb, stored, nb, p).hi;
@@ -3064,7 +3109,7 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
             const int64_t lines = p + 1 < p1 ? nb * P6_HI / 64 : 0;
             by_tiles67<7>(M, [&](auto R, int64_t m) {
                 const auto [l0, l1] = tile_lines(m, decltype(R)::value, M, lines);
-                screen_tile6<decltype(R)::value>(x8, c6.data(), m, K, hi, ps, nw + p * 2 * GP, mine, n0, np,
+                screen_tile6<decltype(R)::value>(x8, c6.data(), m, K, hi, ps, nw + p * 2 * GP, mine, upper, ldu, n0, np,
                                                  next + 64 * l0, 64 * (l1 - l0));
             });
         }
@@ -3075,7 +3120,9 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
     at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
         for (int64_t m = m0; m < m1; ++m) {
             std::vector<int32_t> cols;
-            if (!survivors(st, x8, m, cols, cap < 0 ? std::max<int64_t>(256, N / 64) : cap)) continue;
+            const int64_t most = cap < 0 ? std::max<int64_t>(256, N / 64) : cap;
+            if (M >= SCREEN6_MAX_ROWS ? !survivors(st, x8, m, cols, most) : !stored_survivors(st, x8, m, upper + m * ldu, N, cols, most))
+                continue;
             float best = -INFINITY;
             int64_t arg = -1;
             bool nan = false;
