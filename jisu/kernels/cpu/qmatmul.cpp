@@ -2327,15 +2327,24 @@ struct Screen {
 
 // Columns n .. n + 31 of one row (y8 and bound B, two vectors; lanes k0 / k1 hold columns): the
 // row's threshold, then the columns whose upper bound reaches it. One maximum over both vectors.
-inline void screen_cols(Screen& st, __m512 y0, __m512 b0, __m512 y1, __m512 b1, __mmask16 k0, __mmask16 k1, int64_t n) {
-    if (!(k0 | k1)) return;
-    const __m512 hi0 = _mm512_add_ps(y0, b0), hi1 = _mm512_add_ps(y1, b1);
+// The upper bounds y + B of 32 columns (hi0, hi1), with the row's threshold raised to their
+// largest lower bound y - B and the row marked bad at a NaN
+inline void bounds32(Screen& st, __m512 y0, __m512 b0, __m512 y1, __m512 b1, __mmask16 k0, __mmask16 k1,
+                     __m512& hi0, __m512& hi1) {
+    hi0 = _mm512_add_ps(y0, b0);
+    hi1 = _mm512_add_ps(y1, b1);
     const __m512 lo0 = _mm512_sub_ps(y0, b0), lo1 = _mm512_sub_ps(y1, b1);
     // NaN in y or B reaches both sums (and inf - inf is NaN too): the row is left to the caller
     if (_mm512_mask_cmp_ps_mask(k0, hi0, lo0, _CMP_UNORD_Q) | _mm512_mask_cmp_ps_mask(k1, hi1, lo1, _CMP_UNORD_Q)) st.bad = true;
     const __m512 none = _mm512_set1_ps(-INFINITY);
     const float lmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_mask_mov_ps(none, k0, lo0), _mm512_mask_mov_ps(none, k1, lo1)));
     if (lmax > st.t) st.t = lmax;
+}
+
+inline void screen_cols(Screen& st, __m512 y0, __m512 b0, __m512 y1, __m512 b1, __mmask16 k0, __mmask16 k1, int64_t n) {
+    if (!(k0 | k1)) return;
+    __m512 hi0, hi1;
+    bounds32(st, y0, b0, y1, b1, k0, k1, hi0, hi1);
     const __m512 t = _mm512_set1_ps(st.t);
     const __mmask16 keep[2] = {_mm512_mask_cmp_ps_mask(k0, hi0, t, _CMP_GE_OQ), _mm512_mask_cmp_ps_mask(k1, hi1, t, _CMP_GE_OQ)};
     if (!(keep[0] | keep[1])) return;
@@ -2350,18 +2359,24 @@ inline void screen_cols(Screen& st, __m512 y0, __m512 b0, __m512 y1, __m512 b1, 
     if (st.cand.size() >= st.limit) st.prune();
 }
 
-// Row m's candidates over the threads' screens, in column order; false where the row is left to
-// the caller (a non-finite value, or no finite threshold).
-// A row with more than `cap` candidates (a flat row: near-uniform logits, e.g. after a random
-// prompt) is left to the caller too: each candidate is computed alone, ~1 us (its bytes lie
-// scattered), so past N / 64 of them the screen costs more than full logits (a Gemma row with
-// ~100k candidates under the six-bit bound took 160 ms, full logits 10).
-bool survivors(const std::vector<std::vector<Screen>>& st, const XQ8S& x8, int64_t m, std::vector<int32_t>& cols,
-               int64_t cap = INT64_MAX) {
-    float t = -INFINITY;
+// Row m's threshold over the threads' screens; false where the row is left to the caller (a
+// non-finite value, or no finite threshold)
+inline bool final_threshold(const std::vector<std::vector<Screen>>& st, const XQ8S& x8, int64_t m, float& t) {
+    t = -INFINITY;
     bool bad = x8.bad[m];
     for (auto& s : st) { t = std::max(t, s[m].t); bad |= s[m].bad; }
-    if (bad || !std::isfinite(t)) return false;
+    return !bad && std::isfinite(t);
+}
+
+// Row m's candidates over the threads' screens, in column order; false where the row is left to
+// the caller: final_threshold's rows, and a row with more than `cap` candidates (a flat row:
+// near-uniform logits, e.g. after a random prompt): each candidate is computed alone, ~1.5 us
+// (its bytes lie scattered), so past N / 64 of them the screen costs more than full logits (a
+// flat Gemma row's candidates under the six-bit bound took 144-160 ms, full logits 10).
+bool survivors(const std::vector<std::vector<Screen>>& st, const XQ8S& x8, int64_t m, std::vector<int32_t>& cols,
+               int64_t cap = INT64_MAX) {
+    float t;
+    if (!final_threshold(st, x8, m, t)) return false;
     for (auto& s : st)
         for (const auto& c : s[m].cand)
             if (c.second >= t) cols.push_back(c.first);
@@ -2374,10 +2389,8 @@ bool survivors(const std::vector<std::vector<Screen>>& st, const XQ8S& x8, int64
 // the final threshold, in column order
 bool stored_survivors(const std::vector<std::vector<Screen>>& st, const XQ8S& x8, int64_t m, const float* up, int64_t N,
                       std::vector<int32_t>& cols, int64_t cap) {
-    float t = -INFINITY;
-    bool bad = x8.bad[m];
-    for (auto& s : st) { t = std::max(t, s[m].t); bad |= s[m].bad; }
-    if (bad || !std::isfinite(t)) return false;
+    float t;
+    if (!final_threshold(st, x8, m, t)) return false;
     const __m512 tv = _mm512_set1_ps(t);
     for (int64_t n = 0; n < N; n += 16) {
         const __mmask16 valid = N - n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - n)) - 1);
@@ -3018,12 +3031,9 @@ inline void screen_tile6(const XQ8S& x, const int32_t* c6, int64_t m0, int64_t K
 // largest logit), and a list of them, pruned as it grew, cost a flat row 9.6 ms where the
 // stores cost nothing to speak of. The candidates are read off once the threshold is final.
 inline void store_cols(Screen& st, float* up, __m512 y0, __m512 b0, __m512 y1, __m512 b1, __mmask16 k0, __mmask16 k1) {
-    const __m512 hi0 = _mm512_add_ps(y0, b0), hi1 = _mm512_add_ps(y1, b1);
-    const __m512 lo0 = _mm512_sub_ps(y0, b0), lo1 = _mm512_sub_ps(y1, b1);
-    if (_mm512_mask_cmp_ps_mask(k0, hi0, lo0, _CMP_UNORD_Q) | _mm512_mask_cmp_ps_mask(k1, hi1, lo1, _CMP_UNORD_Q)) st.bad = true;
+    __m512 hi0, hi1;
+    bounds32(st, y0, b0, y1, b1, k0, k1, hi0, hi1);
     const __m512 none = _mm512_set1_ps(-INFINITY);
-    const float lmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_mask_mov_ps(none, k0, lo0), _mm512_mask_mov_ps(none, k1, lo1)));
-    if (lmax > st.t) st.t = lmax;
     _mm512_storeu_ps(up, _mm512_mask_mov_ps(none, k0, hi0));
     _mm512_storeu_ps(up + 16, _mm512_mask_mov_ps(none, k1, hi1));
 }
