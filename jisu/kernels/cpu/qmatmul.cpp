@@ -3071,15 +3071,13 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
     else quantize_x2(x.data_ptr<float>(), M, K, x2);
     XQ8S x8;
     quantize_x8s(x.data_ptr<float>(), M, K, i16 ? x16 : x2.x16, x8);
-    // c6: the offset's bits less 253 times each block's sum of codes (c32 holds bits - 128 sum)
-    std::vector<int32_t> c6(M * nb);
-    for (int64_t i = 0; i < M * nb; ++i) {
-        int32_t bits;
-        std::memcpy(&bits, &x8.mf[i], 4);
-        const int32_t sum = (bits - x8.c32[i]) / 128;
-        c6[i] = bits - 253 * sum;
-    }
     std::vector<std::vector<Screen>> st(at::get_num_threads(), std::vector<Screen>(M));
+    // one to three rows: every column's upper bound, [M][panels GP] in the calling thread's buffer
+    // (1 MB a row of Gemma's), and c6, the offset's bits less 253 times each block's sum of codes
+    // (c32 holds bits - 128 sum)
+    static thread_local std::vector<float> upper_buf;
+    const int64_t ldu = panels * GP;
+    std::vector<int32_t> c6;
     if (M >= SCREEN6_MAX_ROWS) {
         // many rows: the eight-bit screen (screen_tile) on each panel decoded, few candidates
         at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
@@ -3099,12 +3097,15 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
                 });
             }
         });
+    } else {
+        if (int64_t(upper_buf.size()) < M * ldu) upper_buf.resize(M * ldu);
+        c6.resize(M * nb);
+        for (int64_t i = 0; i < M * nb; ++i) {
+            int32_t bits;
+            std::memcpy(&bits, &x8.mf[i], 4);
+            c6[i] = bits - 253 * ((bits - x8.c32[i]) / 128);
+        }
     }
-    // one to three rows: every column's upper bound, [M][panels GP] in the calling thread's buffer
-    // (1 MB a row of Gemma's)
-    static thread_local std::vector<float> upper_buf;
-    const int64_t ldu = panels * GP;
-    if (M < SCREEN6_MAX_ROWS && int64_t(upper_buf.size()) < M * ldu) upper_buf.resize(M * ldu);
     float* upper = upper_buf.data();
     if (M < SCREEN6_MAX_ROWS) at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
         Screen* mine = st[at::get_thread_num()].data();
