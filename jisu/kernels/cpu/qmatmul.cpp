@@ -2228,10 +2228,10 @@ void quantize_x8s(const float* x, int64_t M, int64_t K, const XQ16& x16, XQ8S& o
                     s16 = _mm512_fmadd_pd(v16, v16, s16);
                 }
             }
-            const double delta = std::sqrt(_mm512_reduce_add_pd(dd)) +
-                                 g * (std::sqrt(_mm512_reduce_add_pd(s8)) + std::sqrt(_mm512_reduce_add_pd(s16)));
+            const double n8 = std::sqrt(_mm512_reduce_add_pd(s8));
+            const double delta = std::sqrt(_mm512_reduce_add_pd(dd)) + g * (n8 + std::sqrt(_mm512_reduce_add_pd(s16)));
             out.delta[m] = float(delta * (1.0 + 0x1p-12));
-            out.n8[m] = float(std::sqrt(_mm512_reduce_add_pd(s8)) * (1.0 + 0x1p-10));
+            out.n8[m] = float(n8 * (1.0 + 0x1p-10));
         }
     };
     if (M < 4) body(0, M); else at::parallel_for(0, M, 4, body);
@@ -2310,8 +2310,6 @@ void pack_panel8(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, in
 
 // One row's screening state on one thread: t, the largest lower bound y8 - B seen so far, and
 // the columns whose upper bound y8 + B reached the t of their time (a superset of the final set).
-// One row's screening state on one thread: t, the largest lower bound y8 - B seen so far, and
-// the columns whose upper bound y8 + B reached the t of their time (a superset of the final set).
 struct Screen {
     float t = -INFINITY;
     bool bad = false;
@@ -2325,8 +2323,6 @@ struct Screen {
     }
 };
 
-// Columns n .. n + 31 of one row (y8 and bound B, two vectors; lanes k0 / k1 hold columns): the
-// row's threshold, then the columns whose upper bound reaches it. One maximum over both vectors.
 // The upper bounds y + B of 32 columns (hi0, hi1), with the row's threshold raised to their
 // largest lower bound y - B and the row marked bad at a NaN
 inline void bounds32(Screen& st, __m512 y0, __m512 b0, __m512 y1, __m512 b1, __mmask16 k0, __mmask16 k1,
@@ -2341,6 +2337,8 @@ inline void bounds32(Screen& st, __m512 y0, __m512 b0, __m512 y1, __m512 b1, __m
     if (lmax > st.t) st.t = lmax;
 }
 
+// Columns n .. n + 31 of one row (y8 and bound B, two vectors; lanes k0 / k1 hold columns): the
+// row's threshold, then the columns whose upper bound reaches it. One maximum over both vectors.
 inline void screen_cols(Screen& st, __m512 y0, __m512 b0, __m512 y1, __m512 b1, __mmask16 k0, __mmask16 k1, int64_t n) {
     if (!(k0 | k1)) return;
     __m512 hi0, hi1;
@@ -2791,7 +2789,7 @@ void pack_panels(torch::Tensor w, int64_t K, int64_t p0, int64_t p1, torch::Tens
     at::parallel_for(p0, p1, 1, [&](int64_t a, int64_t b) {
         int32_t* pw = static_cast<int32_t*>(std::aligned_alloc(64, P8_QUADS * nb));
         std::vector<float> ps(nb * GP);
-        const __m512i m3 = _mm512_set1_epi8(3), three = _mm512_set1_epi8(3);
+        const __m512i m3 = _mm512_set1_epi8(3);
         for (int64_t p = a; p < b; ++p) {
             const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
             pack_panel8<G_Q8_0>(wb, w.size(1), n0, np, K, pw, ps.data(), nb_out + p * 2 * GP, nullptr, 0);
@@ -2808,20 +2806,20 @@ void pack_panels(torch::Tensor w, int64_t K, int64_t p0, int64_t p1, torch::Tens
                             u[i] = _mm512_load_si512(q + (4 * t + i) * GP * 4 + 64 * h);
                             // |2 (u & 3) - 3| in {1, 3}: four squares per column lane
                             const __m512i l = _mm512_and_si512(u[i], m3);
-                            const __m512i e = _mm512_abs_epi8(_mm512_sub_epi8(_mm512_add_epi8(l, l), three));
+                            const __m512i e = _mm512_abs_epi8(_mm512_sub_epi8(_mm512_add_epi8(l, l), m3));
                             sq = _mm512_dpbusd_epi32(sq, e, e);
                         }
                         pack6(u, hi + j * P6_HI + (2 * t + h) * 192, lo + j * P6_LO + (2 * t + h) * 64);
-                        // (s (l - 1.5))^2 = s^2 (2 l - 3)^2 / 4, summed per column in double
+                        // s^2 (2 l - 3)^2 summed per column in double: (2 |R[n]|)^2
                         const __m512 sc = _mm512_loadu_ps(ps.data() + j * GP + 16 * h);
                         for (int e = 0; e < 2; ++e) {
                             const __m512d s8 = _mm512_cvtps_pd(e ? _mm512_extractf32x8_ps(sc, 1) : _mm512_castps512_ps256(sc));
                             const __m512d w8 = _mm512_cvtepi32_pd(e ? _mm512_extracti64x4_epi64(sq, 1) : _mm512_castsi512_si256(sq));
-                            r2[2 * h + e] = _mm512_fmadd_pd(_mm512_mul_pd(s8, s8), _mm512_mul_pd(w8, _mm512_set1_pd(0.25)), r2[2 * h + e]);
+                            r2[2 * h + e] = _mm512_fmadd_pd(_mm512_mul_pd(s8, s8), w8, r2[2 * h + e]);
                         }
                     }
             }
-            const __m512d up = _mm512_set1_pd(1.0 + 0x1p-20);
+            const __m512d up = _mm512_set1_pd(0.5 * (1.0 + 0x1p-20));   // |R[n]|, rounded up
             float* rn = nb_out + p * 2 * GP + GP;
             for (int c = 0; c < 4; ++c)
                 _mm256_storeu_ps(rn + 8 * c, _mm512_cvt_roundpd_ps(_mm512_mul_pd(_mm512_sqrt_pd(r2[c]), up), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
@@ -2964,6 +2962,19 @@ float panel_column(const PanelAt& v, int64_t nb, int c, const XQ16& x, int64_t m
     return acc;
 }
 
+// screen_cols for the six-bit screen: every column's upper bound y + B is stored (up[0 .. 32),
+// -inf in lanes past the panel's columns) and the row's threshold kept, no candidate list: its
+// bound leaves many columns above a running threshold (one that has not yet met the row's
+// largest logit), and a list of them, pruned as it grew, cost a flat row 9.6 ms where the
+// stores cost nothing to speak of. The candidates are read off once the threshold is final.
+inline void store_cols(Screen& st, float* up, __m512 y0, __m512 b0, __m512 y1, __m512 b1, __mmask16 k0, __mmask16 k1) {
+    __m512 hi0, hi1;
+    bounds32(st, y0, b0, y1, b1, k0, k1, hi0, hi1);
+    const __m512 none = _mm512_set1_ps(-INFINITY);
+    _mm512_storeu_ps(up, _mm512_mask_mov_ps(none, k0, hi0));
+    _mm512_storeu_ps(up + 16, _mm512_mask_mov_ps(none, k1, hi1));
+}
+
 // R rows of x8 against the six-bit part of one stored panel (columns n0 ..): y6, the row's
 // logits with every weight byte u taken as (u & ~3) + 1.5 (the middle of what its two low bits
 // allow), and its bound, into the rows' states. Twice the weight, 8 (u >> 2) - 253, is an
@@ -2974,8 +2985,6 @@ float panel_column(const PanelAt& v, int64_t nb, int c, const XQ16& x, int64_t m
 //     |y6 - y16| <= |x8 (W6 - W)[n]| + |y8' - y16|  <=  |R[n]| |x8| + |W[n]| delta
 // (y8' as screen_tile's y8; the float rounding of y6 against |W6[n]| <= |W[n]| + |R[n]| is
 // below the 2^-10 that n8 carries).
-inline void store_cols(Screen& st, float* up, __m512 y0, __m512 b0, __m512 y1, __m512 b1, __mmask16 k0, __mmask16 k1);
-
 template <int R>
 inline void screen_tile6(const XQ8S& x, const int32_t* c6, int64_t m0, int64_t K, const uint8_t* hi,
                          const c10::Half* ps, const float* norms, Screen* st, float* upper, int64_t ldu,
@@ -3025,19 +3034,6 @@ inline void screen_tile6(const XQ8S& x, const int32_t* c6, int64_t m0, int64_t K
     }
 }
 
-// screen_cols for the six-bit screen: every column's upper bound y + B is stored (up[0 .. 32),
-// -inf in lanes past the panel's columns) and the row's threshold kept, no candidate list: its
-// bound leaves many columns above a running threshold (one that has not yet met the row's
-// largest logit), and a list of them, pruned as it grew, cost a flat row 9.6 ms where the
-// stores cost nothing to speak of. The candidates are read off once the threshold is final.
-inline void store_cols(Screen& st, float* up, __m512 y0, __m512 b0, __m512 y1, __m512 b1, __mmask16 k0, __mmask16 k1) {
-    __m512 hi0, hi1;
-    bounds32(st, y0, b0, y1, b1, k0, k1, hi0, hi1);
-    const __m512 none = _mm512_set1_ps(-INFINITY);
-    _mm512_storeu_ps(up, _mm512_mask_mov_ps(none, k0, hi0));
-    _mm512_storeu_ps(up + 16, _mm512_mask_mov_ps(none, k1, hi1));
-}
-
 // Below this many rows the panels' screen reads their six-bit part only (screen_tile6): a decode
 // step's output matrix is memory-bound there, and it leaves tens to ~1600 candidates a row (Gemma
 // 3), each computed alone. From here the rows' products, not the bytes, bound the screen, and the
@@ -3077,6 +3073,7 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
     // (c32 holds bits - 128 sum)
     static thread_local std::vector<float> upper_buf;
     const int64_t ldu = panels * GP;
+    float* upper = nullptr;     // upper_buf's data, taken here: in the workers the name is their own buffer
     std::vector<int32_t> c6;
     if (M >= SCREEN6_MAX_ROWS) {
         // many rows: the eight-bit screen (screen_tile) on each panel decoded, few candidates
@@ -3099,32 +3096,32 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
         });
     } else {
         if (int64_t(upper_buf.size()) < M * ldu) upper_buf.resize(M * ldu);
+        upper = upper_buf.data();
         c6.resize(M * nb);
         for (int64_t i = 0; i < M * nb; ++i) {
             int32_t bits;
             std::memcpy(&bits, &x8.mf[i], 4);
             c6[i] = bits - 253 * ((bits - x8.c32[i]) / 128);
         }
+        at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+            Screen* mine = st[at::get_thread_num()].data();
+            for (int64_t p = p0; p < p1; ++p) {
+                const uint8_t* hi = panel_at(wb, stored, nb, p).hi;
+                const c10::Half* ps = reinterpret_cast<const c10::Half*>(hi + nb * P6_HI);   // read by the tiles
+                const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
+                // the next panel is requested a share per tile: all of it in the first tile stalled on
+                // full miss buffers (32 rows: 11.7 -> 11.5 ms); its scales, read first, at once
+                const uint8_t* next = hi + nb * P6_PART;
+                if (p + 1 < p1) prefetch_row(next + nb * P6_HI, nb * P8_SCALES);
+                const int64_t lines = p + 1 < p1 ? nb * P6_HI / 64 : 0;
+                by_tiles67<7>(M, [&](auto R, int64_t m) {
+                    const auto [l0, l1] = tile_lines(m, decltype(R)::value, M, lines);
+                    screen_tile6<decltype(R)::value>(x8, c6.data(), m, K, hi, ps, nw + p * 2 * GP, mine, upper, ldu,
+                                                     n0, np, next + 64 * l0, 64 * (l1 - l0));
+                });
+            }
+        });
     }
-    float* upper = upper_buf.data();
-    if (M < SCREEN6_MAX_ROWS) at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-        Screen* mine = st[at::get_thread_num()].data();
-        for (int64_t p = p0; p < p1; ++p) {
-            const uint8_t* hi = panel_at(wb, stored, nb, p).hi;
-            const c10::Half* ps = reinterpret_cast<const c10::Half*>(hi + nb * P6_HI);   // read by the tiles
-            const int64_t n0 = p * GP, np = std::min<int64_t>(GP, N - n0);
-            // the next panel is requested a share per tile: all of it in the first tile stalled on
-            // full miss buffers (32 rows: 11.7 -> 11.5 ms); its scales, read first, at once
-            const uint8_t* next = hi + nb * P6_PART;
-            if (p + 1 < p1) prefetch_row(next + nb * P6_HI, nb * P8_SCALES);
-            const int64_t lines = p + 1 < p1 ? nb * P6_HI / 64 : 0;
-            by_tiles67<7>(M, [&](auto R, int64_t m) {
-                const auto [l0, l1] = tile_lines(m, decltype(R)::value, M, lines);
-                screen_tile6<decltype(R)::value>(x8, c6.data(), m, K, hi, ps, nw + p * 2 * GP, mine, upper, ldu, n0, np,
-                                                 next + 64 * l0, 64 * (l1 - l0));
-            });
-        }
-    });
     // per row: the candidates above the final threshold, each computed alone as the tiles of
     // panel_matmul's path would (panel_column)
     const XQ16& xq = i16 ? x16 : x2.x16;
@@ -3132,7 +3129,8 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
         for (int64_t m = m0; m < m1; ++m) {
             std::vector<int32_t> cols;
             const int64_t most = cap < 0 ? std::max<int64_t>(256, N / 64) : cap;
-            if (M >= SCREEN6_MAX_ROWS ? !survivors(st, x8, m, cols, most) : !stored_survivors(st, x8, m, upper + m * ldu, N, cols, most))
+            if (M >= SCREEN6_MAX_ROWS ? !survivors(st, x8, m, cols, most)
+                                      : !stored_survivors(st, x8, m, upper + m * ldu, N, cols, most))
                 continue;
             float best = -INFINITY;
             int64_t arg = -1;
