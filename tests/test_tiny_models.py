@@ -5,7 +5,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from amx_switch import amx_from
+from amx_switch import amx_from, exact_amx
 from gguf_factory import write_tiny_gemma3, write_tiny_llama
 from jisu import LLM, SamplingParams
 
@@ -155,7 +155,10 @@ def test_preemption_gives_identical_output(tiny_llama_path, kv):
     near-tie may flip (measured: one of 32 sequences, at its 40th token) where the recomputed
     tokens' numbers differ from those of the steps that made them: on AVX2 builds, which pick
     float32 kernels by row count; and with float16 caches on AVX-512, whose prefill attention
-    takes integer products where decode attention is float."""
+    takes integer products where decode attention is float. With AMX's default two products
+    (bf16 weights in prompt GEMMs of 160 rows and more) the recomputed numbers differ more, so a
+    tie can flip early: measured one sequence of 32 from its 7th token (this random model's
+    logits are flatter than a real one's); every other one identical."""
     roomy = LLM(str(tiny_llama_path), progress=False, kv_cache_dtype=kv)
     # room for ~3 sequences: 32 sequences must take turns, preempting and recomputing
     value_bytes = 2 if roomy.engine_config.kv_cache_dtype == "float16" else 4
@@ -171,10 +174,12 @@ def test_preemption_gives_identical_output(tiny_llama_path, kv):
     assert preempted, "the test should force preemption"
     from jisu.kernels import cpu
     ops = cpu.load()
-    if ops is not None and ops.isa == "avx512" and tight.engine_config.kv_cache_dtype == "float32":
+    same = [a == b for a, b in zip(got, want)]
+    if ops is not None and ops.amx and not exact_amx(ops):
+        assert sum(same) >= len(want) - 2
+    elif ops is not None and ops.isa == "avx512" and tight.engine_config.kv_cache_dtype == "float32":
         assert got == want
     else:
-        same = [a == b for a, b in zip(got, want)]
         assert sum(same) >= len(want) - 2 and all(a[:30] == b[:30] for a, b in zip(got, want))
     assert tight.engine.block_manager.num_free_blocks == tight.engine.block_manager.num_blocks
 
@@ -304,9 +309,10 @@ def test_earliest_stop_string_wins_and_stream_never_shows_it(tiny_llama):
 
 def test_perplexity_does_not_depend_on_chunking(tiny_llama):
     """Chunks of 7 rows take the int16 GEMM; a window of AMX_MIN_ROWS rows or more takes AMX where
-    the CPU has it, whose rounding differs (~1e-5 relative). So chunked and whole are compared with
-    AMX off (one GEMM: only the chunking could move it), and the whole window through AMX (from 32
-    rows here, below this text's length) within 1e-4 of them."""
+    the CPU has it, whose rounding differs. So chunked and whole are compared with AMX off (one
+    GEMM: only the chunking could move it), and the whole window through AMX (from 32 rows here,
+    below this text's length) within 1e-4 of them with JISU_AMX=exact (~1e-5 relative), within
+    5e-3 with its default bf16 weights (measured 1.2e-3 on this random model)."""
     from jisu.kernels import cpu
     text = "the cat and the hat in the sun " * 6
     saved = tiny_llama.engine_config.max_num_batched_tokens
@@ -318,8 +324,10 @@ def test_perplexity_does_not_depend_on_chunking(tiny_llama):
         finally:
             tiny_llama.engine_config.max_num_batched_tokens = saved
     if getattr(cpu.load(), "amx", False):
-        with amx_from(32):
+        with amx_from(32, exact=True):
             assert tiny_llama.perplexity(text) == pytest.approx(whole, rel=1e-4)
+        with amx_from(32, exact=False):
+            assert tiny_llama.perplexity(text) == pytest.approx(whole, rel=5e-3)
 
 
 def test_params_list_must_match_prompts(tiny_llama):

@@ -1687,6 +1687,20 @@ std::atomic<int64_t> amx_min_rows{[] {
     return e && std::strcmp(e, "0") == 0 ? int64_t(0) : AMX_MIN_ROWS;
 }()};
 
+// Two products per pair by default: xh wh + xl wh, the weights rounded once to bf16 (8 bits of
+// each dequantized value) and the activations kept at 16 bits. JISU_AMX=exact (or
+// set_amx_exact(true)) adds xh wl, the weights' own 16 bits, as before. Measured on the AMX VM,
+// logits of the 669 / 651-token test text against transformers' (tests/test_real_models.py):
+// three products mean KL 4.4e-7 / 1.6e-6, top-1 100% / 100% (SmolLM2 / Gemma 3); two products
+// 2.8e-5 / 2.7e-5, 99.4% / 99.85%; llama.cpp (8-bit activations) 3.2e-3 / 4.4e-3, 94.9% /
+// 95.7%. One product (bf16 activations too) moved top-1 to 98.95% on SmolLM2. The third product
+// is a third of the tile work, and its weight tiles half the packing (RESULTS.md, twentieth
+// session).
+std::atomic<bool> amx_exact{[] {
+    const char* e = std::getenv("JISU_AMX");
+    return e && std::strcmp(e, "exact") == 0;
+}()};
+
 bool amx_ready() {   // the kernel must grant this process the tile state once (Linux 5.16+)
     static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
     return ok;
@@ -1705,16 +1719,20 @@ inline void tiles_on() {   // every tile 16 rows x 64 bytes, in this thread
 }
 
 // One step of a 32 x 32 block: C tiles 0-3 (rows 0-15 / 16-31 of x against columns of b0 / b1)
-// += xh bh + xh bl + xl bh, as 8 tile loads for 12 products, in the order (xl, bh), (xh, bh),
-// (xh, bl) so that only two tiles change between groups. x0 / x1: rows 0-15 / 16-31 of x's hi
+// += xl bh + xh bh (step2: 6 tile loads for 8 products), and step3 + xh bl (8 loads for 12), in
+// that order so that only two tiles change between groups. x0 / x1: rows 0-15 / 16-31 of x's hi
 // and lo tiles (x_stride bytes a row); b: 16 pairs x 16 columns (64 bytes a row).
-inline void step3(const uint16_t* xh0, const uint16_t* xh1, const uint16_t* xl0, const uint16_t* xl1, int64_t x_stride,
-                  const uint16_t* bh0, const uint16_t* bh1, const uint16_t* bl0, const uint16_t* bl1) {
+inline void step2(const uint16_t* xh0, const uint16_t* xh1, const uint16_t* xl0, const uint16_t* xl1, int64_t x_stride,
+                  const uint16_t* bh0, const uint16_t* bh1) {
     _tile_loadd(4, xl0, x_stride); _tile_loadd(5, xl1, x_stride);
     _tile_loadd(6, bh0, 64); _tile_loadd(7, bh1, 64);
     _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
     _tile_loadd(4, xh0, x_stride); _tile_loadd(5, xh1, x_stride);
     _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+}
+inline void step3(const uint16_t* xh0, const uint16_t* xh1, const uint16_t* xl0, const uint16_t* xl1, int64_t x_stride,
+                  const uint16_t* bh0, const uint16_t* bh1, const uint16_t* bl0, const uint16_t* bl1) {
+    step2(xh0, xh1, xl0, xl1, x_stride, bh0, bh1);     // leaves xh in tiles 4 and 5
     _tile_loadd(6, bl0, 64); _tile_loadd(7, bl1, 64);
     _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
 }
@@ -1734,6 +1752,8 @@ inline void split32(__m512 a, __m512 b, __m512i& hi, __m512i& lo) {
                             (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(b, hb)), 1);
 }
 inline void split32(const float* p, __m512i& hi, __m512i& lo) { split32(_mm512_loadu_ps(p), _mm512_loadu_ps(p + 16), hi, lo); }
+// 32 floats at p -> 32 bf16 (round to nearest even), as one vector
+inline __m512i bf16_32(const float* p) { return (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + 16), _mm512_loadu_ps(p)); }
 
 // x [M, K] split into tiles: [M/32 blocks][K/32 steps][hi, lo][2 halves][16 rows][32 values]
 // (4 KB a step); rows past M are zero. A whole block takes the bytes of its 32 float rows, so x
@@ -1799,14 +1819,16 @@ struct XB {
 };
 
 // weight rows n0 .. n0 + np - 1 (np <= 32) into pb: [K/32 steps][hi, lo][2 tiles of 16 columns]
-// [16 pairs of k][16 columns][2] (4 KB a step); f: [32][PACK_CHUNK] float scratch. The rows are
+// [16 pairs of k][16 columns][2] (4 KB a step), or without lo (2 KB a step, amx_exact off);
+// f: [32][PACK_CHUNK] float scratch. The rows are
 // dequantized PACK_CHUNK values at a time (32 KB, so they are split from L1; whole rows were
 // 72-256 KB a panel), a multiple of every block size. A column's 32 values of a step, as bf16,
 // are 16 pairs: one row of a 16 x 16 matrix of pairs whose transpose is the tile.
 constexpr int64_t PACK_CHUNK = 256;
 template <typename F>
-void pack_panel_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int64_t K, float* f, uint16_t* pb) {
+void pack_panel_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int64_t K, float* f, uint16_t* pb, bool lo_too) {
     static_assert(PACK_CHUNK % F::N == 0, "a chunk holds whole blocks");
+    const int64_t step = lo_too ? 2048 : 1024;
     for (int64_t c0 = 0; c0 < K; c0 += PACK_CHUNK) {
         const int64_t len = std::min(PACK_CHUNK, K - c0);
         for (int64_t r = 0; r < 32; ++r) {
@@ -1818,10 +1840,16 @@ void pack_panel_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np
         for (int64_t s = 0; s < len / 32; ++s)
             for (int t = 0; t < 2; ++t) {
                 __m512i hi[16], lo[16];
+                uint16_t* dst = pb + (c0 / 32 + s) * step + t * 512;
+                if (!lo_too) {
+                    for (int c = 0; c < 16; ++c) hi[c] = bf16_32(f + (16 * t + c) * PACK_CHUNK + 32 * s);
+                    transpose16(hi);
+                    for (int kp = 0; kp < 16; ++kp) _mm512_store_si512(dst + kp * 32, hi[kp]);
+                    continue;
+                }
                 for (int c = 0; c < 16; ++c) split32(f + (16 * t + c) * PACK_CHUNK + 32 * s, hi[c], lo[c]);
                 transpose16(hi);
                 transpose16(lo);
-                uint16_t* dst = pb + (c0 / 32 + s) * 2048 + t * 512;
                 for (int kp = 0; kp < 16; ++kp) {
                     _mm512_store_si512(dst + kp * 32, hi[kp]);
                     _mm512_store_si512(dst + 1024 + kp * 32, lo[kp]);
@@ -1831,15 +1859,24 @@ void pack_panel_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np
 }
 
 // Rows 32 blk .. 32 blk + 31 of y [M, row stride N], columns n0 .. n0 + np - 1, = x W^T for
-// one packed panel pb (act: as gemm_tile)
-inline void amx_block(const XB& xb, int64_t blk, const uint16_t* pb, float* y, int64_t N, int64_t n0, int64_t np, int act) {
+// one packed panel pb, with or without its lo tiles (exact; act: as gemm_tile)
+inline void amx_block(const XB& xb, int64_t blk, const uint16_t* pb, bool exact, float* y, int64_t N, int64_t n0, int64_t np,
+                      int act) {
     alignas(64) float c[32 * 32];
     const int64_t steps = xb.K / 32;
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-    for (int64_t s = 0; s < steps; ++s) {
-        const uint16_t* a = xb.step(blk, s);     // [hi, lo][2 halves][16 rows][32]
-        const uint16_t* w = pb + s * 2048;       // [hi, lo][2 tiles of 16 columns]
-        step3(a, a + 512, a + 1024, a + 1536, 64, w, w + 512, w + 1024, w + 1536);
+    if (exact) {
+        for (int64_t s = 0; s < steps; ++s) {
+            const uint16_t* a = xb.step(blk, s);     // [hi, lo][2 halves][16 rows][32]
+            const uint16_t* w = pb + s * 2048;       // [hi, lo][2 tiles of 16 columns]
+            step3(a, a + 512, a + 1024, a + 1536, 64, w, w + 512, w + 1024, w + 1536);
+        }
+    } else {
+        for (int64_t s = 0; s < steps; ++s) {
+            const uint16_t* a = xb.step(blk, s);
+            const uint16_t* w = pb + s * 1024;       // [2 tiles of 16 columns]
+            step2(a, a + 512, a + 1024, a + 1536, 64, w, w + 512);
+        }
     }
     _tile_stored(0, c, 128); _tile_stored(1, c + 16, 128); _tile_stored(2, c + 512, 128); _tile_stored(3, c + 528, 128);
     const __mmask16 k0 = cols16(np, 0), k1 = cols16(np, 16);
@@ -1938,12 +1975,13 @@ struct AmxPanels {
     std::vector<torch::Tensor>& ys;
     int64_t K;
     int act;
+    bool exact;   // lo tiles too (amx_exact, read once per call)
     int64_t count() const { return first.back(); }
     void pack(int64_t p, float* f, uint16_t* pb) const {
         int64_t i, n0, np;
         locate(p, i, n0, np);
         dispatch(qtypes[i], [&](auto k) {
-            pack_panel_bf16<typename decltype(k)::Float>(ws[i].data_ptr<uint8_t>(), ws[i].size(1), n0, np, K, f, pb);
+            pack_panel_bf16<typename decltype(k)::Float>(ws[i].data_ptr<uint8_t>(), ws[i].size(1), n0, np, K, f, pb, exact);
         });
     }
     void locate(int64_t p, int64_t& i, int64_t& n0, int64_t& np) const {
@@ -1957,7 +1995,7 @@ struct AmxPanels {
             for (int64_t p = g0; p < g1; ++p) {
                 int64_t i, n0, np;
                 locate(p, i, n0, np);
-                amx_block(xb, blk, slots[p - g0], ys[i].data_ptr<float>(), ws[i].size(0), n0, np, act);
+                amx_block(xb, blk, slots[p - g0], exact, ys[i].data_ptr<float>(), ws[i].size(0), n0, np, act);
             }
     }
 };
@@ -1975,16 +2013,18 @@ void amx_gemm(const XB& xb, const AmxPanels& job) {
     constexpr int64_t G = 4;   // measured: groups of 4 over 2 and 8, at K 576 and 1536
     const int64_t groups = (P + G - 1) / G;
     const int64_t T = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), groups);
-    // each thread's G packed panels (64 K bf16 each) and float scratch (32 PACK_CHUNK), allocated
-    // here in one piece, on the calling thread's heap rather than in the pool threads' arenas
-    const int64_t per = G * 64 * K * 2 + 32 * PACK_CHUNK * 4;
+    // each thread's G packed panels (64 K bf16 each, or 32 K without lo tiles) and float scratch
+    // (32 PACK_CHUNK), allocated here in one piece, on the calling thread's heap rather than in
+    // the pool threads' arenas
+    const int64_t panel_bytes = (job.exact ? 64 : 32) * K * 2;
+    const int64_t per = G * panel_bytes + 32 * PACK_CHUNK * 4;
     uint8_t* scratch = static_cast<uint8_t*>(std::aligned_alloc(64, per * T));
     std::atomic<int64_t> next{0}, seat{0};
     auto run = [&](int64_t, int64_t) {
         uint8_t* mine = scratch + per * seat.fetch_add(1, std::memory_order_relaxed);
         uint16_t* slots[G];
-        for (int64_t g = 0; g < G; ++g) slots[g] = reinterpret_cast<uint16_t*>(mine + g * 64 * K * 2);
-        float* f = reinterpret_cast<float*>(mine + G * 64 * K * 2);
+        for (int64_t g = 0; g < G; ++g) slots[g] = reinterpret_cast<uint16_t*>(mine + g * panel_bytes);
+        float* f = reinterpret_cast<float*>(mine + G * panel_bytes);
         tiles_on();
         for (int64_t g; (g = next.fetch_add(1, std::memory_order_relaxed)) < groups;) {
             const int64_t g0 = g * G, g1 = std::min(P, g0 + G);
@@ -2073,7 +2113,7 @@ std::vector<torch::Tensor> gemm_i16_xq(const Rounded& xr, int64_t M, const std::
     }
 #ifdef JISU_AMX
     if (xr.amx) {
-        amx_gemm(xr.xb, AmxPanels{ws, qtypes, first, ys, K, act});
+        amx_gemm(xr.xb, AmxPanels{ws, qtypes, first, ys, K, act, amx_exact.load()});
         return ys;
     }
 #endif
@@ -4931,6 +4971,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     // the kernel grants the tile state)
     m.attr("amx") = amx_ready();
     m.attr("AMX_MIN_ROWS") = AMX_MIN_ROWS;
+    m.def("set_amx_exact", [](bool exact) { return amx_exact.exchange(exact); });
     m.def("set_amx_min_rows", [](int64_t rows) {
         TORCH_CHECK(rows >= 0, "set_amx_min_rows: rows must be >= 0 (0: off)");
         return amx_min_rows.exchange(rows);
