@@ -22,9 +22,3 @@ def amx_from(rows: int, exact: bool | None = None):
         if was_exact is not None:
             ops.set_amx_exact(was_exact)
 
-
-def exact_amx(ops) -> bool:
-    """Whether the AMX GEMM takes its third product (JISU_AMX=exact or set_amx_exact)."""
-    exact = ops.set_amx_exact(False)
-    ops.set_amx_exact(exact)
-    return exact

@@ -122,6 +122,7 @@ def pow2_steps(x: torch.Tensor, qmax: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("m", [3, 4, 5, 17, 64, 130])
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+@amx_from(0)     # 64 rows and more take AMX by default where the CPU has it: tests/test_amx.py
 def test_int16_gemm_within_its_rounding_bound(qtype, m):
     """Many rows with integer activations (AVX-512 builds: the int16 GEMM; AVX2: float32).
 

@@ -1659,22 +1659,31 @@ void gemm_panel(const XQ16& xq, const uint8_t* w, float* y, int64_t M, int64_t N
 }
 
 #ifdef JISU_AMX
-// ---- many rows on AMX: bf16 tiles, three products per pair of values -----------------------
+// ---- many rows on AMX: bf16 tiles, two or three products per pair of values ---------------
 // Sapphire Rapids and later multiply 16 x 32 by 32 x 16 bf16 tiles into 16 x 16 float32 sums
 // in one instruction (tdpbf16ps, ~16x vpdpwssd's multiply-adds). bf16 keeps 8 bits of each
-// value, too few (bf16 activations and weights move SmolLM2's top-1 token on ~1% of positions),
-// so each value is split into two bf16, v = hi + lo with lo = bf16(v - hi) (16 bits), and
-//     x w ~ xh wh + xh wl + xl wh           (the xl wl term is below 2^-16 of the product)
-// which is about as exact as the int16 GEMM (relative error ~5e-6 on random data). Weights are
-// dequantized per panel of 32 rows (exactly, the Float kernel's dequant) and split into tiles
-// in the layout tdpbf16ps reads (pairs of k side by side per column); activations are split
-// once per call into 32-row, 32-value tiles. Each 32 x 32 block of y is four accumulator
-// tiles; per 32 values of k it loads 8 tiles and issues 12 products, in the order (xl, wh),
-// (xh, wh), (xh, wl) so that only two tiles change between groups.
+// value, too few for activations (bf16 activations and weights move SmolLM2's top-1 token on ~1%
+// of positions), so activations are split into two bf16, x = xh + xl with xl = bf16(x - xh)
+// (16 bits), and each dequantized weight is rounded once to bf16 (wh):
+//     x w ~ xh wh + xl wh                  (relative error ~2^-9 per weight: see amx_exact)
+// or, with amx_exact, the weights split too, about as exact as the int16 GEMM (relative error
+// ~5e-6 on random data):
+//     x w ~ xh wh + xl wh + xh wl          (the xl wl term is below 2^-16 of the product)
+// Weights are dequantized per panel of 32 rows (exactly, the Float kernel's dequant) and
+// converted into tiles in the layout tdpbf16ps reads (pairs of k side by side per column);
+// activations are split once per call into 32-row, 32-value tiles. Each 32 x 32 block of y is
+// four accumulator tiles; per 32 values of k it loads 6 tiles and issues 8 products (8 and 12
+// exact: step2, step3). Tile loads from L2 cost: a microbenchmark of this loop ran at 10-11 ns
+// a product where the same products on data in L1 took 7 (K in chunks whose tiles stay in L1,
+// accumulators stored between chunks, was slower still: 12-15 ns).
 // Below this, packing a panel costs more than AMX saves: 4 matrices of SmolLM2 / Gemma 3 shapes,
-// 8 alternating rounds, AMX's speed over the int16 GEMM's at 32 / 64 / 96 / 128 / 192 / 256 rows:
-// 0.55 / 0.70 / 0.77 / 1.05 / 1.11 / 1.27 (RESULTS.md, seventeenth session)
-constexpr int64_t AMX_MIN_ROWS = 160;
+// 7 alternating rounds, AMX's speed (two products) over the int16 GEMM's at 32 / 64 / 96 / 128 /
+// 160 / 256 rows, two runs minutes apart (AMX's speed on this VM moves by 2x with its phase):
+// 0.83 / 0.99 / 1.08 / 1.14 / 1.18 / 1.69 and 1.03 / 1.32 / 1.37 / 1.52 / 1.60 / 1.75
+// (RESULTS.md, twentieth session; with three products, seventeenth session, 0.55 / 0.70 / 0.77
+// / 1.05 at 32 / 64 / 96 / 128 rows: 160 was this limit then). Batched decode steps of up to 63
+// rows stay on the int16 GEMM.
+constexpr int64_t AMX_MIN_ROWS = 64;
 
 // On where the CPU and the kernel allow it; JISU_AMX=0 (or set_amx_min_rows(0)) keeps the int16
 // GEMM. On this project's AMX machine (a VM whose cores other tenants share, so that AMX ran at
@@ -1858,6 +1867,7 @@ void pack_panel_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np
     }
 }
 
+int g_pf = 0;
 // Rows 32 blk .. 32 blk + 31 of y [M, row stride N], columns n0 .. n0 + np - 1, = x W^T for
 // one packed panel pb, with or without its lo tiles (exact; act: as gemm_tile)
 inline void amx_block(const XB& xb, int64_t blk, const uint16_t* pb, bool exact, float* y, int64_t N, int64_t n0, int64_t np,
@@ -1875,6 +1885,13 @@ inline void amx_block(const XB& xb, int64_t blk, const uint16_t* pb, bool exact,
         for (int64_t s = 0; s < steps; ++s) {
             const uint16_t* a = xb.step(blk, s);
             const uint16_t* w = pb + s * 1024;       // [2 tiles of 16 columns]
+            if (g_pf == 1 && s + 1 < steps) {
+                prefetch_row(reinterpret_cast<const uint8_t*>(xb.step(blk, s + 1)), 4096);
+                prefetch_row(reinterpret_cast<const uint8_t*>(w + 1024), 2048);
+            } else if (g_pf == 2 && s + 2 < steps) {
+                prefetch_row(reinterpret_cast<const uint8_t*>(xb.step(blk, s + 2)), 4096);
+                prefetch_row(reinterpret_cast<const uint8_t*>(w + 2048), 2048);
+            }
             step2(a, a + 512, a + 1024, a + 1536, 64, w, w + 512);
         }
     }
@@ -4971,6 +4988,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     // the kernel grants the tile state)
     m.attr("amx") = amx_ready();
     m.attr("AMX_MIN_ROWS") = AMX_MIN_ROWS;
+    m.def("set_pf", [](int64_t g) { g_pf = int(g); });
     m.def("set_amx_exact", [](bool exact) { return amx_exact.exchange(exact); });
     m.def("set_amx_min_rows", [](int64_t rows) {
         TORCH_CHECK(rows >= 0, "set_amx_min_rows: rows must be >= 0 (0: off)");
