@@ -1,0 +1,85 @@
+"""Mean KL and top-1 agreement of prompt logits against transformers' float32 logits of the same
+GGUF (dequantized), for jisu's prompt paths and, where it is installed, llama.cpp.
+
+    python benchmarks/logits_vs_transformers.py -m smollm2-135m-instruct -m gemma3-270m
+
+Text: tests/data/gpl3_preamble.txt, one window, BOS as the file's metadata says (the tests' text).
+jisu rows: the default; on a CPU with AMX also JISU_AMX=exact (three tile products) and the int16
+GEMM (AMX off). llama.cpp: llama-cpp-python with logits_all, the same token ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "gpl3_preamble.txt"
+
+
+def agreement(ref: torch.Tensor, ours: torch.Tensor) -> tuple[float, float]:
+    ref_lp, lp = ref.log_softmax(-1), ours.log_softmax(-1)
+    kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1).mean().item()
+    return kl, (ref.argmax(-1) == ours.argmax(-1)).float().mean().item()
+
+
+def jisu_rows(path: str, ids: list[int]) -> list[tuple[str, torch.Tensor]]:
+    from jisu import LLM
+    from jisu.kernels import cpu
+    ops = cpu.load()
+    amx = ops is not None and getattr(ops, "amx", False)
+    modes = [("jisu (default)", None, None)]
+    if amx:
+        modes += [("jisu, JISU_AMX=exact", ops.AMX_MIN_ROWS, True), ("jisu, int16 GEMM (JISU_AMX=0)", 0, False)]
+    rows = []
+    for label, min_rows, exact in modes:
+        before = (ops.set_amx_min_rows(min_rows), ops.set_amx_exact(exact)) if min_rows is not None else None
+        try:
+            llm = LLM(path, enable_prefix_caching=False, progress=False)
+            rows.append((label, torch.from_numpy(llm.logits(ids))))
+        finally:
+            if before is not None:
+                ops.set_amx_min_rows(before[0])
+                ops.set_amx_exact(before[1])
+    return rows
+
+
+def llama_cpp_row(path: str, ids: list[int]) -> list[tuple[str, torch.Tensor]]:
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama.cpp: llama-cpp-python is not installed, skipped")
+        return []
+    ll = llama_cpp.Llama(path, n_ctx=2048, n_batch=1024, logits_all=True, n_threads=2, verbose=False)
+    ll.eval(ids)
+    return [("llama.cpp", torch.from_numpy(np.array(ll.scores[:len(ids)], dtype=np.float32)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", action="append", default=None, help="model name or GGUF path (repeatable)")
+    args = ap.parse_args()
+    import transformers
+
+    from jisu import LLM
+    text = TEXT.read_text()
+    print("| model | engine | tokens | mean KL vs transformers fp32 | top-1 agreement |\n|---|---|---|---|---|")
+    for name in args.model or ["smollm2-135m-instruct"]:
+        probe = LLM(name, progress=False)
+        path = Path(probe.path)
+        ids = probe.tokenizer.encode(text, add_special=True)
+        del probe
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                  dtype=torch.float32)
+        with torch.inference_mode():
+            ref = model(torch.tensor([ids])).logits[0].float()
+        del model
+        for label, logits in jisu_rows(str(path), ids) + llama_cpp_row(str(path), ids):
+            kl, top1 = agreement(ref, logits)
+            print(f"| {name} | {label} | {len(ids)} | {kl:.2e} | {100 * top1:.2f}% |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
