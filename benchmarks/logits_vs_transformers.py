@@ -11,6 +11,7 @@ GEMM (AMX off). llama.cpp: llama-cpp-python with logits_all, the same token ids.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ def jisu_rows(path: str, ids: list[int]) -> list[tuple[str, torch.Tensor]]:
     from jisu.kernels import cpu
     ops = cpu.load()
     amx = ops is not None and getattr(ops, "amx", False)
-    modes = [("jisu (default)", None, None)]
+    modes = [(f"jisu (JISU_AMX={os.environ.get('JISU_AMX', 'unset')})", None, None)]
     if amx:
         modes += [("jisu, JISU_AMX=exact", ops.AMX_MIN_ROWS, True), ("jisu, int16 GEMM (JISU_AMX=0)", 0, False)]
     rows = []
@@ -46,13 +47,13 @@ def jisu_rows(path: str, ids: list[int]) -> list[tuple[str, torch.Tensor]]:
     return rows
 
 
-def llama_cpp_row(path: str, ids: list[int]) -> list[tuple[str, torch.Tensor]]:
+def llama_cpp_row(path: str, ids: list[int], threads: int) -> list[tuple[str, torch.Tensor]]:
     try:
         import llama_cpp
     except ImportError:
         print("llama.cpp: llama-cpp-python is not installed, skipped")
         return []
-    ll = llama_cpp.Llama(path, n_ctx=2048, n_batch=1024, logits_all=True, n_threads=2, verbose=False)
+    ll = llama_cpp.Llama(path, n_ctx=2048, n_batch=1024, logits_all=True, n_threads=threads, verbose=False)
     ll.eval(ids)
     return [("llama.cpp", torch.from_numpy(np.array(ll.scores[:len(ids)], dtype=np.float32)))]
 
@@ -60,6 +61,7 @@ def llama_cpp_row(path: str, ids: list[int]) -> list[tuple[str, torch.Tensor]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", action="append", default=None, help="model name or GGUF path (repeatable)")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp's threads")
     args = ap.parse_args()
     import transformers
 
@@ -76,7 +78,7 @@ def main() -> None:
         with torch.inference_mode():
             ref = model(torch.tensor([ids])).logits[0].float()
         del model
-        for label, logits in jisu_rows(str(path), ids) + llama_cpp_row(str(path), ids):
+        for label, logits in jisu_rows(str(path), ids) + llama_cpp_row(str(path), ids, args.threads):
             kl, top1 = agreement(ref, logits)
             print(f"| {name} | {label} | {len(ids)} | {kl:.2e} | {100 * top1:.2f}% |", flush=True)
 

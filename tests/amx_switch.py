@@ -21,4 +21,3 @@ def amx_from(rows: int, exact: bool | None = None):
             ops.set_amx_min_rows(previous)
         if was_exact is not None:
             ops.set_amx_exact(was_exact)
-

@@ -1665,7 +1665,7 @@ void gemm_panel(const XQ16& xq, const uint8_t* w, float* y, int64_t M, int64_t N
 // value, too few for activations (bf16 activations and weights move SmolLM2's top-1 token on ~1%
 // of positions), so activations are split into two bf16, x = xh + xl with xl = bf16(x - xh)
 // (16 bits), and each dequantized weight is rounded once to bf16 (wh):
-//     x w ~ xh wh + xl wh                  (relative error ~2^-9 per weight: see amx_exact)
+//     x w ~ xh wh + xl wh                  (each weight within 2^-8 of itself, relative: see amx_exact)
 // or, with amx_exact, the weights split too, about as exact as the int16 GEMM (relative error
 // ~5e-6 on random data):
 //     x w ~ xh wh + xl wh + xh wl          (the xl wl term is below 2^-16 of the product)
@@ -1687,10 +1687,10 @@ constexpr int64_t AMX_MIN_ROWS = 64;
 
 // On where the CPU and the kernel allow it; JISU_AMX=0 (or set_amx_min_rows(0)) keeps the int16
 // GEMM. On this project's AMX machine (a VM whose cores other tenants share, so that AMX ran at
-// full or half speed by turns), 512-token prefills alternating in one process: 1.32x (SmolLM2)
-// and 1.26x (Gemma 3) the int16 GEMM's speed, medians of 16 pairs (RESULTS.md, seventeenth
-// session; the sixteenth session's design, one thread packing for the other, had been 0.62x /
-// 0.75x there).
+// full or half speed by turns), 512-token prefills alternating in one process, with three
+// products: 1.32x (SmolLM2) and 1.26x (Gemma 3) the int16 GEMM's speed, medians of 16 pairs
+// (RESULTS.md, seventeenth session; the sixteenth session's design, one thread packing for the
+// other, had been 0.62x / 0.75x there); two products take 1.16-1.27x less time again.
 std::atomic<int64_t> amx_min_rows{[] {
     const char* e = std::getenv("JISU_AMX");
     return e && std::strcmp(e, "0") == 0 ? int64_t(0) : AMX_MIN_ROWS;
@@ -1867,7 +1867,6 @@ void pack_panel_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np
     }
 }
 
-int g_pf = 0;
 // Rows 32 blk .. 32 blk + 31 of y [M, row stride N], columns n0 .. n0 + np - 1, = x W^T for
 // one packed panel pb, with or without its lo tiles (exact; act: as gemm_tile)
 inline void amx_block(const XB& xb, int64_t blk, const uint16_t* pb, bool exact, float* y, int64_t N, int64_t n0, int64_t np,
@@ -1885,13 +1884,6 @@ inline void amx_block(const XB& xb, int64_t blk, const uint16_t* pb, bool exact,
         for (int64_t s = 0; s < steps; ++s) {
             const uint16_t* a = xb.step(blk, s);
             const uint16_t* w = pb + s * 1024;       // [2 tiles of 16 columns]
-            if (g_pf == 1 && s + 1 < steps) {
-                prefetch_row(reinterpret_cast<const uint8_t*>(xb.step(blk, s + 1)), 4096);
-                prefetch_row(reinterpret_cast<const uint8_t*>(w + 1024), 2048);
-            } else if (g_pf == 2 && s + 2 < steps) {
-                prefetch_row(reinterpret_cast<const uint8_t*>(xb.step(blk, s + 2)), 4096);
-                prefetch_row(reinterpret_cast<const uint8_t*>(w + 2048), 2048);
-            }
             step2(a, a + 512, a + 1024, a + 1536, 64, w, w + 512);
         }
     }
@@ -3880,8 +3872,9 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
 
 #ifdef JISU_AMX
 // ---- prefill attention on AMX: bf16 tiles, three products per pair of values ---------------
-// The GEMM's scheme (amx_block) applied to both products of attention, in two passes per task
-// (the G heads of one KV head for up to 64 / G queries): S = (sc Q) K^T for every key the task
+// The exact GEMM's scheme (step3, what JISU_AMX=exact runs) applied to both products of
+// attention, in two passes per task (the G heads of one KV head for up to 64 / G queries):
+// S = (sc Q) K^T for every key the task
 // sees, then each row's softmax over all of S at once (no running max, no rescaling of O):
 // P = exp(S - max), O = P V / sum. Each operand is split into two bf16, v = hi + lo, and each product
 // takes hi hi + hi lo + lo hi: float16 keys and values are exact as hi + lo, and q and P keep
@@ -4988,7 +4981,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     // the kernel grants the tile state)
     m.attr("amx") = amx_ready();
     m.attr("AMX_MIN_ROWS") = AMX_MIN_ROWS;
-    m.def("set_pf", [](int64_t g) { g_pf = int(g); });
     m.def("set_amx_exact", [](bool exact) { return amx_exact.exchange(exact); });
     m.def("set_amx_min_rows", [](int64_t rows) {
         TORCH_CHECK(rows >= 0, "set_amx_min_rows: rows must be >= 0 (0: off)");
