@@ -148,3 +148,24 @@ def test_importing_llm_leaves_the_garbage_collector_as_it_was(enabled):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+def test_bench_names_the_prompt_path():
+    """The notes column says how prompts' GEMMs ran: AMX with bf16 weights or three products, or
+    the int16 GEMM; nothing where the CPU has no AMX."""
+    import types
+
+    from amx_switch import amx_from
+    from jisu.bench.speed import prompt_path
+    from jisu.kernels import cpu
+    ops = cpu.load()
+    llm = types.SimpleNamespace(kernels=ops is not None)
+    if not getattr(ops, "amx", False):
+        assert prompt_path(llm) == ""
+        return
+    with amx_from(64, exact=False):
+        assert prompt_path(llm) == ", prompts on AMX from 64 rows (bf16 weights)"
+    with amx_from(100, exact=True):
+        assert prompt_path(llm) == ", prompts on AMX from 100 rows (three products, JISU_AMX=exact)"
+    with amx_from(0):
+        assert prompt_path(llm) == ", prompts on the int16 GEMM (JISU_AMX=0)"

@@ -64,6 +64,19 @@ def _median_rate(n: int, times: list[float]) -> float:
     return n / statistics.median(times)
 
 
+def prompt_path(llm) -> str:
+    """How prompts' GEMMs run, for the notes column: AMX tiles (bf16 weights, or three products
+    with JISU_AMX=exact) from some row count, or the int16 GEMM (empty where there is no AMX)."""
+    from jisu.kernels import cpu
+    ops = cpu.load() if llm.kernels else None
+    if not getattr(ops, "amx", False):
+        return ""
+    rows, exact = ops.amx_settings()
+    if rows == 0:
+        return ", prompts on the int16 GEMM (JISU_AMX=0)"
+    return f", prompts on AMX from {rows} rows ({'three products, JISU_AMX=exact' if exact else 'bf16 weights'})"
+
+
 def bench_jisu(path: str, prompt_ids: list[int], decode_ids: list[int], n_decode: int, repeats: int, threads: int,
                activations: str = "int16") -> SpeedResult:
     from jisu import LLM, SamplingParams
@@ -92,6 +105,7 @@ def bench_jisu(path: str, prompt_ids: list[int], decode_ids: list[int], n_decode
             raise RuntimeError(f"decode stopped after {seq.num_output_tokens} of {n_decode} tokens "
                                f"({seq.finish_reason}): the context holds {llm.max_model_len} tokens")
     how = "GGUF blocks + C++ kernels" if llm.kernels else "dense fp32 (PyTorch path)"
+    how += prompt_path(llm)
     return SpeedResult("jisu", _median_rate(n_decode - 1, decode), _median_rate(len(prompt_ids), prefill), load,
                        f"{how}, {activations} decode activations, {threads} threads", statistics.median(prefill))
 

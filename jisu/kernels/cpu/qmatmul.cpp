@@ -4982,6 +4982,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.attr("amx") = amx_ready();
     m.attr("AMX_MIN_ROWS") = AMX_MIN_ROWS;
     m.def("set_amx_exact", [](bool exact) { return amx_exact.exchange(exact); });
+    m.def("amx_settings", [] { return std::make_tuple(amx_min_rows.load(), amx_exact.load()); },
+          "(rows from which the GEMM takes AMX, 0: never; whether it runs three products)");
     m.def("set_amx_min_rows", [](int64_t rows) {
         TORCH_CHECK(rows >= 0, "set_amx_min_rows: rows must be >= 0 (0: off)");
         return amx_min_rows.exchange(rows);
