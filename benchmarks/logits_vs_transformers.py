@@ -26,24 +26,15 @@ def agreement(ref: torch.Tensor, ours: torch.Tensor) -> tuple[float, float]:
     return kl, (ref.argmax(-1) == ours.argmax(-1)).float().mean().item()
 
 
-def jisu_rows(path: str, ids: list[int]) -> list[tuple[str, torch.Tensor]]:
-    from jisu import LLM
+def jisu_rows(llm, ids: list[int]) -> list[tuple[str, torch.Tensor]]:
     from jisu.kernels import cpu
     ops = cpu.load()
-    amx = ops is not None and getattr(ops, "amx", False)
-    modes = [(f"jisu (JISU_AMX={os.environ.get('JISU_AMX', 'unset')})", None, None)]
-    if amx:
-        modes += [("jisu, JISU_AMX=exact", ops.AMX_MIN_ROWS, True), ("jisu, int16 GEMM (JISU_AMX=0)", 0, False)]
-    rows = []
-    for label, min_rows, exact in modes:
-        before = (ops.set_amx_min_rows(min_rows), ops.set_amx_exact(exact)) if min_rows is not None else None
-        try:
-            llm = LLM(path, enable_prefix_caching=False, progress=False)
-            rows.append((label, torch.from_numpy(llm.logits(ids))))
-        finally:
-            if before is not None:
-                ops.set_amx_min_rows(before[0])
-                ops.set_amx_exact(before[1])
+    rows = [(f"jisu (JISU_AMX={os.environ.get('JISU_AMX', 'unset')})", torch.from_numpy(llm.logits(ids)))]
+    if getattr(ops, "amx", False):
+        for label, min_rows, exact in (("jisu, JISU_AMX=exact", ops.AMX_MIN_ROWS, True),
+                                       ("jisu, int16 GEMM (JISU_AMX=0)", 0, None)):
+            with cpu.amx_from(min_rows, exact):
+                rows.append((label, torch.from_numpy(llm.logits(ids))))
     return rows
 
 
@@ -69,16 +60,15 @@ def main() -> None:
     text = TEXT.read_text()
     print("| model | engine | tokens | mean KL vs transformers fp32 | top-1 agreement |\n|---|---|---|---|---|")
     for name in args.model or ["smollm2-135m-instruct"]:
-        probe = LLM(name, progress=False)
-        path = Path(probe.path)
-        ids = probe.tokenizer.encode(text, add_special=True)
-        del probe
+        llm = LLM(name, enable_prefix_caching=False, progress=False)
+        path = Path(llm.path)
+        ids = llm.tokenizer.encode(text, add_special=True)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                   dtype=torch.float32)
         with torch.inference_mode():
             ref = model(torch.tensor([ids])).logits[0].float()
         del model
-        for label, logits in jisu_rows(str(path), ids) + llama_cpp_row(str(path), ids, args.threads):
+        for label, logits in jisu_rows(llm, ids) + llama_cpp_row(str(path), ids, args.threads):
             kl, top1 = agreement(ref, logits)
             print(f"| {name} | {label} | {len(ids)} | {kl:.2e} | {100 * top1:.2f}% |", flush=True)
 

@@ -14,7 +14,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from jisu.kernels import cpu
-from amx_switch import amx_from
+from jisu.kernels.cpu import amx_from
 from test_kernels import KERNEL_TYPES, random_weight
 
 ops = cpu.load()

@@ -155,7 +155,7 @@ def test_bench_names_the_prompt_path():
     the int16 GEMM; nothing where the CPU has no AMX."""
     import types
 
-    from amx_switch import amx_from
+    from jisu.kernels.cpu import amx_from
     from jisu.bench.speed import prompt_path
     from jisu.kernels import cpu
     ops = cpu.load()

@@ -9,9 +9,9 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize, quantize
 
-from amx_switch import amx_from
 from gguf_factory import random_quant_bytes
 from jisu.kernels import cpu
+from jisu.kernels.cpu import amx_from
 from jisu.model.layers import QLinear
 
 ops = cpu.load()

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from amx_switch import amx_from
 from conftest import DATA
 from jisu import SamplingParams
+from jisu.kernels.cpu import amx_from
 
 TEXT = (DATA / "gpl3_preamble.txt").read_text()
 REFERENCE = json.loads((DATA / "llama_cpp_reference.json").read_text())["models"]

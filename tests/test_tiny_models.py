@@ -5,9 +5,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from amx_switch import amx_from
 from gguf_factory import write_tiny_gemma3, write_tiny_llama
 from jisu import LLM, SamplingParams
+from jisu.kernels.cpu import amx_from
 
 
 def hf_logits(path, ids):

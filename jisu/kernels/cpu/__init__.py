@@ -11,6 +11,7 @@ two). The ISA is part of the cache key, so a home directory shared by machines k
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -103,3 +104,22 @@ def load():
         print(f"jisu: CPU kernels unavailable ({load_error}); using the PyTorch path", file=sys.stderr)
         _module = None
     return _module
+
+
+@contextlib.contextmanager
+def amx_from(rows: int, exact: bool | None = None):
+    """The GEMM and prompt attention take AMX from `rows` rows (0: never) inside the block, where
+    the CPU has AMX, with the GEMM's third product (the weights' lo tiles) on or off where `exact`
+    says (None: as it was); the switches are process-wide and restored after. Elsewhere nothing
+    changes (there is no AMX path to leave)."""
+    ops = load()
+    on = getattr(ops, "amx", False)
+    previous = ops.set_amx_min_rows(rows) if on else None
+    was_exact = ops.set_amx_exact(exact) if on and exact is not None else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            ops.set_amx_min_rows(previous)
+        if was_exact is not None:
+            ops.set_amx_exact(was_exact)

@@ -1850,19 +1850,16 @@ void pack_panel_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np
             for (int t = 0; t < 2; ++t) {
                 __m512i hi[16], lo[16];
                 uint16_t* dst = pb + (c0 / 32 + s) * step + t * 512;
-                if (!lo_too) {
-                    for (int c = 0; c < 16; ++c) hi[c] = bf16_32(f + (16 * t + c) * PACK_CHUNK + 32 * s);
-                    transpose16(hi);
-                    for (int kp = 0; kp < 16; ++kp) _mm512_store_si512(dst + kp * 32, hi[kp]);
-                    continue;
+                for (int c = 0; c < 16; ++c) {
+                    const float* v = f + (16 * t + c) * PACK_CHUNK + 32 * s;
+                    if (lo_too) split32(v, hi[c], lo[c]);
+                    else hi[c] = bf16_32(v);
                 }
-                for (int c = 0; c < 16; ++c) split32(f + (16 * t + c) * PACK_CHUNK + 32 * s, hi[c], lo[c]);
                 transpose16(hi);
+                for (int kp = 0; kp < 16; ++kp) _mm512_store_si512(dst + kp * 32, hi[kp]);
+                if (!lo_too) continue;
                 transpose16(lo);
-                for (int kp = 0; kp < 16; ++kp) {
-                    _mm512_store_si512(dst + kp * 32, hi[kp]);
-                    _mm512_store_si512(dst + 1024 + kp * 32, lo[kp]);
-                }
+                for (int kp = 0; kp < 16; ++kp) _mm512_store_si512(dst + 1024 + kp * 32, lo[kp]);
             }
     }
 }
@@ -1874,18 +1871,12 @@ inline void amx_block(const XB& xb, int64_t blk, const uint16_t* pb, bool exact,
     alignas(64) float c[32 * 32];
     const int64_t steps = xb.K / 32;
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-    if (exact) {
-        for (int64_t s = 0; s < steps; ++s) {
-            const uint16_t* a = xb.step(blk, s);     // [hi, lo][2 halves][16 rows][32]
-            const uint16_t* w = pb + s * 2048;       // [hi, lo][2 tiles of 16 columns]
-            step3(a, a + 512, a + 1024, a + 1536, 64, w, w + 512, w + 1024, w + 1536);
-        }
-    } else {
-        for (int64_t s = 0; s < steps; ++s) {
-            const uint16_t* a = xb.step(blk, s);
-            const uint16_t* w = pb + s * 1024;       // [2 tiles of 16 columns]
-            step2(a, a + 512, a + 1024, a + 1536, 64, w, w + 512);
-        }
+    const int64_t wstep = exact ? 2048 : 1024;
+    for (int64_t s = 0; s < steps; ++s) {
+        const uint16_t* a = xb.step(blk, s);     // [hi, lo][2 halves][16 rows][32]
+        const uint16_t* w = pb + s * wstep;      // [hi, (lo)][2 tiles of 16 columns]
+        if (exact) step3(a, a + 512, a + 1024, a + 1536, 64, w, w + 512, w + 1024, w + 1536);
+        else step2(a, a + 512, a + 1024, a + 1536, 64, w, w + 512);
     }
     _tile_stored(0, c, 128); _tile_stored(1, c + 16, 128); _tile_stored(2, c + 512, 128); _tile_stored(3, c + 528, 128);
     const __mmask16 k0 = cols16(np, 0), k1 = cols16(np, 16);
@@ -3874,8 +3865,8 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
 // ---- prefill attention on AMX: bf16 tiles, three products per pair of values ---------------
 // The exact GEMM's scheme (step3, what JISU_AMX=exact runs) applied to both products of
 // attention, in two passes per task (the G heads of one KV head for up to 64 / G queries):
-// S = (sc Q) K^T for every key the task
-// sees, then each row's softmax over all of S at once (no running max, no rescaling of O):
+// S = (sc Q) K^T for every key the task sees, then each row's softmax over all of S at once
+// (no running max, no rescaling of O):
 // P = exp(S - max), O = P V / sum. Each operand is split into two bf16, v = hi + lo, and each product
 // takes hi hi + hi lo + lo hi: float16 keys and values are exact as hi + lo, and q and P keep
 // 16 bits, about as exact as the int16 path's codes. Keys and values are split once per call
