@@ -2008,11 +2008,16 @@ struct AmxPanels {
 // half speed each (one AMX unit for both vCPUs); on the same kind of VM later, two copies ran at
 // full speed each, and this design made 512-token prefills 1.32x (SmolLM2) / 1.26x (Gemma 3) the
 // int16 GEMM's speed where packing ahead had been 0.62x / 0.75x (RESULTS.md, seventeenth session).
+// The panels go in groups of at most G, as many groups as a multiple of the threads: Gemma 3's
+// o and down matrices (20 panels) made 5 groups of 4, so one thread took 3 and the other
+// waited a group's time for it (16% of those calls' thread time idle); 6 groups of 3 or 4 left
+// 12.7 ms of a 512-token prefill's thread time idle where 17-24 had been (RESULTS.md,
+// twenty-first session).
 void amx_gemm(const XB& xb, const AmxPanels& job) {
     const int64_t P = job.count(), K = job.K;
     constexpr int64_t G = 4;   // measured: groups of 4 over 2 and 8, at K 576 and 1536
-    const int64_t groups = (P + G - 1) / G;
-    const int64_t T = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), groups);
+    const int64_t T = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), (P + G - 1) / G);
+    const int64_t groups = T * ((P + G * T - 1) / (G * T));     // group g: panels g P / groups ..
     // each thread's G packed panels (64 K bf16 each, or 32 K without lo tiles) and float scratch
     // (32 PACK_CHUNK), allocated here in one piece, on the calling thread's heap rather than in
     // the pool threads' arenas
@@ -2027,7 +2032,7 @@ void amx_gemm(const XB& xb, const AmxPanels& job) {
         float* f = reinterpret_cast<float*>(mine + G * panel_bytes);
         tiles_on();
         for (int64_t g; (g = next.fetch_add(1, std::memory_order_relaxed)) < groups;) {
-            const int64_t g0 = g * G, g1 = std::min(P, g0 + G);
+            const int64_t g0 = g * P / groups, g1 = (g + 1) * P / groups;
             for (int64_t p = g0; p < g1; ++p) job.pack(p, f, slots[p - g0]);
             job.compute(xb, g0, g1, slots);
         }
@@ -3876,13 +3881,15 @@ void prefill_attention_i16(const float* qp, const c10::Half* khp, const c10::Hal
 // Error against float64 on random data: <1e-4 (the int16 path: ~2e-3). Measured on the AMX VM
 // (RESULTS.md, eighteenth session), 512 tokens, 2 threads, in-process pairs against the int16
 // path: head dim 64 (SmolLM2) 1.18-1.35x the attention alone and 1.10-1.13x the whole prefill;
-// head dim 256 (Gemma 3) 1.24-1.51x alone, but in the model 1.08x (perf samples, 12 prefills
-// each way in one process: attention is ~9% of Gemma's prefill) and 0.96-0.99x the whole prefill
-// in pairs, within the noise: it stays on the int16 path. JISU_AMX=0 (set_amx_min_rows(0)) turns
-// this off with the AMX GEMM.
+// head dim 256 (Gemma 3) 1.24-1.51x alone but even in the model. There the tasks were split in
+// halves, and Gemma's one KV head gave one thread the first queries and the other the last (1:3
+// of the work); with the heaviest tasks first from a shared counter, Gemma's prompt attention
+// takes 22 ms of a 512-token prefill where the int16 path takes 30-34 (twenty-first session), so
+// head dims up to 256 take this path. JISU_AMX=0 (set_amx_min_rows(0)) turns this off with the
+// AMX GEMM.
 constexpr int64_t AMX_ATTN_MAX_KEYS = 4096;
 constexpr int64_t AMX_ATTN_MIN_ROWS = 32;   // fewer new tokens: the int16 path
-constexpr int64_t AMX_ATTN_MAX_D = 128;
+constexpr int64_t AMX_ATTN_MAX_D = 256;
 
 // 16 floats of each of two rows (keys 2i, 2i + 1) -> hi and lo as 16 pairs of bf16
 inline void split_pairs(__m512 a, __m512 b, __m512i& hi, __m512i& lo) {
@@ -3953,7 +3960,11 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
     if (parallel) at::parallel_for(0, vblocks, 1, convert); else convert(0, vblocks);
     marked.count();
     auto first_key = [&](int64_t p) { return window > 0 ? std::max<int64_t>(0, p - window + 1) : int64_t(0); };
-    auto body = [&](int64_t t0, int64_t t1) {
+    // tasks from a shared counter, those that see the most keys first (the last query blocks):
+    // with the tasks split in halves, one thread took the first queries (few keys) and the
+    // other the last, Gemma 3's one KV head 1:3
+    std::atomic<int64_t> next{0};
+    auto body = [&](int64_t, int64_t) {
         const int64_t MPmax = 64;
         auto alloc16 = [](int64_t n) {
             return std::unique_ptr<uint16_t[], void (*)(void*)>(static_cast<uint16_t*>(std::aligned_alloc(64, sizeof(uint16_t) * n)), std::free);
@@ -3964,8 +3975,8 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
         int64_t rpos[64];
         float inv[64];     // 1 / sum, or NaN where the row sees a marked key
         tiles_on();
-        for (int64_t task = t0; task < t1; ++task) {
-            const int64_t kvh = task / nqb, tq0 = (task % nqb) * QB, M = std::min(QB, T - tq0) * G, MP = (M + 31) / 32 * 32;
+        for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+            const int64_t kvh = task % KVH, tq0 = (nqb - 1 - task / KVH) * QB, M = std::min(QB, T - tq0) * G, MP = (M + 31) / 32 * 32;
             int64_t lo = khi, hi = 0;
             for (int64_t r = 0; r < MP; ++r) {     // row r: query r / G, head r % G; padding: zeros
                 uint16_t* dh = qh.get() + r * D;
@@ -4072,7 +4083,7 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
         }
         _tile_release();
     };
-    if (parallel) at::parallel_for(0, tasks, 1, body); else body(0, tasks);
+    if (parallel) at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, body); else body(0, 1);
 }
 #endif
 #endif
