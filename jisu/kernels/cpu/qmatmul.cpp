@@ -1669,13 +1669,18 @@ void gemm_panel(const XQ16& xq, const uint8_t* w, float* y, int64_t M, int64_t N
 // or, with amx_exact, the weights split too, about as exact as the int16 GEMM (relative error
 // ~5e-6 on random data):
 //     x w ~ xh wh + xl wh + xh wl          (the xl wl term is below 2^-16 of the product)
-// Weights are dequantized per panel of 32 rows (exactly, the Float kernel's dequant) and
-// converted into tiles in the layout tdpbf16ps reads (pairs of k side by side per column);
-// activations are split once per call into 32-row, 32-value tiles. Each 32 x 32 block of y is
-// four accumulator tiles; per 32 values of k it loads 6 tiles and issues 8 products (8 and 12
-// exact: step2, step3). Tile loads from L2 cost: a microbenchmark of this loop ran at 10-11 ns
-// a product where the same products on data in L1 took 7 (K in chunks whose tiles stay in L1,
-// accumulators stored between chunks, was slower still: 12-15 ns).
+// The weights are the tiles' first operand (A: 16 rows of 32 values of k), the activations the
+// second (B: 16 pairs of k by 16 columns), so the product is y^T: a panel of 32 weight rows is
+// dequantized (exactly, the Float kernel's dequant) block by block straight into A's layout,
+// each block's 32 values one tile row, and the transposes (pairs of k by columns) fall on x, once
+// per call, and on each 32 x 32 block of y as it is stored. The other way round (weights as B,
+// transposed while packing, each row dequantized through a float scratch) packed 1.3-1.9x slower
+// and made 512-token prefills 1.03x (SmolLM2) / 1.08x (Gemma 3) slower (RESULTS.md, twenty-first
+// session). Each 32 x 32 block of y is four accumulator tiles; per 32 values of k it loads 6
+// tiles and issues 8 products (8 and 12 exact: stepT). Tile loads from L2 cost: a
+// microbenchmark of this loop ran at 10-11 ns a product where the same products on data in L1
+// took 7 (K in chunks whose tiles stay in L1, accumulators stored between chunks, was slower
+// still: 12-15 ns).
 // Below this, packing a panel costs more than AMX saves: 4 matrices of SmolLM2 / Gemma 3 shapes,
 // 7 alternating rounds, AMX's speed (two products) over the int16 GEMM's at 32 / 64 / 96 / 128 /
 // 160 / 256 rows, two runs minutes apart (AMX's speed on this VM moves by 2x with its phase):
@@ -1727,9 +1732,9 @@ inline void tiles_on() {   // every tile 16 rows x 64 bytes, in this thread
     _tile_loadconfig(&c);
 }
 
-// One step of a 32 x 32 block: C tiles 0-3 (rows 0-15 / 16-31 of x against columns of b0 / b1)
-// += xl bh + xh bh (step2: 6 tile loads for 8 products), and step3 + xh bl (8 loads for 12), in
-// that order so that only two tiles change between groups. x0 / x1: rows 0-15 / 16-31 of x's hi
+// One step of a 32 x 32 block of prompt attention: C tiles 0-3 (rows 0-15 / 16-31 of x against
+// columns of b0 / b1) += xl bh + xh bh (step2: 6 tile loads for 8 products), and step3 + xh bl
+// (8 loads for 12), in that order so that only two tiles change between groups. x0 / x1: rows 0-15 / 16-31 of x's hi
 // and lo tiles (x_stride bytes a row); b: 16 pairs x 16 columns (64 bytes a row).
 inline void step2(const uint16_t* xh0, const uint16_t* xh1, const uint16_t* xl0, const uint16_t* xl1, int64_t x_stride,
                   const uint16_t* bh0, const uint16_t* bh1) {
@@ -1761,11 +1766,9 @@ inline void split32(__m512 a, __m512 b, __m512i& hi, __m512i& lo) {
                             (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(b, hb)), 1);
 }
 inline void split32(const float* p, __m512i& hi, __m512i& lo) { split32(_mm512_loadu_ps(p), _mm512_loadu_ps(p + 16), hi, lo); }
-// 32 floats at p -> 32 bf16 (round to nearest even), as one vector
-inline __m512i bf16_32(const float* p) { return (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + 16), _mm512_loadu_ps(p)); }
 
-// x [M, K] split into tiles: [M/32 blocks][K/32 steps][hi, lo][2 halves][16 rows][32 values]
-// (4 KB a step); rows past M are zero. A whole block takes the bytes of its 32 float rows, so x
+// x [M, K] split into B tiles: [M/32 blocks][K/32 steps][hi, lo][rows 0-15, 16-31][16 pairs of
+// k][16 rows][2] (4 KB a step); rows past M are zero. A whole block takes the bytes of its 32 float rows, so x
 // that nobody else holds is split in place (split_in_place): the tiles of a 512-row prompt's
 // MLP input then take no memory of their own where a copy took 3 MB (SmolLM2's peak RSS).
 struct XB {
@@ -1782,15 +1785,21 @@ struct XB {
     }
     // rows (n <= 32 of them, row stride K) into one block's tiles at dst
     static void split_block(const float* rows, int64_t n, int64_t K, uint16_t* dst) {
-        for (int64_t r = 0; r < 32; ++r) {
-            uint16_t* d = dst + (r / 16) * 512 + (r % 16) * 32;
-            for (int64_t s = 0; s < K / 32; ++s, d += 2048) {
-                __m512i hi = _mm512_setzero_si512(), lo = _mm512_setzero_si512();
-                if (r < n) split32(rows + r * K + 32 * s, hi, lo);
-                _mm512_store_si512(d, hi);
-                _mm512_store_si512(d + 1024, lo);
+        for (int64_t s = 0; s < K / 32; ++s)
+            for (int h = 0; h < 2; ++h) {
+                __m512i hi[16], lo[16];
+                for (int c = 0; c < 16; ++c) {
+                    hi[c] = lo[c] = _mm512_setzero_si512();
+                    if (16 * h + c < n) split32(rows + (16 * h + c) * K + 32 * s, hi[c], lo[c]);
+                }
+                transpose16(hi);
+                transpose16(lo);
+                uint16_t* d = dst + s * 2048 + h * 512;
+                for (int kp = 0; kp < 16; ++kp) {
+                    _mm512_store_si512(d + kp * 32, hi[kp]);
+                    _mm512_store_si512(d + 1024 + kp * 32, lo[kp]);
+                }
             }
-        }
     }
     void split(const float* x, int64_t M_, int64_t K_) {
         M = M_, K = K_, blocks = (M + 31) / 32;
@@ -1827,49 +1836,129 @@ struct XB {
     }
 };
 
-// weight rows n0 .. n0 + np - 1 (np <= 32) of N into pb: [K/32 steps][hi, lo][2 tiles of 16
-// columns][16 pairs of k][16 columns][2] (4 KB a step), or without lo (2 KB a step, amx_exact
-// off); f: [32][PACK_CHUNK] float scratch. The rows are
-// dequantized PACK_CHUNK values at a time (32 KB, so they are split from L1; whole rows were
-// 72-256 KB a panel), a multiple of every block size. A column's 32 values of a step, as bf16,
-// are 16 pairs: one row of a 16 x 16 matrix of pairs whose transpose is the tile.
-// Each row's next chunk (after the last, the next panel's row) is prefetched as a chunk is
-// dequantized: the panel's 32 rows are 32 short runs, and a third of the packer's time was
-// waiting on them (perf: the first instruction reading a block); with the prefetch a 512-token
-// prefill's packing took 34-36 ms of thread time where it took 42-45 (twenty-first session).
-constexpr int64_t PACK_CHUNK = 256;
-template <typename F>
-void pack_panel_bf16(const uint8_t* w, int64_t row_bytes, int64_t N, int64_t n0, int64_t np, int64_t K, float* f,
-                     uint16_t* pb, bool lo_too) {
-    static_assert(PACK_CHUNK % F::N == 0, "a chunk holds whole blocks");
-    const int64_t step = lo_too ? 2048 : 1024, chunk_bytes = PACK_CHUNK / F::N * F::BYTES;
-    for (int64_t c0 = 0; c0 < K; c0 += PACK_CHUNK) {
-        const int64_t len = std::min(PACK_CHUNK, K - c0);
-        for (int64_t r = 0; r < 32; ++r) {
-            float* fr = f + r * PACK_CHUNK;
-            if (r >= np) { std::memset(fr, 0, sizeof(float) * len); continue; }
-            const uint8_t* row = w + (n0 + r) * row_bytes + c0 / F::N * F::BYTES;
-            const uint8_t* ahead = c0 + PACK_CHUNK < K ? row + chunk_bytes
-                                 : n0 + 32 + r < N ? w + (n0 + 32 + r) * row_bytes : nullptr;
-            if (ahead)
-                for (int64_t b = 0; b < chunk_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + b), _MM_HINT_T0);
-            for (int64_t v = 0; v < len; v += F::N, row += F::BYTES) F::dequant(row, fr + v);
+// 32 weights of a row, values 32 j .. 32 j + 31, as floats (a: the first 16, b: the rest): the
+// Float kernel's dequant (the same formula and rounding steps) in 512-bit vectors straight from
+// the block's bytes, where the packer had dequantized whole rows into a float scratch and read
+// them back (1.1-1.33x slower for 32-value types, RESULTS.md, twenty-first session)
+template <typename F> struct Bf;
+// 16 bytes -> 16 int32 lanes
+inline __m512i u8x16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+template <> struct Bf<Q8_0> {
+    static inline void floats(const uint8_t* row, int64_t j, __m512& a, __m512& b) {
+        const uint8_t* blk = row + j * 34;
+        const __m512 d = _mm512_set1_ps(f16(blk));
+        a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)))), d);
+        b = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)))), d);
+    }
+};
+template <> struct Bf<Q4_1> {
+    static inline void floats(const uint8_t* row, int64_t j, __m512& a, __m512& b) {
+        const uint8_t* blk = row + j * 20;
+        const __m512 d = _mm512_set1_ps(f16(blk)), m = _mm512_set1_ps(f16(blk + 2));
+        const __m512i v = u8x16(blk + 4), lo4 = _mm512_set1_epi32(0xF);
+        a = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, lo4)), d), m);
+        b = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), d), m);
+    }
+};
+template <int BYTES, int OFFSET, void (*INTS)(const uint8_t*, __m256i*)>
+struct Bf<OffsetBlock<BYTES, OFFSET, INTS>> {     // Q4_0 (18 bytes), Q5_0 (22: 32 fifth bits first)
+    static inline void floats(const uint8_t* row, int64_t j, __m512& a, __m512& b) {
+        const uint8_t* blk = row + j * BYTES;
+        const __m512 d = _mm512_set1_ps(f16(blk));
+        const __m512i v = u8x16(blk + BYTES - 16), lo4 = _mm512_set1_epi32(0xF), off = _mm512_set1_epi32(OFFSET);
+        __m512i qa = _mm512_and_si512(v, lo4), qb = _mm512_srli_epi32(v, 4);
+        if constexpr (BYTES == 22) {
+            uint32_t qh;
+            std::memcpy(&qh, blk + 2, 4);
+            const __m512i sixteen = _mm512_set1_epi32(16);
+            qa = _mm512_mask_or_epi32(qa, __mmask16(qh), qa, sixteen);
+            qb = _mm512_mask_or_epi32(qb, __mmask16(qh >> 16), qb, sixteen);
         }
-        for (int64_t s = 0; s < len / 32; ++s)
-            for (int t = 0; t < 2; ++t) {
-                __m512i hi[16], lo[16];
-                uint16_t* dst = pb + (c0 / 32 + s) * step + t * 512;
-                for (int c = 0; c < 16; ++c) {
-                    const float* v = f + (16 * t + c) * PACK_CHUNK + 32 * s;
-                    if (lo_too) split32(v, hi[c], lo[c]);
-                    else hi[c] = bf16_32(v);
-                }
-                transpose16(hi);
-                for (int kp = 0; kp < 16; ++kp) _mm512_store_si512(dst + kp * 32, hi[kp]);
-                if (!lo_too) continue;
-                transpose16(lo);
-                for (int kp = 0; kp < 16; ++kp) _mm512_store_si512(dst + 1024 + kp * 32, lo[kp]);
+        a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(qa, off)), d);
+        b = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(qb, off)), d);
+    }
+};
+template <> struct Bf<Q4_K> {
+    static inline void floats(const uint8_t* row, int64_t j, __m512& a, __m512& b) {
+        const uint8_t* blk = row + (j / 8) * 144;
+        const int sub = int(j % 8);
+        uint8_t sc, m;
+        scale_min_k4(sub, blk + 4, sc, m);
+        const __m512 d1 = _mm512_set1_ps(f16(blk) * sc), m1 = _mm512_set1_ps(f16(blk + 2) * m);
+        const uint8_t* q = blk + 16 + (sub / 2) * 32;
+        const int shift = (sub & 1) * 4;
+        const __m512i lo4 = _mm512_set1_epi32(0xF);
+        a = _mm512_sub_ps(_mm512_mul_ps(d1, _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(u8x16(q), shift), lo4))), m1);
+        b = _mm512_sub_ps(_mm512_mul_ps(d1, _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(u8x16(q + 16), shift), lo4))), m1);
+    }
+};
+template <> struct Bf<Q6_K> {
+    static inline void floats(const uint8_t* row, int64_t j, __m512& a, __m512& b) {
+        const uint8_t* blk = row + (j / 8) * 210;
+        const int sub = int(j % 8), half = sub / 4, k = sub % 4;
+        const uint8_t* ql = blk + half * 64 + (k & 1) * 32;
+        const uint8_t* qh = blk + 128 + half * 32;
+        const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192 + half * 8);
+        const float d = f16(blk + 208);
+        const __m512i lo4 = _mm512_set1_epi32(0xF), three = _mm512_set1_epi32(3), off = _mm512_set1_epi32(32);
+        auto q = [&](int at) {
+            const __m512i l = _mm512_and_si512(_mm512_srli_epi32(u8x16(ql + at), k < 2 ? 0 : 4), lo4);
+            const __m512i h = _mm512_and_si512(_mm512_srli_epi32(u8x16(qh + at), 2 * k), three);
+            return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_or_si512(l, _mm512_slli_epi32(h, 4)), off));
+        };
+        a = _mm512_mul_ps(_mm512_set1_ps(d * sc[2 * k]), q(0));
+        b = _mm512_mul_ps(_mm512_set1_ps(d * sc[2 * k + 1]), q(16));
+    }
+};
+
+// Weight rows n0 .. n0 + np - 1 (np <= 32) into A tiles pb: [K/32 steps][hi, (lo)][rows 0-15,
+// 16-31][16 rows][32 values] (4 KB a step, or 2 KB without lo: amx_exact off); rows past np are
+// zero. Every other block a line a few blocks ahead is prefetched (a panel's rows are 32 short
+// runs; a prefetch took 20% off the packer before, twenty-first session).
+template <typename F>
+void pack_panel_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int64_t K, uint16_t* pb, bool lo_too) {
+    const int64_t step = lo_too ? 2048 : 1024, steps = K / 32;
+    constexpr int64_t AHEAD = 256;
+    for (int64_t r = 0; r < 32; ++r) {
+        uint16_t* d = pb + (r / 16) * 512 + (r % 16) * 32;
+        if (r >= np) {
+            for (int64_t s = 0; s < steps; ++s) {
+                _mm512_store_si512(d + s * step, _mm512_setzero_si512());
+                if (lo_too) _mm512_store_si512(d + s * step + 1024, _mm512_setzero_si512());
             }
+            continue;
+        }
+        const uint8_t* row = w + (n0 + r) * row_bytes;
+        for (int64_t s = 0; s < steps; ++s) {
+            const int64_t at = s * 32 / F::N * F::BYTES + AHEAD;
+            if (at < row_bytes && (s & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(row + at), _MM_HINT_T0);
+            __m512 a, b;
+            Bf<F>::floats(row, s, a, b);
+            if (lo_too) {
+                __m512i hi, lo;
+                split32(a, b, hi, lo);
+                _mm512_store_si512(d + s * step, hi);
+                _mm512_store_si512(d + s * step + 1024, lo);
+            } else {
+                _mm512_store_si512(d + s * step, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+            }
+        }
+    }
+}
+
+// One step of a 32 x 32 block of y^T: C tiles 0-3 ([weight rows 0-15, 16-31][x rows 0-15,
+// 16-31]) += wh xl + wh xh (6 tile loads for 8 products), and with wl (exact) + wl xh (8 loads
+// for 12), in that order so that only two tiles change between groups
+inline void stepT(const uint16_t* w0, const uint16_t* w1, const uint16_t* xh0, const uint16_t* xh1, const uint16_t* xl0,
+                  const uint16_t* xl1, const uint16_t* wl0, const uint16_t* wl1) {
+    _tile_loadd(4, w0, 64); _tile_loadd(5, w1, 64);
+    _tile_loadd(6, xl0, 64); _tile_loadd(7, xl1, 64);
+    _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(6, xh0, 64); _tile_loadd(7, xh1, 64);
+    _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+    if (wl0) {
+        _tile_loadd(4, wl0, 64); _tile_loadd(5, wl1, 64);
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
     }
 }
 
@@ -1882,12 +1971,26 @@ inline void amx_block(const XB& xb, int64_t blk, const uint16_t* pb, bool exact,
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     const int64_t wstep = exact ? 2048 : 1024;
     for (int64_t s = 0; s < steps; ++s) {
-        const uint16_t* a = xb.step(blk, s);     // [hi, lo][2 halves][16 rows][32]
-        const uint16_t* w = pb + s * wstep;      // [hi, (lo)][2 tiles of 16 columns]
-        if (exact) step3(a, a + 512, a + 1024, a + 1536, 64, w, w + 512, w + 1024, w + 1536);
-        else step2(a, a + 512, a + 1024, a + 1536, 64, w, w + 512);
+        const uint16_t* a = xb.step(blk, s);     // [hi, lo][m 0-15, 16-31][16 pairs][16 m][2]
+        const uint16_t* w = pb + s * wstep;      // [hi, (lo)][n 0-15, 16-31][16 n][32 k]
+        stepT(w, w + 512, a, a + 512, a + 1024, a + 1536, exact ? w + 1024 : nullptr, exact ? w + 1536 : nullptr);
     }
+    // c [weight row][x row] -> [x row][weight row]: each 16 x 16 quarter transposed, the
+    // off-diagonal two swapping places
     _tile_stored(0, c, 128); _tile_stored(1, c + 16, 128); _tile_stored(2, c + 512, 128); _tile_stored(3, c + 528, 128);
+    for (float* base : {c, c + 528}) {
+        __m512i v[16];
+        for (int i = 0; i < 16; ++i) v[i] = _mm512_load_si512(base + 32 * i);
+        transpose16(v);
+        for (int i = 0; i < 16; ++i) _mm512_store_si512(base + 32 * i, v[i]);
+    }
+    {
+        __m512i v1[16], v2[16];
+        for (int i = 0; i < 16; ++i) v1[i] = _mm512_load_si512(c + 16 + 32 * i), v2[i] = _mm512_load_si512(c + 512 + 32 * i);
+        transpose16(v1);
+        transpose16(v2);
+        for (int i = 0; i < 16; ++i) _mm512_store_si512(c + 512 + 32 * i, v1[i]), _mm512_store_si512(c + 16 + 32 * i, v2[i]);
+    }
     const __mmask16 k0 = cols16(np, 0), k1 = cols16(np, 16);
     const int64_t rows = std::min<int64_t>(32, xb.M - 32 * blk);
     for (int64_t r = 0; r < rows; ++r) {
@@ -1986,12 +2089,11 @@ struct AmxPanels {
     int act;
     bool exact;   // lo tiles too (amx_exact, read once per call)
     int64_t count() const { return first.back(); }
-    void pack(int64_t p, float* f, uint16_t* pb) const {
+    void pack(int64_t p, uint16_t* pb) const {
         int64_t i, n0, np;
         locate(p, i, n0, np);
         dispatch(qtypes[i], [&](auto k) {
-            pack_panel_bf16<typename decltype(k)::Float>(ws[i].data_ptr<uint8_t>(), ws[i].size(1), ws[i].size(0), n0, np, K, f, pb,
-                                                         exact);
+            pack_panel_bf16<typename decltype(k)::Float>(ws[i].data_ptr<uint8_t>(), ws[i].size(1), n0, np, K, pb, exact);
         });
     }
     void locate(int64_t p, int64_t& i, int64_t& n0, int64_t& np) const {
@@ -2028,22 +2130,20 @@ void amx_gemm(const XB& xb, const AmxPanels& job) {
     constexpr int64_t G = 4;   // measured: groups of 4 over 2 and 8, at K 576 and 1536
     const int64_t T = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), (P + G - 1) / G);
     const int64_t groups = T * ((P + G * T - 1) / (G * T));     // group g: panels g P / groups ..
-    // each thread's G packed panels (64 K bf16 each, or 32 K without lo tiles) and float scratch
-    // (32 PACK_CHUNK), allocated here in one piece, on the calling thread's heap rather than in
-    // the pool threads' arenas
+    // each thread's G packed panels (64 K bf16 each, or 32 K without lo tiles), allocated here in
+    // one piece, on the calling thread's heap rather than in the pool threads' arenas
     const int64_t panel_bytes = (job.exact ? 64 : 32) * K * 2;
-    const int64_t per = G * panel_bytes + 32 * PACK_CHUNK * 4;
+    const int64_t per = G * panel_bytes;
     uint8_t* scratch = static_cast<uint8_t*>(std::aligned_alloc(64, per * T));
     std::atomic<int64_t> next{0}, seat{0};
     auto run = [&](int64_t, int64_t) {
         uint8_t* mine = scratch + per * seat.fetch_add(1, std::memory_order_relaxed);
         uint16_t* slots[G];
         for (int64_t g = 0; g < G; ++g) slots[g] = reinterpret_cast<uint16_t*>(mine + g * panel_bytes);
-        float* f = reinterpret_cast<float*>(mine + G * panel_bytes);
         tiles_on();
         for (int64_t g; (g = next.fetch_add(1, std::memory_order_relaxed)) < groups;) {
             const int64_t g0 = g * P / groups, g1 = (g + 1) * P / groups;
-            for (int64_t p = g0; p < g1; ++p) job.pack(p, f, slots[p - g0]);
+            for (int64_t p = g0; p < g1; ++p) job.pack(p, slots[p - g0]);
             job.compute(xb, g0, g1, slots);
         }
         _tile_release();
