@@ -2260,10 +2260,15 @@ std::vector<torch::Tensor> gemm_i16_xq(const Rounded& xr, int64_t M, const std::
         return ys;
     }
 #endif
-    at::parallel_for(0, first.back(), 1, [&](int64_t p0, int64_t p1) {
+    // panels from a shared counter: halves split ahead left 6-9% of a 32-row Gemma step's GEMM
+    // thread time idle on this shared VM (a slowed thread held the other up), 2% this way
+    // (RESULTS.md, twenty-first session)
+    std::atomic<int64_t> next{0};
+    const int64_t P = first.back();
+    at::parallel_for(0, std::min<int64_t>(P, at::get_num_threads()), 1, [&](int64_t, int64_t) {
         int32_t* pw = static_cast<int32_t*>(std::aligned_alloc(64, sizeof(int32_t) * (K / 2) * GP));
         std::vector<float> ps(K / 16 * GP), pm(K / 16 * GP);    // room for the smallest scale block
-        for (int64_t p = p0; p < p1; ++p) {
+        for (int64_t p; (p = next.fetch_add(1, std::memory_order_relaxed)) < P;) {
             size_t i = 0;
             while (p >= first[i + 1]) ++i;
             dispatch(qtypes[i], [&](auto k) {
@@ -3223,6 +3228,20 @@ inline void screen_tile6(const XQ8S& x, const int32_t* c6, int64_t m0, int64_t K
 // eight-bit screen on decoded panels (2.4 candidates a row) is the faster.
 constexpr int64_t SCREEN6_MAX_ROWS = 4;
 
+// f(p0, p1) over chunks of n, taken by the threads from a shared counter: with the panels split in
+// halves ahead, a thread that the shared VM slowed held the other up (6-12% of a 32-row Gemma
+// step's screen thread time idle; RESULTS.md, twenty-first session). Panels come SCREEN_CHUNK at a
+// time, so that each still prefetches its next panel within its chunk.
+constexpr int64_t SCREEN_CHUNK = 64;
+template <typename F>
+void chunked_for(int64_t n, int64_t chunk, const F& f) {
+    const int64_t chunks = (n + chunk - 1) / chunk;
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+        for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) f(c * chunk, std::min(n, (c + 1) * chunk));
+    });
+}
+
 // greedy_rows for W in panels: argmax over the first N columns of panel_matmul(x, W) per row,
 // -1 where a row has a non-finite value (or a block below 2^-60, or 2^-60 below the row's
 // largest), or more than cap candidates (cap < 0: N / 64, at least 256; see survivors). One
@@ -3260,7 +3279,7 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
     std::vector<int32_t> c6;
     if (M >= SCREEN6_MAX_ROWS) {
         // many rows: the eight-bit screen (screen_tile) on each panel decoded, few candidates
-        at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+        chunked_for(panels, SCREEN_CHUNK, [&](int64_t p0, int64_t p1) {
             Screen* mine = st[at::get_thread_num()].data();
             uint8_t* panel = panel_scratch(nb);
             for (int64_t p = p0; p < p1; ++p) {
@@ -3286,7 +3305,7 @@ torch::Tensor panel_greedy(torch::Tensor x, torch::Tensor w, torch::Tensor norms
             std::memcpy(&bits, &x8.mf[i], 4);
             c6[i] = bits - 253 * ((bits - x8.c32[i]) / 128);
         }
-        at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+        chunked_for(panels, SCREEN_CHUNK, [&](int64_t p0, int64_t p1) {
             Screen* mine = st[at::get_thread_num()].data();
             for (int64_t p = p0; p < p1; ++p) {
                 const uint8_t* hi = panel_at(wb, stored, nb, p).hi;
