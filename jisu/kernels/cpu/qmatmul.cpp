@@ -1129,6 +1129,24 @@ void dequant_rows(const uint8_t* w, float* y, int64_t N, int64_t K) {
 }
 
 #ifdef JISU_AVX512
+// f(take) on `workers` threads (at most n; by default every thread), each calling take() for the
+// next index of 0 .. n - 1 that no thread has taken, -1 once none is left (per-thread setup goes
+// in f before its loop). Work from a shared counter rather than split in halves ahead: on this
+// project's shared VM one thread is often slowed, and with halves the other waited for it (6-12%
+// of a 32-row Gemma step's GEMM and screen thread time, AMX prompt attention's tasks 1:3 where
+// they were in query order; RESULTS.md, twenty-first session).
+template <typename F>
+void take_turns(int64_t n, const F& f, int64_t workers = -1) {
+    if (n <= 0) return;
+    std::atomic<int64_t> next{0};
+    auto take = [&] {
+        const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+        return i < n ? i : int64_t(-1);
+    };
+    const int64_t T = std::max<int64_t>(1, std::min<int64_t>(n, workers < 0 ? at::get_num_threads() : workers));
+    at::parallel_for(0, T, 1, [&](int64_t, int64_t) { f(take); });
+}
+
 // ---- many rows (batched decode, prefill), AVX-512 VNNI: int16 activations x int16 weights ----
 // Each activation row is rounded per 32 values to int16, x ~ dx q with |q| <= 32767 (about as
 // exact as the two-digit decode path), and each weight to the small integer its block stores,
@@ -1733,20 +1751,16 @@ inline void tiles_on() {   // every tile 16 rows x 64 bytes, in this thread
 }
 
 // One step of a 32 x 32 block of prompt attention: C tiles 0-3 (rows 0-15 / 16-31 of x against
-// columns of b0 / b1) += xl bh + xh bh (step2: 6 tile loads for 8 products), and step3 + xh bl
-// (8 loads for 12), in that order so that only two tiles change between groups. x0 / x1: rows 0-15 / 16-31 of x's hi
+// columns of b0 / b1) += xl bh + xh bh + xh bl, 8 tile loads for 12 products, in that order so
+// that only two tiles change between groups. x0 / x1: rows 0-15 / 16-31 of x's hi
 // and lo tiles (x_stride bytes a row); b: 16 pairs x 16 columns (64 bytes a row).
-inline void step2(const uint16_t* xh0, const uint16_t* xh1, const uint16_t* xl0, const uint16_t* xl1, int64_t x_stride,
-                  const uint16_t* bh0, const uint16_t* bh1) {
+inline void step3(const uint16_t* xh0, const uint16_t* xh1, const uint16_t* xl0, const uint16_t* xl1, int64_t x_stride,
+                  const uint16_t* bh0, const uint16_t* bh1, const uint16_t* bl0, const uint16_t* bl1) {
     _tile_loadd(4, xl0, x_stride); _tile_loadd(5, xl1, x_stride);
     _tile_loadd(6, bh0, 64); _tile_loadd(7, bh1, 64);
     _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
     _tile_loadd(4, xh0, x_stride); _tile_loadd(5, xh1, x_stride);
     _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-}
-inline void step3(const uint16_t* xh0, const uint16_t* xh1, const uint16_t* xl0, const uint16_t* xl1, int64_t x_stride,
-                  const uint16_t* bh0, const uint16_t* bh1, const uint16_t* bl0, const uint16_t* bl1) {
-    step2(xh0, xh1, xl0, xl1, x_stride, bh0, bh1);     // leaves xh in tiles 4 and 5
     _tile_loadd(6, bl0, 64); _tile_loadd(7, bl1, 64);
     _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
 }
@@ -1766,6 +1780,15 @@ inline void split32(__m512 a, __m512 b, __m512i& hi, __m512i& lo) {
                             (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(b, hb)), 1);
 }
 inline void split32(const float* p, __m512i& hi, __m512i& lo) { split32(_mm512_loadu_ps(p), _mm512_loadu_ps(p + 16), hi, lo); }
+// 16 rows of 16 pairs, split (hi, lo), into two B tiles [16 pairs][16 rows][2] at dh and dl
+inline void store_pair_tiles(__m512i hi[16], __m512i lo[16], uint16_t* dh, uint16_t* dl) {
+    transpose16(hi);
+    transpose16(lo);
+    for (int kp = 0; kp < 16; ++kp) {
+        _mm512_store_si512(dh + kp * 32, hi[kp]);
+        _mm512_store_si512(dl + kp * 32, lo[kp]);
+    }
+}
 
 // x [M, K] split into B tiles: [M/32 blocks][K/32 steps][hi, lo][rows 0-15, 16-31][16 pairs of
 // k][16 rows][2] (4 KB a step); rows past M are zero. A whole block takes the bytes of its 32 float rows, so x
@@ -1792,13 +1815,8 @@ struct XB {
                     hi[c] = lo[c] = _mm512_setzero_si512();
                     if (16 * h + c < n) split32(rows + (16 * h + c) * K + 32 * s, hi[c], lo[c]);
                 }
-                transpose16(hi);
-                transpose16(lo);
                 uint16_t* d = dst + s * 2048 + h * 512;
-                for (int kp = 0; kp < 16; ++kp) {
-                    _mm512_store_si512(d + kp * 32, hi[kp]);
-                    _mm512_store_si512(d + 1024 + kp * 32, lo[kp]);
-                }
+                store_pair_tiles(hi, lo, d, d + 1024);
             }
     }
     void split(const float* x, int64_t M_, int64_t K_) {
@@ -1994,7 +2012,7 @@ inline void stepT(const uint16_t* w0, const uint16_t* w1, const uint16_t* xh0, c
 // one packed panel pb, with or without its lo tiles (exact; act: as gemm_tile)
 inline void amx_block(const XB& xb, int64_t blk, const uint16_t* pb, bool exact, float* y, int64_t N, int64_t n0, int64_t np,
                       int act) {
-    alignas(64) float c[32 * 32];
+    alignas(64) float c[32 * 32], ct[32 * 32];
     const int64_t steps = xb.K / 32;
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     const int64_t wstep = exact ? 2048 : 1024;
@@ -2003,27 +2021,20 @@ inline void amx_block(const XB& xb, int64_t blk, const uint16_t* pb, bool exact,
         const uint16_t* w = pb + s * wstep;      // [hi, (lo)][n 0-15, 16-31][16 n][32 k]
         stepT(w, w + 512, a, a + 512, a + 1024, a + 1536, exact ? w + 1024 : nullptr, exact ? w + 1536 : nullptr);
     }
-    // c [weight row][x row] -> [x row][weight row]: each 16 x 16 quarter transposed, the
-    // off-diagonal two swapping places
+    // c [weight row][x row] -> ct [x row][weight row], a 16 x 16 quarter at a time
     _tile_stored(0, c, 128); _tile_stored(1, c + 16, 128); _tile_stored(2, c + 512, 128); _tile_stored(3, c + 528, 128);
-    for (float* base : {c, c + 528}) {
-        __m512i v[16];
-        for (int i = 0; i < 16; ++i) v[i] = _mm512_load_si512(base + 32 * i);
-        transpose16(v);
-        for (int i = 0; i < 16; ++i) _mm512_store_si512(base + 32 * i, v[i]);
-    }
-    {
-        __m512i v1[16], v2[16];
-        for (int i = 0; i < 16; ++i) v1[i] = _mm512_load_si512(c + 16 + 32 * i), v2[i] = _mm512_load_si512(c + 512 + 32 * i);
-        transpose16(v1);
-        transpose16(v2);
-        for (int i = 0; i < 16; ++i) _mm512_store_si512(c + 512 + 32 * i, v1[i]), _mm512_store_si512(c + 16 + 32 * i, v2[i]);
-    }
+    for (int qn = 0; qn < 2; ++qn)
+        for (int qm = 0; qm < 2; ++qm) {
+            __m512i v[16];
+            for (int i = 0; i < 16; ++i) v[i] = _mm512_load_si512(c + (16 * qn + i) * 32 + 16 * qm);
+            transpose16(v);
+            for (int i = 0; i < 16; ++i) _mm512_store_si512(ct + (16 * qm + i) * 32 + 16 * qn, v[i]);
+        }
     const __mmask16 k0 = cols16(np, 0), k1 = cols16(np, 16);
     const int64_t rows = std::min<int64_t>(32, xb.M - 32 * blk);
     for (int64_t r = 0; r < rows; ++r) {
         float* yr = y + (32 * blk + r) * N + n0;
-        __m512 v0 = _mm512_load_ps(c + 32 * r), v1 = _mm512_load_ps(c + 32 * r + 16);
+        __m512 v0 = _mm512_load_ps(ct + 32 * r), v1 = _mm512_load_ps(ct + 32 * r + 16);
         if (act >= 0) {
             v0 = _mm512_mul_ps(act_of(_mm512_maskz_loadu_ps(k0, yr), act == 1), v0);
             v1 = _mm512_mul_ps(act_of(_mm512_maskz_loadu_ps(k1, yr + 16), act == 1), v1);
@@ -2163,21 +2174,19 @@ void amx_gemm(const XB& xb, const AmxPanels& job) {
     const int64_t panel_bytes = (job.exact ? 64 : 32) * K * 2;
     const int64_t per = G * panel_bytes;
     uint8_t* scratch = static_cast<uint8_t*>(std::aligned_alloc(64, per * T));
-    std::atomic<int64_t> next{0}, seat{0};
-    auto run = [&](int64_t, int64_t) {
+    std::atomic<int64_t> seat{0};
+    take_turns(groups, [&](auto take) {
         uint8_t* mine = scratch + per * seat.fetch_add(1, std::memory_order_relaxed);
         uint16_t* slots[G];
         for (int64_t g = 0; g < G; ++g) slots[g] = reinterpret_cast<uint16_t*>(mine + g * panel_bytes);
         tiles_on();
-        for (int64_t g; (g = next.fetch_add(1, std::memory_order_relaxed)) < groups;) {
+        for (int64_t g; (g = take()) >= 0;) {
             const int64_t g0 = g * P / groups, g1 = (g + 1) * P / groups;
             for (int64_t p = g0; p < g1; ++p) job.pack(p, slots[p - g0]);
             job.compute(xb, g0, g1, slots);
         }
         _tile_release();
-    };
-    if (T < 2) run(0, 1);
-    else at::parallel_for(0, T, 1, run);
+    }, T);
     std::free(scratch);
 }
 #endif
@@ -2260,15 +2269,10 @@ std::vector<torch::Tensor> gemm_i16_xq(const Rounded& xr, int64_t M, const std::
         return ys;
     }
 #endif
-    // panels from a shared counter: halves split ahead left 6-9% of a 32-row Gemma step's GEMM
-    // thread time idle on this shared VM (a slowed thread held the other up), 2% this way
-    // (RESULTS.md, twenty-first session)
-    std::atomic<int64_t> next{0};
-    const int64_t P = first.back();
-    at::parallel_for(0, std::min<int64_t>(P, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    take_turns(first.back(), [&](auto take) {
         int32_t* pw = static_cast<int32_t*>(std::aligned_alloc(64, sizeof(int32_t) * (K / 2) * GP));
         std::vector<float> ps(K / 16 * GP), pm(K / 16 * GP);    // room for the smallest scale block
-        for (int64_t p; (p = next.fetch_add(1, std::memory_order_relaxed)) < P;) {
+        for (int64_t p; (p = take()) >= 0;) {
             size_t i = 0;
             while (p >= first[i + 1]) ++i;
             dispatch(qtypes[i], [&](auto k) {
@@ -3228,17 +3232,13 @@ inline void screen_tile6(const XQ8S& x, const int32_t* c6, int64_t m0, int64_t K
 // eight-bit screen on decoded panels (2.4 candidates a row) is the faster.
 constexpr int64_t SCREEN6_MAX_ROWS = 4;
 
-// f(p0, p1) over chunks of n, taken by the threads from a shared counter: with the panels split in
-// halves ahead, a thread that the shared VM slowed held the other up (6-12% of a 32-row Gemma
-// step's screen thread time idle; RESULTS.md, twenty-first session). Panels come SCREEN_CHUNK at a
-// time, so that each still prefetches its next panel within its chunk.
+// f(p0, p1) over chunks of n taken in turns (take_turns): the screen's panels come SCREEN_CHUNK at a
+// time, so that each still prefetches its next panel within its chunk
 constexpr int64_t SCREEN_CHUNK = 64;
 template <typename F>
 void chunked_for(int64_t n, int64_t chunk, const F& f) {
-    const int64_t chunks = (n + chunk - 1) / chunk;
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-        for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) f(c * chunk, std::min(n, (c + 1) * chunk));
+    take_turns((n + chunk - 1) / chunk, [&](auto take) {
+        for (int64_t c; (c = take()) >= 0;) f(c * chunk, std::min(n, (c + 1) * chunk));
     });
 }
 
@@ -4092,13 +4092,8 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
                             split32(finite(vload(r + 32 * s), h, 16 * kg + k), finite(vload(r + 32 * s + 16), h, 16 * kg + k),
                                     hi[k], lo[k]);
                         }
-                        transpose16(hi);
-                        transpose16(lo);
                         uint16_t* dst = kt.get() + ((h * kgroups + kg) * S + s) * 1024;
-                        for (int kp = 0; kp < 16; ++kp) {
-                            _mm512_store_si512(dst + kp * 32, hi[kp]);
-                            _mm512_store_si512(dst + 512 + kp * 32, lo[kp]);
-                        }
+                        store_pair_tiles(hi, lo, dst, dst + 512);
                     }
                 for (int64_t dt = 0; dt < DT; ++dt) {
                     uint16_t* dst = vt.get() + ((h * vblocks + b) * DT + dt) * 1024;
@@ -4117,11 +4112,8 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
     if (parallel) at::parallel_for(0, vblocks, 1, convert); else convert(0, vblocks);
     marked.count();
     auto first_key = [&](int64_t p) { return window > 0 ? std::max<int64_t>(0, p - window + 1) : int64_t(0); };
-    // tasks from a shared counter, those that see the most keys first (the last query blocks):
-    // with the tasks split in halves, one thread took the first queries (few keys) and the
-    // other the last, Gemma 3's one KV head 1:3
-    std::atomic<int64_t> next{0};
-    auto body = [&](int64_t, int64_t) {
+    // tasks taken in turns, those that see the most keys first (the last query blocks)
+    auto body = [&](auto take) {
         const int64_t MPmax = 64;
         auto alloc16 = [](int64_t n) {
             return std::unique_ptr<uint16_t[], void (*)(void*)>(static_cast<uint16_t*>(std::aligned_alloc(64, sizeof(uint16_t) * n)), std::free);
@@ -4132,7 +4124,7 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
         int64_t rpos[64];
         float inv[64];     // 1 / sum, or NaN where the row sees a marked key
         tiles_on();
-        for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+        for (int64_t task; (task = take()) >= 0;) {
             const int64_t kvh = task % KVH, tq0 = (nqb - 1 - task / KVH) * QB, M = std::min(QB, T - tq0) * G, MP = (M + 31) / 32 * 32;
             int64_t lo = khi, hi = 0;
             for (int64_t r = 0; r < MP; ++r) {     // row r: query r / G, head r % G; padding: zeros
@@ -4240,7 +4232,7 @@ void prefill_attention_amx(const float* qp, const c10::Half* khp, const c10::Hal
         }
         _tile_release();
     };
-    if (parallel) at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, body); else body(0, 1);
+    take_turns(tasks, body, parallel ? -1 : 1);
 }
 #endif
 #endif
