@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import torch
-import transformers
+from logits_vs_transformers import TEXT, divergence, reference_logits
 
 from jisu import LLM
 from jisu.registry import resolve
-
-TEXT = (Path(__file__).resolve().parents[1] / "tests" / "data" / "gpl3_preamble.txt").read_text()
 
 
 def main(n: int) -> None:
@@ -27,22 +24,17 @@ def main(n: int) -> None:
     print("|---|---|---|---|---|---|")
     for name in ("smollm2-135m-instruct", "gemma3-270m"):
         path = resolve(name)
-        ref_model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                      dtype=torch.float32)
         ref = None
         for mode in ("float32", "int16", "int8"):
             llm = LLM(str(path), activations=mode, max_num_batched_tokens=1, enable_prefix_caching=False,
                       progress=False)
-            ids = llm.tokenizer.encode(TEXT, add_special=True)[:n]
+            ids = llm.tokenizer.encode(TEXT.read_text(), add_special=True)[:n]
             if ref is None:
-                with torch.inference_mode():
-                    ref = ref_model(torch.tensor([ids])).logits[0].float()
+                ref = reference_logits(path, ids)
             t = time.perf_counter()
             ours = torch.from_numpy(llm.logits(ids))
             dt = time.perf_counter() - t
-            rl, ol = ref.log_softmax(-1), ours.log_softmax(-1)
-            kl = (rl.exp() * (rl - ol)).sum(-1)
-            top1 = (ref.argmax(-1) == ours.argmax(-1)).float().mean().item()
+            kl, top1 = divergence(ref, ours)
             print(f"| {name} | {mode} | {kl.mean():.1e} | {kl.max():.1e} | {top1:.4f} | {dt:.1f} |", flush=True)
 
 

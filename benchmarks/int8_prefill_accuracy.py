@@ -13,16 +13,13 @@ dequantized) on tests/data/gpl3_preamble.txt. The real-model tests require top-1
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
-import transformers
+from logits_vs_transformers import TEXT, divergence, reference_logits
 
 from jisu import LLM
 from jisu.model.layers import QLinear
 from jisu.registry import resolve
-
-TEXT = (Path(__file__).resolve().parents[1] / "tests" / "data" / "gpl3_preamble.txt").read_text()
 Q, K, V, O, G, U, D = "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"
 CHOICES = [set(), {Q, K, V, O, G, U, D}, {Q, K, V}, {G, U}, {O}, {D}, {Q, K, V, G, U}, {Q, K, V, O}]
 
@@ -40,12 +37,8 @@ def main(names: list[str]) -> None:
     for name in names:
         path = resolve(name)
         llm = LLM(str(path), activations="float32", enable_prefix_caching=False, progress=False)
-        ids = llm.tokenizer.encode(TEXT, add_special=True)
-        ref_model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                      dtype=torch.float32)
-        with torch.inference_mode():
-            ref = ref_model(torch.tensor([ids])).logits[0].float()
-        del ref_model
+        ids = llm.tokenizer.encode(TEXT.read_text(), add_special=True)
+        ref = reference_logits(path, ids)
         kinds = {m: n.rsplit(".", 1)[-1] for n, m in llm.model.named_modules() if isinstance(m, QLinear)}
         for chosen in CHOICES:
             def columns(self, x, start, end, out=None):
@@ -57,9 +50,7 @@ def main(names: list[str]) -> None:
                 ours = torch.from_numpy(llm.logits(ids))
             finally:
                 QLinear.columns = exact_columns
-            rl, ol = ref.log_softmax(-1), ours.log_softmax(-1)
-            kl = (rl.exp() * (rl - ol)).sum(-1)
-            top1 = (ref.argmax(-1) == ours.argmax(-1)).float().mean().item()
+            kl, top1 = divergence(ref, ours)
             print(f"| {name} | {', '.join(sorted(chosen)) or 'none (int16 today: float32 here)'} | "
                   f"{kl.mean():.1e} | {kl.max():.1e} | {top1:.4f} |", flush=True)
 

@@ -20,10 +20,20 @@ import torch
 TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "gpl3_preamble.txt"
 
 
-def agreement(ref: torch.Tensor, ours: torch.Tensor) -> tuple[float, float]:
+def reference_logits(path: Path, ids: list[int]) -> torch.Tensor:
+    """transformers' float32 logits [len(ids), vocab] of the GGUF at path (dequantized); the
+    other accuracy scripts in benchmarks/ import this and divergence."""
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch.float32)
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def divergence(ref: torch.Tensor, ours: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """KL(ref || ours) at every position, and the share of positions whose top tokens agree."""
     ref_lp, lp = ref.log_softmax(-1), ours.log_softmax(-1)
-    kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1).mean().item()
-    return kl, (ref.argmax(-1) == ours.argmax(-1)).float().mean().item()
+    return (ref_lp.exp() * (ref_lp - lp)).sum(-1), (ref.argmax(-1) == ours.argmax(-1)).float().mean().item()
 
 
 def jisu_rows(llm, ids: list[int]) -> list[tuple[str, torch.Tensor]]:
@@ -54,8 +64,6 @@ def main() -> None:
     ap.add_argument("-m", "--model", action="append", default=None, help="model name or GGUF path (repeatable)")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp's threads")
     args = ap.parse_args()
-    import transformers
-
     from jisu import LLM
     text = TEXT.read_text()
     print("| model | engine | tokens | mean KL vs transformers fp32 | top-1 agreement |\n|---|---|---|---|---|")
@@ -63,14 +71,10 @@ def main() -> None:
         llm = LLM(name, enable_prefix_caching=False, progress=False)
         path = Path(llm.path)
         ids = llm.tokenizer.encode(text, add_special=True)
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                  dtype=torch.float32)
-        with torch.inference_mode():
-            ref = model(torch.tensor([ids])).logits[0].float()
-        del model
+        ref = reference_logits(path, ids)
         for label, logits in jisu_rows(llm, ids) + llama_cpp_row(str(path), ids, args.threads):
-            kl, top1 = agreement(ref, logits)
-            print(f"| {name} | {label} | {len(ids)} | {kl:.2e} | {100 * top1:.2f}% |", flush=True)
+            kl, top1 = divergence(ref, logits)
+            print(f"| {name} | {label} | {len(ids)} | {kl.mean().item():.2e} | {100 * top1:.2f}% |", flush=True)
 
 
 if __name__ == "__main__":
