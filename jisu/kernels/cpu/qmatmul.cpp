@@ -1861,6 +1861,37 @@ struct XB {
 template <typename F> struct Bf;
 // 16 bytes -> 16 int32 lanes
 inline __m512i u8x16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// Types whose block takes at most 32 values also give the 32 bf16 words straight (Bf::words): the
+// block's 16 or 32 values are computed once as floats, the same formula, rounded to bf16 into one
+// table, and vpermw picks each weight's word by its code. Per weight that is a byte widened to a
+// word and a lookup, where Bf::floats widened to a dword, converted and scaled (bit-identical;
+// ns a weight packed from L2, one core: Q5_0 0.151 -> 0.109, Q4_K 0.211 -> 0.117, Q4_1 0.133 ->
+// 0.122, Q4_0 0.116 -> 0.113; RESULTS.md, twenty-second session). Q6_K (a scale per 16 values,
+// 64 codes) and Q8_0 (256 codes) keep floats.
+// The table of v(j) = (j - off) d for j = 0 .. 31 (off: Q4_0 8, Q5_0 16; codes 0 .. 15 or 31)
+inline __m512i offset_table(float d, float off) {
+    const __m512 j0 = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 dv = _mm512_set1_ps(d), o = _mm512_set1_ps(off);
+    const __m512 t0 = _mm512_mul_ps(_mm512_sub_ps(j0, o), dv);
+    const __m512 t1 = _mm512_mul_ps(_mm512_sub_ps(_mm512_add_ps(j0, _mm512_set1_ps(16.f)), o), dv);
+    return (__m512i)_mm512_cvtne2ps_pbh(t1, t0);
+}
+// The table of v(j) = d j + m (Q4_1) or d j - m (Q4_K) for j = 0 .. 15, in both halves
+template <bool MINUS>
+inline __m512i affine_table(float d, float m) {
+    const __m512 j0 = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 p = _mm512_mul_ps(MINUS ? _mm512_set1_ps(d) : j0, MINUS ? j0 : _mm512_set1_ps(d));
+    const __m512 t = MINUS ? _mm512_sub_ps(p, _mm512_set1_ps(m)) : _mm512_add_ps(p, _mm512_set1_ps(m));
+    return (__m512i)_mm512_cvtne2ps_pbh(t, t);
+}
+// 16 bytes of nibbles as 32 word codes: the low nibbles (values 0 .. 15), then the high ones
+inline __m512i nibble_codes(const uint8_t* p) {
+    const __m512i w = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    const __m512i shift = _mm512_set_epi64(0x0004000400040004LL, 0x0004000400040004LL, 0x0004000400040004LL,
+                                           0x0004000400040004LL, 0, 0, 0, 0);
+    return _mm512_and_si512(_mm512_srlv_epi16(w, shift), _mm512_set1_epi16(0xF));
+}
 template <> struct Bf<Q8_0> {
     inline void floats(const uint8_t* row, int64_t j, __m512& a, __m512& b) {
         const uint8_t* blk = row + j * 34;
@@ -1876,6 +1907,10 @@ template <> struct Bf<Q4_1> {
         const __m512i v = u8x16(blk + 4), lo4 = _mm512_set1_epi32(0xF);
         a = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, lo4)), d), m);
         b = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), d), m);
+    }
+    inline __m512i words(const uint8_t* row, int64_t j) {
+        const uint8_t* blk = row + j * 20;
+        return _mm512_permutexvar_epi16(nibble_codes(blk + 4), affine_table<false>(f16(blk), f16(blk + 2)));
     }
 };
 template <int BYTES, int OFFSET, void (*INTS)(const uint8_t*, __m256i*)>
@@ -1895,6 +1930,16 @@ struct Bf<OffsetBlock<BYTES, OFFSET, INTS>> {     // Q4_0 (18 bytes), Q5_0 (22: 
         a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(qa, off)), d);
         b = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(qb, off)), d);
     }
+    inline __m512i words(const uint8_t* row, int64_t j) {
+        const uint8_t* blk = row + j * BYTES;
+        __m512i q = nibble_codes(blk + BYTES - 16);
+        if constexpr (BYTES == 22) {     // the fifth bits, one per weight in order
+            uint32_t qh;
+            std::memcpy(&qh, blk + 2, 4);
+            q = _mm512_mask_add_epi16(q, __mmask32(qh), q, _mm512_set1_epi16(16));
+        }
+        return _mm512_permutexvar_epi16(q, offset_table(f16(blk), float(OFFSET)));
+    }
 };
 // (the K-quants decode a super-block's scales when its first block is asked for, and widen the
 // bytes that blocks share when the first of them is: blocks come in order. Per block, Q4_K's
@@ -1902,19 +1947,21 @@ struct Bf<OffsetBlock<BYTES, OFFSET, INTS>> {     // Q4_0 (18 bytes), Q5_0 (22: 
 template <> struct Bf<Q4_K> {
     float d1[8], m1[8];
     __m512i e[2];     // the bytes of blocks 2i and 2i + 1 (low and high nibbles)
+    __m512i wide;     // the same 32 bytes as words (words())
+    inline void scales(const uint8_t* blk) {     // scale_min_k4 for the 8 blocks at once, four bytes to a word
+        uint32_t w[3];
+        std::memcpy(w, blk + 4, 12);
+        const uint32_t sc[2] = {w[0] & 0x3F3F3F3Fu, (w[2] & 0x0F0F0F0Fu) | (((w[0] >> 6) & 0x03030303u) << 4)};
+        const uint32_t mn[2] = {w[1] & 0x3F3F3F3Fu, ((w[2] >> 4) & 0x0F0F0F0Fu) | (((w[1] >> 6) & 0x03030303u) << 4)};
+        const __m256 s8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc))));
+        const __m256 m8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn))));
+        _mm256_storeu_ps(d1, _mm256_mul_ps(_mm256_set1_ps(f16(blk)), s8));
+        _mm256_storeu_ps(m1, _mm256_mul_ps(_mm256_set1_ps(f16(blk + 2)), m8));
+    }
     inline void floats(const uint8_t* row, int64_t j, __m512& a, __m512& b) {
         const uint8_t* blk = row + (j / 8) * 144;
         const int sub = int(j % 8);
-        if (sub == 0) {     // scale_min_k4 for the 8 blocks at once, four bytes to a word
-            uint32_t w[3];
-            std::memcpy(w, blk + 4, 12);
-            const uint32_t sc[2] = {w[0] & 0x3F3F3F3Fu, (w[2] & 0x0F0F0F0Fu) | (((w[0] >> 6) & 0x03030303u) << 4)};
-            const uint32_t mn[2] = {w[1] & 0x3F3F3F3Fu, ((w[2] >> 4) & 0x0F0F0F0Fu) | (((w[1] >> 6) & 0x03030303u) << 4)};
-            const __m256 s8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc))));
-            const __m256 m8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn))));
-            _mm256_storeu_ps(d1, _mm256_mul_ps(_mm256_set1_ps(f16(blk)), s8));
-            _mm256_storeu_ps(m1, _mm256_mul_ps(_mm256_set1_ps(f16(blk + 2)), m8));
-        }
+        if (sub == 0) scales(blk);
         if (sub % 2 == 0) {
             const uint8_t* q = blk + 16 + (sub / 2) * 32;
             e[0] = u8x16(q);
@@ -1925,6 +1972,15 @@ template <> struct Bf<Q4_K> {
         const __m512i lo4 = _mm512_set1_epi32(0xF);
         a = _mm512_sub_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(e[0], shift), lo4))), m);
         b = _mm512_sub_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(e[1], shift), lo4))), m);
+    }
+    inline __m512i words(const uint8_t* row, int64_t j) {
+        const uint8_t* blk = row + (j / 8) * 144;
+        const int sub = int(j % 8);
+        if (sub == 0) scales(blk);
+        if (sub % 2 == 0)     // blocks 2i and 2i + 1 share 32 bytes (low and high nibbles)
+            wide = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + (sub / 2) * 32)));
+        const __m512i q = _mm512_and_si512(_mm512_srli_epi16(wide, (sub & 1) * 4), _mm512_set1_epi16(0xF));
+        return _mm512_permutexvar_epi16(q, affine_table<true>(d1[sub], m1[sub]));
     }
 };
 template <> struct Bf<Q6_K> {
@@ -1960,6 +2016,8 @@ template <> struct Bf<Q6_K> {
 // 16-31][16 rows][32 values] (4 KB a step, or 2 KB without lo: amx_exact off); rows past np are
 // zero. Every other block a line a few blocks ahead is prefetched (a panel's rows are 32 short
 // runs; a prefetch took 20% off the packer before, twenty-first session).
+template <typename F, typename = void> constexpr bool HAS_WORDS = false;
+template <typename F> constexpr bool HAS_WORDS<F, std::void_t<decltype(&Bf<F>::words)>> = true;
 template <typename F>
 void pack_panel_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int64_t K, uint16_t* pb, bool lo_too) {
     const int64_t step = lo_too ? 2048 : 1024, steps = K / 32;
@@ -1978,6 +2036,12 @@ void pack_panel_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np
         for (int64_t s = 0; s < steps; ++s) {
             const int64_t at = s * 32 / F::N * F::BYTES + AHEAD;
             if (at < row_bytes && (s & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(row + at), _MM_HINT_T0);
+            if constexpr (HAS_WORDS<F>) {
+                if (!lo_too) {
+                    _mm512_store_si512(d + s * step, bf.words(row, s));
+                    continue;
+                }
+            }
             __m512 a, b;
             bf.floats(row, s, a, b);
             if (lo_too) {
