@@ -1704,9 +1704,11 @@ void gemm_panel(const XQ16& xq, const uint8_t* w, float* y, int64_t M, int64_t N
 // 160 / 256 rows, two runs minutes apart (AMX's speed on this VM moves by 2x with its phase):
 // 0.83 / 0.99 / 1.08 / 1.14 / 1.18 / 1.69 and 1.03 / 1.32 / 1.37 / 1.52 / 1.60 / 1.75
 // (RESULTS.md, twentieth session; with three products, seventeenth session, 0.55 / 0.70 / 0.77
-// / 1.05 at 32 / 64 / 96 / 128 rows: 160 was this limit then). Batched decode steps of up to 63
-// rows stay on the int16 GEMM.
-constexpr int64_t AMX_MIN_ROWS = 64;
+// / 1.05 at 32 / 64 / 96 / 128 rows: 160 was this limit then). With packing by table (Bf::words)
+// 32-stream decode steps gained on AMX, alternating 4 rounds in one process: Gemma 3 704 -> 765
+// tok/s, SmolLM2 845 -> 995 (medians; twenty-second session), so batched decode steps of 32 rows
+// and more take AMX too.
+constexpr int64_t AMX_MIN_ROWS = 32;
 
 // On where the CPU and the kernel allow it; JISU_AMX=0 (or set_amx_min_rows(0)) keeps the int16
 // GEMM. On this project's AMX machine (a VM whose cores other tenants share, so that AMX ran at
