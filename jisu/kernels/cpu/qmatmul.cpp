@@ -2229,10 +2229,14 @@ struct AmxPanels {
 // o and down matrices (20 panels) made 5 groups of 4, so one thread took 3 and the other
 // waited a group's time for it (16% of those calls' thread time idle); 6 groups of 3 or 4 left
 // 12.7 ms of a 512-token prefill's thread time idle where 17-24 had been (RESULTS.md,
-// twenty-first session).
+// twenty-first session). One block of x (32 rows or fewer: a batched decode step) is read again
+// for every panel anyway, so there the groups are of 2: Gemma 3's down matrices (20 panels, 6
+// groups of 3 or 4) had left 14-28% of their thread time idle; 32-stream Gemma steps, alternating
+// 4 rounds in one process, 700 -> 733 tok/s (medians; twenty-second session).
 void amx_gemm(const XB& xb, const AmxPanels& job) {
     const int64_t P = job.count(), K = job.K;
-    constexpr int64_t G = 4;   // measured: groups of 4 over 2 and 8, at K 576 and 1536
+    constexpr int64_t GMAX = 4;   // measured: groups of 4 over 2 and 8, at K 576 and 1536 (512 rows)
+    const int64_t G = xb.blocks == 1 ? 2 : GMAX;
     const int64_t T = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), (P + G - 1) / G);
     const int64_t groups = T * ((P + G * T - 1) / (G * T));     // group g: panels g P / groups ..
     // each thread's G packed panels (64 K bf16 each, or 32 K without lo tiles), allocated here in
@@ -2243,7 +2247,7 @@ void amx_gemm(const XB& xb, const AmxPanels& job) {
     std::atomic<int64_t> seat{0};
     take_turns(groups, [&](auto take) {
         uint8_t* mine = scratch + per * seat.fetch_add(1, std::memory_order_relaxed);
-        uint16_t* slots[G];
+        uint16_t* slots[GMAX];
         for (int64_t g = 0; g < G; ++g) slots[g] = reinterpret_cast<uint16_t*>(mine + g * panel_bytes);
         tiles_on();
         for (int64_t g; (g = take()) >= 0;) {
