@@ -1864,16 +1864,18 @@ template <typename F> struct Bf;
 // 16 bytes -> 16 int32 lanes
 inline __m512i u8x16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
-// Types whose block takes at most 32 values also give the 32 bf16 words straight (Bf::words): the
-// block's 16 or 32 values are computed once as floats, the same formula, rounded to bf16 into one
-// table, and vpermw picks each weight's word by its code. Per weight that is a byte widened to a
-// word and a lookup, where Bf::floats widened to a dword, converted and scaled (bit-identical;
-// ns a weight packed from L2, one core: Q5_0 0.151 -> 0.109, Q4_K 0.211 -> 0.117, Q4_1 0.133 ->
-// 0.122, Q4_0 0.116 -> 0.113; RESULTS.md, twenty-second session). Q6_K (a scale per 16 values,
-// 64 codes) and Q8_0 (256 codes) keep floats.
+// Types whose blocks take at most 32 distinct values (Q4_K: each 32-value sub-block) also give
+// the 32 bf16 words straight (Bf::words): the block's 16 or 32 values are computed once as
+// floats, the same formula, rounded to bf16 into one table, and vpermw picks each weight's word
+// by its code. Per weight that is a byte widened to a word and a lookup, where Bf::floats
+// widened to a dword, converted and scaled (bit-identical; ns a weight packed from L2, one core:
+// Q5_0 0.151 -> 0.109, Q4_K 0.211 -> 0.117, Q4_1 0.133 -> 0.122, Q4_0 0.116 -> 0.113;
+// RESULTS.md, twenty-second session). Q6_K (a scale per 16 values, 64 codes) and Q8_0 (256
+// codes) keep floats.
+inline __m512 lanes16() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
 // The table of v(j) = (j - off) d for j = 0 .. 31 (off: Q4_0 8, Q5_0 16; codes 0 .. 15 or 31)
 inline __m512i offset_table(float d, float off) {
-    const __m512 j0 = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 j0 = lanes16();
     const __m512 dv = _mm512_set1_ps(d), o = _mm512_set1_ps(off);
     const __m512 t0 = _mm512_mul_ps(_mm512_sub_ps(j0, o), dv);
     const __m512 t1 = _mm512_mul_ps(_mm512_sub_ps(_mm512_add_ps(j0, _mm512_set1_ps(16.f)), o), dv);
@@ -1882,8 +1884,7 @@ inline __m512i offset_table(float d, float off) {
 // The table of v(j) = d j + m (Q4_1) or d j - m (Q4_K) for j = 0 .. 15, in both halves
 template <bool MINUS>
 inline __m512i affine_table(float d, float m) {
-    const __m512 j0 = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 p = _mm512_mul_ps(MINUS ? _mm512_set1_ps(d) : j0, MINUS ? j0 : _mm512_set1_ps(d));
+    const __m512 p = _mm512_mul_ps(lanes16(), _mm512_set1_ps(d));
     const __m512 t = MINUS ? _mm512_sub_ps(p, _mm512_set1_ps(m)) : _mm512_add_ps(p, _mm512_set1_ps(m));
     return (__m512i)_mm512_cvtne2ps_pbh(t, t);
 }
@@ -2014,12 +2015,13 @@ template <> struct Bf<Q6_K> {
     }
 };
 
+template <typename F, typename = void> constexpr bool HAS_WORDS = false;     // Bf<F>::words exists
+template <typename F> constexpr bool HAS_WORDS<F, std::void_t<decltype(&Bf<F>::words)>> = true;
+
 // Weight rows n0 .. n0 + np - 1 (np <= 32) into A tiles pb: [K/32 steps][hi, (lo)][rows 0-15,
 // 16-31][16 rows][32 values] (4 KB a step, or 2 KB without lo: amx_exact off); rows past np are
 // zero. Every other block a line a few blocks ahead is prefetched (a panel's rows are 32 short
 // runs; a prefetch took 20% off the packer before, twenty-first session).
-template <typename F, typename = void> constexpr bool HAS_WORDS = false;
-template <typename F> constexpr bool HAS_WORDS<F, std::void_t<decltype(&Bf<F>::words)>> = true;
 template <typename F>
 void pack_panel_bf16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t np, int64_t K, uint16_t* pb, bool lo_too) {
     const int64_t step = lo_too ? 2048 : 1024, steps = K / 32;
